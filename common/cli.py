@@ -1,0 +1,85 @@
+"""The command line every cycle shares: python -m cycleN_xxx.run "prompt" ... [options]."""
+
+import argparse
+import importlib
+import inspect
+import sys
+import time
+
+from common.device import default_model, resolve_device
+
+
+def build_parser(package: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m {package}.run", description=f"Generate text with {package}.")
+    p.add_argument("prompts", nargs="+", help="one or more prompts")
+    p.add_argument("--model", default=None, help="HF id or local directory (default: Qwen3-0.6B on CUDA, SmolLM2-135M on CPU)")
+    p.add_argument("--weights", default="auto", choices=["auto", "real", "random"])
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--trace", action="store_true", help="print one line per engine step (cycle 4 onward)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an engine option, e.g. --option max_num_seqs=8 (repeatable)")
+    return p
+
+
+def parse_options(pairs: list[str]) -> dict:
+    """'key=value' strings to a dict; values become int, float or bool when they look like one."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--option expects KEY=VALUE, got {pair!r}")
+        options[key] = _literal(value)
+    return options
+
+
+def _literal(value: str):
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+def main(package: str, argv: list[str] | None = None) -> None:
+    args = build_parser(package).parse_args(argv)
+    cycle = importlib.import_module(package)
+    options = parse_options(args.option)
+    if args.trace:
+        if "trace" not in inspect.signature(cycle.LLM.__init__).parameters:
+            raise SystemExit(f"--trace needs an engine with a scheduler (cycle 4 onward); {package} has none")
+        options["trace"] = True
+    device = resolve_device(args.device)
+    start = time.perf_counter()
+    llm = cycle.LLM(args.model or default_model(device), device=device, dtype=args.dtype,
+                    weights=args.weights, **options)
+    load_s = time.perf_counter() - start
+    prompts = args.prompts
+    if args.chat:
+        prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                     add_generation_prompt=True) for p in prompts]
+    try:
+        params = cycle.SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                      max_tokens=args.max_tokens, ignore_eos=args.ignore_eos, seed=args.seed)
+        outputs = llm.generate(prompts, params)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"error: {e}")
+    for prompt, out in zip(args.prompts, outputs):
+        print(f"--- {prompt!r}\n{out.text}\n[{len(out.token_ids)} tokens, {out.finish_reason}, "
+              f"TTFT {out.metrics.ttft_s:.3f}s, latency {out.metrics.latency_s:.3f}s]")
+    s = llm.stats
+    print(f"{package} on {llm.device} ({str(llm.dtype).removeprefix('torch.')}), model {llm.source.name} "
+          f"(weights: {llm.source.weights}), load {load_s:.1f}s: {s['output_tokens']} tokens in "
+          f"{s['wall_s']:.2f}s = {s['output_tokens'] / s['wall_s']:.1f} tok/s, "
+          f"KV cache peak {s['kv_cache_peak_bytes'] / 2**20:.1f} MiB, peak memory {s['peak_memory_bytes'] / 2**20:.0f} MiB",
+          file=sys.stdout)

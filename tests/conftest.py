@@ -1,0 +1,98 @@
+"""Shared fixtures. A new cycle joins the whole suite by adding its package name to CYCLES."""
+
+import importlib
+
+import pytest
+import torch
+
+CYCLES = [
+    "cycle1_naive",
+]
+
+# Exact cycles must reproduce cycle 1 (and HF) token for token; cycle 7 (int8) is measured instead.
+EXACT_CYCLES = [c for c in CYCLES if c != "cycle7_int8"]
+
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def cycle(name: str):
+    return importlib.import_module(name)
+
+
+def tiny_config(arch: str, **overrides):
+    """A tiny random config of the given architecture; head_dim differs from hidden / heads."""
+    from transformers import LlamaConfig, Qwen3Config
+
+    common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+                  rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    common.update(overrides)
+    if arch == "qwen3":
+        return Qwen3Config(**common, rope_theta=1e6 if "rope_theta" not in overrides else overrides["rope_theta"])
+    return LlamaConfig(**common)
+
+
+def save_tiny_checkpoint(path, arch: str, seed: int = 0, **overrides):
+    """save_pretrained a randomly initialised HF model (and a byte-level tokenizer) into `path`."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(arch, **overrides)
+    config.architectures = ["Qwen3ForCausalLM" if arch == "qwen3" else "LlamaForCausalLM"]
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Larger weights than the default init make the next-token distribution sharp, so greedy
+    # argmax never hinges on a near-tie that rounding could flip between engines.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.normal_(0, 0.1)
+    model.save_pretrained(path)
+    _byte_tokenizer().save_pretrained(path)
+    return model.eval()
+
+
+def _byte_tokenizer():
+    """A character-level tokenizer over printable ASCII (ids 3..97); 0 unk, 1 bos, 2 eos."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"<{i}>": i for i in range(3)}
+    vocab.update({chr(b): 3 + b - 32 for b in range(32, 127)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<0>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<1>", eos_token="<2>", unk_token="<0>")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """Three saved checkpoints: Qwen3 tied, Qwen3 untied, Llama (SmolLM2's architecture)."""
+    root = tmp_path_factory.mktemp("tiny")
+    specs = {"qwen3": ("qwen3", {}), "qwen3_untied": ("qwen3", {"tie_word_embeddings": False}),
+             "llama": ("llama", {"head_dim": 16})}
+    out = {}
+    for name, (arch, overrides) in specs.items():
+        path = root / name
+        model = save_tiny_checkpoint(path, arch, **overrides)
+        out[name] = (str(path), model)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    """HF transformers' own SmolLM2 model on the same real weights our engines load."""
+    from transformers import AutoModelForCausalLM
+    from common.model_source import resolve_model
+
+    source = resolve_model(SMOLLM2)
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
+    return source, model
