@@ -7,6 +7,8 @@ import torch
 
 CYCLES = [
     "cycle1_naive",
+    "cycle2_kvcache",
+    "cycle3_paged",
 ]
 
 # Exact cycles must reproduce cycle 1 (and HF) token for token; cycle 7 (int8) is measured instead.

@@ -1,0 +1,215 @@
+"""The engine: load a model, then generate with static batches over a paged KV cache.
+
+The KV cache is one pool of fixed-size blocks allocated at start-up. A sequence takes blocks as it
+grows (a new one only when its last block is full) and returns them the moment it finishes, so the
+memory held follows the tokens actually stored instead of a worst-case reservation.
+
+Batching is still static: requests are taken in order into groups of up to `max_num_seqs` whose
+worst case fits the pool (without preemption, a group must never run out of blocks midway), and
+the next group starts only after the slowest member of this one finishes.
+"""
+
+import time
+
+import torch
+from tqdm import tqdm
+
+from common.device import resolve_device, resolve_dtype
+from common.inputs import prepare_requests
+from common.memory import weight_bytes
+from common.metrics import peak_memory_bytes, reset_peak_memory
+from common.model_source import eos_token_ids, load_tokenizer, load_weights, resolve_model
+from common.outputs import RequestMetrics, RequestOutput
+
+from .block_manager import BlockManager
+from .kv_cache import PagedKVCache, block_bytes, num_blocks_for_budget
+from .model import AttentionMetadata, CausalLM
+from .sampler import Sampler
+from .sampling_params import SamplingParams
+from .sequence import Sequence, SequenceStatus
+
+
+class LLM:
+    def __init__(self, model: str, device=None, dtype=None, weights: str = "auto",
+                 max_num_seqs: int = 16, block_size: int = 16, num_kv_blocks: int | None = None,
+                 kv_cache_memory_bytes: int | None = None, kv_cache_fraction: float = 0.5,
+                 seed: int | None = None):
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.source = resolve_model(model, weights)
+        self.config = self.source.config
+        self.tokenizer = load_tokenizer(self.source)
+        self.eos_token_ids = set(eos_token_ids(self.source, self.tokenizer))
+        self.max_num_seqs = max_num_seqs
+        self.model = _build_model(self.config, self.source, self.device, self.dtype)
+        self.kv_cache, self.block_manager = self._allocate_kv_cache(block_size, num_kv_blocks,
+                                                                    kv_cache_memory_bytes, kv_cache_fraction)
+        self.sampler = Sampler(self.device, seed)
+        self.stats: dict = {}
+
+    def _allocate_kv_cache(self, block_size, num_kv_blocks, kv_cache_memory_bytes, kv_cache_fraction):
+        attn = self.model.model.layers[0].self_attn
+        layers = self.config.num_hidden_layers
+        per_block = block_bytes(layers, block_size, attn.num_kv_heads, attn.head_dim, self.dtype)
+        if num_kv_blocks is None:
+            num_kv_blocks = num_blocks_for_budget(per_block, self.device, kv_cache_memory_bytes, kv_cache_fraction)
+        manager = BlockManager(num_kv_blocks, block_size)
+        cache = PagedKVCache(layers, num_kv_blocks, block_size, attn.num_kv_heads, attn.head_dim,
+                             self.dtype, self.device)
+        return cache, manager
+
+    def generate(self, prompts, sampling_params=None, use_tqdm: bool = False) -> list[RequestOutput]:
+        requests = prepare_requests(prompts, sampling_params, self.tokenizer, self.config.vocab_size,
+                                    self.config.max_position_embeddings, SamplingParams)
+        seqs = [Sequence(i, r.prompt, r.prompt_token_ids, r.sampling_params,
+                         _request_generator(r.sampling_params.seed, self.device)) for i, r in enumerate(requests)]
+        self._check_fits_pool(seqs)
+        reset_peak_memory(self.device)
+        start = time.perf_counter()
+        self._peak_blocks, self._tokens_at_peak = 0, 0
+        bar = tqdm(total=len(seqs), disable=not use_tqdm, desc="requests")
+        for group in self._groups(seqs):
+            self._run_group(group, start)
+            bar.update(len(group))
+        bar.close()
+        wall = time.perf_counter() - start
+        self.stats = self._stats(seqs, wall)
+        return [self._output(seq) for seq in seqs]
+
+    def _check_fits_pool(self, seqs: list[Sequence]) -> None:
+        bm = self.block_manager
+        for seq in seqs:
+            if bm.blocks_for(seq.max_len) > bm.num_blocks:
+                raise ValueError(f"prompt {seq.seq_id} needs up to {bm.blocks_for(seq.max_len)} KV blocks "
+                                 f"(prompt + max_tokens), the whole pool has {bm.num_blocks}: "
+                                 f"lower max_tokens or give the cache more blocks (num_kv_blocks)")
+
+    def _groups(self, seqs: list[Sequence]):
+        """Static batches, in order: up to max_num_seqs requests whose worst case fits the pool together."""
+        group, worst = [], 0
+        for seq in seqs:
+            need = self.block_manager.blocks_for(seq.max_len)
+            if group and (len(group) == self.max_num_seqs or worst + need > self.block_manager.num_blocks):
+                yield group
+                group, worst = [], 0
+            group.append(seq)
+            worst += need
+        if group:
+            yield group
+
+    @torch.inference_mode()
+    def _run_group(self, group: list[Sequence], start: float) -> None:
+        for seq in group:
+            self.block_manager.allocate(seq)
+            seq.status = SequenceStatus.RUNNING
+        self._track_peak(group)
+        hidden = self.model(*self._prepare_prefill(group), self.kv_cache)
+        live = group
+        while True:
+            logits = self.model.compute_logits(hidden[:, -1])
+            next_tokens = self.sampler(logits, [s.sampling_params for s in live], [s.generator for s in live])
+            self._postprocess(live, next_tokens, time.perf_counter() - start)
+            live = [s for s in live if not s.is_finished]
+            if not live:
+                break
+            # Decode: only the unfinished sequences run (their cache is paged, not one batch
+            # tensor); still no new request joins until the whole group is done.
+            for seq in live:
+                self.block_manager.append_slot(seq)
+            self._track_peak(live)
+            hidden = self.model(*self._prepare_decode(live), self.kv_cache)
+
+    def _postprocess(self, seqs: list[Sequence], next_tokens: list[int], now: float) -> None:
+        for seq, token in zip(seqs, next_tokens):
+            seq.token_ids.append(token)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            reason = self._finish_reason(seq.output_token_ids, seq.sampling_params)
+            if reason:
+                seq.finish_reason, seq.finish_time = reason, now
+                seq.status = SequenceStatus.FINISHED
+                self.block_manager.free(seq)
+
+    def _finish_reason(self, token_ids: list[int], params: SamplingParams) -> str | None:
+        if not params.ignore_eos and token_ids[-1] in self.eos_token_ids:
+            return "stop"
+        if len(token_ids) >= params.max_tokens:
+            return "length"
+        return None
+
+    def _prepare_prefill(self, seqs: list[Sequence]):
+        """Left-padded prompts [B, T]; only the real tokens are written to the cache."""
+        tokens = [s.token_ids for s in seqs]
+        longest = max(len(t) for t in tokens)
+        input_ids = torch.tensor([[0] * (longest - len(t)) + t for t in tokens], device=self.device)
+        positions = [[0] * (longest - len(t)) + list(range(len(t))) for t in tokens]
+        token_index = [b * longest + longest - len(t) + i for b, t in enumerate(tokens) for i in range(len(t))]
+        slots = [self.block_manager.slot(s, i) for s in seqs for i in range(len(s))]
+        return input_ids, *self._metadata(seqs, positions, token_index, slots)
+
+    def _prepare_decode(self, seqs: list[Sequence]):
+        """One token per sequence, [B, 1]: its newest token, at position len - 1."""
+        input_ids = torch.tensor([[s.last_token] for s in seqs], device=self.device)
+        positions = [[len(s) - 1] for s in seqs]
+        slots = [self.block_manager.slot(s, len(s) - 1) for s in seqs]
+        return input_ids, *self._metadata(seqs, positions, None, slots)
+
+    def _metadata(self, seqs, positions, token_index, slots):
+        width = max(len(s.block_table) for s in seqs)
+        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], device=self.device)
+        positions = torch.tensor(positions, device=self.device)
+        keys = torch.arange(width * self.block_manager.block_size, device=self.device)
+        # A query sees its own sequence's keys up to its own position; padding queries (position 0)
+        # see key 0 only, which keeps their softmax finite. Their outputs are never used.
+        mask = keys.view(1, 1, -1) <= positions.unsqueeze(-1)
+        index = None if token_index is None else torch.tensor(token_index, device=self.device)
+        meta = AttentionMetadata(index, torch.tensor(slots, device=self.device), tables, mask)
+        return positions, meta
+
+    def _track_peak(self, live: list[Sequence]) -> None:
+        used = self.block_manager.num_used_blocks
+        if used > self._peak_blocks:
+            self._peak_blocks, self._tokens_at_peak = used, sum(len(s) for s in live)
+
+    def _stats(self, seqs: list[Sequence], wall: float) -> dict:
+        bm, per_block = self.block_manager, self.kv_cache.bytes_per_block
+        return {
+            "weight_bytes": weight_bytes(self.model),
+            "kv_cache_peak_bytes": self._peak_blocks * per_block,   # blocks held by live sequences
+            "kv_cache_pool_bytes": self.kv_cache.nbytes,
+            "num_kv_blocks": bm.num_blocks,
+            "block_size": bm.block_size,
+            "free_kv_blocks": bm.num_free_blocks,
+            "kv_block_utilization": self._tokens_at_peak / max(1, self._peak_blocks * bm.block_size),
+            "peak_memory_bytes": peak_memory_bytes(self.device),
+            "output_tokens": sum(len(s.output_token_ids) for s in seqs),
+            "wall_s": wall,
+            "max_num_seqs": self.max_num_seqs,
+        }
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        tokens = seq.output_token_ids
+        return RequestOutput(seq.seq_id, seq.prompt, seq.token_ids[:seq.num_prompt_tokens], tokens,
+                             self.tokenizer.decode(tokens, skip_special_tokens=True), seq.finish_reason,
+                             RequestMetrics(seq.first_token_time, seq.finish_time))
+
+
+def _build_model(config, source, device, dtype) -> CausalLM:
+    # Build on the meta device (no memory, no random init), then allocate and fill with the weights.
+    with torch.device("meta"):
+        model = CausalLM(config)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    if config.tie_word_embeddings:  # to_empty breaks the tie: restore it
+        model.lm_head.weight = model.model.embed_tokens.weight
+    load_weights(model, source)
+    return model.eval()
+
+
+def _request_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
