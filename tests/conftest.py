@@ -9,6 +9,7 @@ CYCLES = [
     "cycle1_naive",
     "cycle2_kvcache",
     "cycle3_paged",
+    "cycle4_batching",
 ]
 
 # Exact cycles must reproduce cycle 1 (and HF) token for token; cycle 7 (int8) is measured instead.
