@@ -10,6 +10,7 @@ CYCLES = [
     "cycle2_kvcache",
     "cycle3_paged",
     "cycle4_batching",
+    "cycle5_prefix",
 ]
 
 # Exact cycles must reproduce cycle 1 (and HF) token for token; cycle 7 (int8) is measured instead.
