@@ -11,6 +11,7 @@ CYCLES = [
     "cycle3_paged",
     "cycle4_batching",
     "cycle5_prefix",
+    "cycle6_flash",
 ]
 
 # Exact cycles must reproduce cycle 1 (and HF) token for token; cycle 7 (int8) is measured instead.
