@@ -12,6 +12,7 @@ CYCLES = [
     "cycle4_batching",
     "cycle5_prefix",
     "cycle6_flash",
+    "cycle7_int8",
 ]
 
 # Exact cycles must reproduce cycle 1 (and HF) token for token; cycle 7 (int8) is measured instead.

