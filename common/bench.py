@@ -1,0 +1,225 @@
+"""Measure one engine on one workload and write the result as JSON.
+
+    python -m common.bench --engine cycle4_batching --workload throughput --device cpu \
+        --model HuggingFaceTB/SmolLM2-135M-Instruct --quick --out result.json
+
+`--engine` is a cycle package (cycle1_naive ... cycle7_int8) or an HF baseline (hf_generate,
+hf_generate_batch). compare.py runs this once per engine, each in a fresh process, so one engine's
+memory, caches and allocator state can never leak into the next one's numbers.
+"""
+
+import argparse
+import importlib
+import inspect
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from common.cli import parse_options
+from common.device import default_model, resolve_device, resolve_dtype
+from common.metrics import (PEAK_GENERATION, PEAK_WITH_LOADING, peak_memory_bytes, peak_rss_bytes,
+                            reset_peak_memory, summarize)
+from common.workloads import WORKLOADS, make_workload, warmup_request
+
+HF_ENGINES = ("hf_generate", "hf_generate_batch")
+
+# The HF baseline needs the same weights as the cycles; with random weights only a cycle can make
+# them (the model directory holds just a config), and cycle 1 is the reference every cycle matches.
+REFERENCE_CYCLE = "cycle1_naive"
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _cpu_name() -> str:
+    """platform.processor() is often empty or just 'x86_64' on Linux; /proc/cpuinfo has the model."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {
+        "processor": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    }
+    info["name"] = info["gpu"] or info["processor"]  # the one line a table or plot shows
+    return info
+
+
+def _accepted_options(cls, options: dict) -> tuple[dict, list[str]]:
+    """Split options into those cls(...) accepts and the rest, so one `--option` list (say
+    block_size=16, which cycle 1 has no use for) can go to every cycle; the result records the rest."""
+    params = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(options), []
+    accepted = {k: v for k, v in options.items() if k in params}
+    return accepted, sorted(set(options) - set(accepted))
+
+
+def _greedy_params(cycle, requests) -> list:
+    return [cycle.SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=r.ignore_eos)
+            for r in requests]
+
+
+def _run_cycle(engine: str, workload: str, device, model: str, weights: str, quick: bool, dtype,
+               options: dict) -> dict:
+    cycle = importlib.import_module(engine)
+    accepted, ignored = _accepted_options(cycle.LLM, options)
+    start = time.perf_counter()
+    llm = cycle.LLM(model, device=device, dtype=dtype, weights=weights, **accepted)
+    load_s = time.perf_counter() - start
+    work = make_workload(workload, llm.tokenizer, device.type, quick,
+                         max_model_len=llm.source.config.max_position_embeddings)
+
+    # Warm-up pays one-time costs (kernel selection, allocator growth) outside the measurement.
+    warm = warmup_request(llm.tokenizer)
+    llm.generate([warm.prompt_token_ids], _greedy_params(cycle, [warm]))
+    peak_scope = PEAK_GENERATION if reset_peak_memory(device) else PEAK_WITH_LOADING
+
+    start = time.perf_counter()
+    outputs = llm.generate([r.prompt_token_ids for r in work.requests], _greedy_params(cycle, work.requests))
+    wall_s = time.perf_counter() - start
+    stats = dict(llm.stats)
+    return {
+        "source": llm.source, "dtype": llm.dtype, "work": work, "wall_s": wall_s, "load_s": load_s,
+        "token_ids": [list(o.token_ids) for o in outputs],
+        "ttft_s": [o.metrics.ttft_s for o in outputs],
+        "latency_s": [o.metrics.latency_s for o in outputs],
+        "peak_memory_bytes": peak_memory_bytes(device), "peak_memory_scope": peak_scope,
+        "weight_bytes": stats.get("weight_bytes"),
+        "kv_cache_peak_bytes": stats.get("kv_cache_peak_bytes"),
+        "stats": stats, "ignored_options": ignored,
+    }
+
+
+def _run_hf(engine: str, workload: str, device, model: str, weights: str, quick: bool, dtype,
+            options: dict) -> dict:
+    from common.hf_baseline import run_hf
+    from common.model_source import load_tokenizer, resolve_model
+
+    start = time.perf_counter()
+    source = resolve_model(model, weights)
+    dtype = resolve_dtype(dtype, device)
+    state_dict = None
+    if source.weights == "random":
+        # Built on the CPU: random weights are drawn on the CPU whatever the device, so they are
+        # the same, and a copy held on the GPU would count against HF's peak memory.
+        reference = importlib.import_module(REFERENCE_CYCLE).LLM(model, device="cpu", dtype=dtype, weights=weights)
+        tokenizer, state_dict = reference.tokenizer, dict(reference.model.state_dict())
+        del reference  # the state dict keeps the weights alive; the rest of the engine can go
+    else:
+        tokenizer = load_tokenizer(source)
+    work = make_workload(workload, tokenizer, device.type, quick,
+                         max_model_len=source.config.max_position_embeddings)
+    prepared_s = time.perf_counter() - start
+
+    max_num_seqs = options.get("max_num_seqs", 64)
+    call_start = time.perf_counter()
+    run = run_hf(source.path, work.requests, str(device), dtype, engine.removeprefix("hf_"),
+                 max_num_seqs=max_num_seqs, state_dict=state_dict)
+    call_s = time.perf_counter() - call_start
+    per_request = ("token_ids", "ttft_s", "latency_s")
+    return {
+        "source": source, "dtype": dtype, "work": work, "wall_s": run["wall_s"],
+        # run_hf loads the model and warms up before it starts its clock: all that is loading time.
+        "load_s": prepared_s + call_s - run["wall_s"],
+        "token_ids": run["token_ids"], "ttft_s": run["ttft_s"], "latency_s": run["latency_s"],
+        # run_hf reports CUDA's allocator peak after its warm-up; on CPU (None) this subprocess's
+        # peak RSS stands in, and it includes loading: run_hf loads and generates in one call.
+        "peak_memory_bytes": run["peak_memory_bytes"] if run["peak_memory_bytes"] is not None else peak_rss_bytes(),
+        "peak_memory_scope": PEAK_GENERATION if run["peak_memory_bytes"] is not None else PEAK_WITH_LOADING,
+        "weight_bytes": run["weight_bytes"],
+        "kv_cache_peak_bytes": None,  # transformers does not report it
+        "stats": {k: v for k, v in run.items() if k not in per_request} | {"max_num_seqs": max_num_seqs},
+        "ignored_options": sorted(set(options) - {"max_num_seqs"}),
+    }
+
+
+def run_engine(engine: str, workload: str, device=None, model: str | None = None, weights: str = "auto",
+               quick: bool = False, dtype=None, options: dict | None = None) -> dict:
+    """Run one engine on one workload in this process and return the result dict (see module doc)."""
+    if workload not in WORKLOADS:
+        raise ValueError(f"unknown workload {workload!r}: choose one of {', '.join(WORKLOADS)}")
+    device = resolve_device(device)
+    model = model or default_model(device)
+    runner = _run_hf if engine in HF_ENGINES else _run_cycle
+    run = runner(engine, workload, device, model, weights, quick, dtype, options or {})
+
+    source, work = run["source"], run["work"]
+    output_tokens = sum(len(ids) for ids in run["token_ids"])
+    return {
+        "engine": engine,
+        "model": source.name,
+        "weights": source.weights,
+        "origin": source.origin,
+        "device": str(device),
+        "dtype": _dtype_name(run["dtype"]),
+        "workload": workload,
+        "workload_size": work.device_size,
+        "num_requests": len(work.requests),
+        "prompt_tokens": sum(len(r.prompt_token_ids) for r in work.requests),
+        **summarize(run["ttft_s"], run["latency_s"], output_tokens, run["wall_s"]),
+        "ttft_s": run["ttft_s"],
+        "latency_s": run["latency_s"],
+        "peak_memory_bytes": run["peak_memory_bytes"],
+        "peak_memory_scope": run["peak_memory_scope"],
+        "weight_bytes": run["weight_bytes"],
+        "kv_cache_peak_bytes": run["kv_cache_peak_bytes"],
+        "load_s": run["load_s"],
+        "options": options or {},
+        "ignored_options": run["ignored_options"],
+        "stats": run["stats"],
+        "machine": machine_info(device),
+        "token_ids": run["token_ids"],
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m common.bench", description="Benchmark one engine on one workload.")
+    p.add_argument("--engine", required=True, help=f"a cycle package (e.g. cycle4_batching) or one of {', '.join(HF_ENGINES)}")
+    p.add_argument("--workload", default="throughput", choices=WORKLOADS)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--model", default=None, help="HF id or local directory (default: Qwen3-0.6B on CUDA, SmolLM2-135M on CPU)")
+    p.add_argument("--weights", default="auto", choices=["auto", "real", "random"])
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--quick", action="store_true", help="the tiny smoke-test size of the workload")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an engine option, e.g. --option max_num_seqs=8 (repeatable)")
+    p.add_argument("--out", default=None, help="write the JSON here (default: print it)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    result = run_engine(args.engine, args.workload, args.device, args.model, args.weights, args.quick,
+                        args.dtype, parse_options(args.option))
+    # default=str: engines may put non-JSON values (a torch.dtype, a device) into their stats.
+    text = json.dumps(result, indent=1, default=str)
+    if args.out is None:
+        print(text)
+        return
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    print(f"{args.engine}: {result['output_tokens']} tokens in {result['wall_s']:.2f}s = "
+          f"{result['throughput_tok_s']:.1f} tok/s -> {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

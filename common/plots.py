@@ -1,0 +1,128 @@
+"""Bar charts of benchmark results: one PNG each for latency, throughput, TTFT and memory."""
+
+import math
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed, works on headless machines and CI
+import matplotlib.pyplot as plt  # noqa: E402  (must follow the backend choice)
+
+from common.metrics import PEAK_WITH_LOADING  # noqa: E402
+
+MIB = 2**20
+
+# A linear axis hides bars more than this many times smaller than the largest (c1's throughput next
+# to c4's on a GPU), so past this spread we switch to log scale and say so in the title.
+LOG_SCALE_SPREAD = 100
+
+
+def short_name(engine: str) -> str:
+    """cycle4_batching -> 'c4 batching', hf_generate_batch -> 'HF generate_batch'."""
+    match = re.fullmatch(r"cycle(\d+)_(.+)", engine)
+    if match:
+        return f"c{match[1]} {match[2]}"
+    if engine.startswith("hf_"):
+        return "HF " + engine.removeprefix("hf_")
+    return engine
+
+
+def _subtitle(results: list[dict]) -> str:
+    first = results[0]
+    machine = (first.get("machine") or {}).get("name")
+    device = f"{first['device']} ({machine})" if machine else first["device"]
+    size = f" [{first['workload_size']}]" if first.get("workload_size") else ""
+    return f"{first['model']} · {first['weights']} weights\n{device} · workload {first['workload']}{size}"
+
+
+def _fmt(value: float) -> str:
+    if value == 0:
+        return "0"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.3g}"
+
+
+def _needs_log(series: dict[str, list]) -> bool:
+    positive = [v for values in series.values() for v in values if v is not None and v > 0]
+    return len(positive) > 1 and max(positive) / min(positive) > LOG_SCALE_SPREAD
+
+
+def _bar_chart(path: Path, title: str, subtitle: str, labels: list[str], series: dict[str, list],
+               ylabel: str, footnote: str | None = None) -> Path:
+    """Grouped bars: one group per engine (labels), one bar per series, each labelled with its
+    value. A missing value (None) gets an 'n/a' label and no bar."""
+    log = _needs_log(series)
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.2 * len(labels) + 3), 5.2))
+    width = 0.8 / len(series)
+    for i, (label, values) in enumerate(series.items()):
+        xs = [x + (i - (len(series) - 1) / 2) * width for x in range(len(labels))]
+        heights = [v if v is not None and v > 0 else math.nan for v in values]
+        ax.bar(xs, heights, width, label=label)
+        for x, v in zip(xs, values):
+            text = "n/a" if v is None else _fmt(v)
+            if v is not None and v > 0:
+                ax.annotate(text, (x, v), xytext=(0, 2), textcoords="offset points", ha="center",
+                            va="bottom", fontsize=8)
+            else:  # no bar to sit on: put the label on the axis
+                ax.annotate(text, (x, 0.01), xycoords=("data", "axes fraction"), ha="center",
+                            va="bottom", fontsize=8)
+    if log:
+        ax.set_yscale("log")
+    ax.margins(y=0.15)  # headroom for the value labels
+    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{title}{', log scale' if log else ''}\n{subtitle}", fontsize=10)
+    if len(series) > 1:  # outside, on the right: inside it would cover bars
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if footnote:
+        fig.text(0.01, 0.01, footnote, fontsize=8, ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.04 if footnote else 0, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _memory_labels(results: list[dict]) -> tuple[str, list[str], str | None]:
+    """The peak-memory legend, tick labels, and a footnote for engines whose peak could not be
+    reset after loading (starred): their bars include loading's transient copies."""
+    # The two devices count different things; say which, so nobody compares them across charts.
+    counter = "torch CUDA allocator" if results[0]["device"].startswith("cuda") else "process RSS"
+    loading = [r.get("peak_memory_scope") == PEAK_WITH_LOADING for r in results]
+    labels = [short_name(r["engine"]) + ("*" if star else "") for r, star in zip(results, loading)]
+    footnote = "* peak includes model loading (it could not be reset after loading)" if any(loading) else None
+    return f"peak memory\n({counter})", labels, footnote
+
+
+def _mib(value) -> float | None:
+    return None if value is None else value / MIB
+
+
+def plot_results(results: list[dict], out_dir) -> list[Path]:
+    """Write latency.png, throughput.png, ttft.png and memory.png into out_dir; return their paths."""
+    if not results:
+        raise ValueError("no results to plot")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = [short_name(r["engine"]) for r in results]
+    peak_legend, memory_labels, footnote = _memory_labels(results)
+    subtitle = _subtitle(results)
+
+    def column(key, convert=lambda v: v):
+        return [convert(r.get(key)) for r in results]
+
+    return [
+        _bar_chart(out_dir / "latency.png", "Request latency (lower is better)", subtitle, labels,
+                   {"mean": column("latency_mean_s"), "p90": column("latency_p90_s")}, "seconds"),
+        _bar_chart(out_dir / "throughput.png", "Output throughput (higher is better)", subtitle, labels,
+                   {"throughput": column("throughput_tok_s")}, "tokens / s"),
+        _bar_chart(out_dir / "ttft.png", "Mean time to first token (lower is better)", subtitle, labels,
+                   {"mean TTFT": column("ttft_mean_s")}, "seconds"),
+        _bar_chart(out_dir / "memory.png", "Memory (lower is better)", subtitle, memory_labels,
+                   {peak_legend: column("peak_memory_bytes", _mib),
+                    "KV cache peak": column("kv_cache_peak_bytes", _mib),
+                    "weights": column("weight_bytes", _mib)}, "MiB", footnote),
+    ]
