@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="default: bf16 on CUDA, fp32 on CPU; HF uses the cycles' dtype")
     p.add_argument("--workload", default="throughput", choices=WORKLOADS)
     p.add_argument("--quick", action="store_true", help="tiny workload sizes: a smoke test")
+    p.add_argument("--num-requests", type=int, default=None, help="override the workload size's request count")
     p.add_argument("--plot", action="store_true", help="also write PNG bar charts")
     p.add_argument("--out", default=None, help="output folder (default: results/<device>-<workload>)")
     p.add_argument("--no-hf", action="store_true", help="skip the HuggingFace baselines")
@@ -76,6 +77,8 @@ def bench_command(engine: str, args, device: str, model: str, dtype: str | None,
            "--device", device, "--model", model, "--weights", args.weights, "--out", str(out_path)]
     if args.quick:
         cmd.append("--quick")
+    if args.num_requests:
+        cmd += ["--num-requests", str(args.num_requests)]
     if dtype:
         cmd += ["--dtype", dtype]
     for option in args.option:
@@ -179,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = results[0]["machine"] if results else machine_info(device)
     run_info = {"machine": machine, "model": source.name, "weights": source.weights, "origin": source.origin,
-                "device": str(device), "workload": args.workload, "quick": args.quick, "options": args.option,
+                "device": str(device), "workload": args.workload, "quick": args.quick, "num_requests": args.num_requests, "options": args.option,
                 "engines": cycles + hf_engines, "started": started, "argv": sys.argv}
     reference = next((r for r in results if r["engine"] == REFERENCE_CYCLE), None)
     for r in results:

@@ -9,6 +9,7 @@ cycle 1, which reruns the whole sequence every step, finishes on 2 cores) and "q
 test: seconds per cycle). All sizes live in the SIZES table right below, the one place to tune them.
 """
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -211,13 +212,18 @@ def _chat_requests(tokenizer, size: Size, rng: random.Random) -> list[Request]:
 
 
 def make_workload(name: str, tokenizer, device: str, quick: bool = False, seed: int = 0,
-                  max_model_len: int | None = None) -> Workload:
+                  max_model_len: int | None = None, num_requests: int | None = None) -> Workload:
     """Build a workload's requests. max_model_len (the model's max_position_embeddings) caps
-    random prompts so prompt + max_tokens always fits."""
+    random prompts so prompt + max_tokens always fits; num_requests overrides the size's count
+    (the length ranges stay)."""
     if name not in SIZES:
         raise ValueError(f"unknown workload {name!r}: choose one of {', '.join(WORKLOADS)}")
     key = size_key(device, quick)
     size = SIZES[name][key]
+    if num_requests is not None:
+        if num_requests < 1:
+            raise ValueError(f"num_requests must be >= 1, got {num_requests}")
+        size = dataclasses.replace(size, num_requests=num_requests)
     rng = random.Random(seed)
     if name in ("throughput", "long_context"):
         requests = _random_id_requests(tokenizer, size, rng, max_model_len)

@@ -24,13 +24,17 @@ from .sampler import Sampler
 from .sampling_params import SamplingParams
 
 
+# The same batch limits as the continuous-batching cycles, so every cycle is measured alike.
+DEFAULTS = {"cuda": dict(max_num_seqs=256), "cpu": dict(max_num_seqs=32)}
+
 class LLM:
     def __init__(self, model: str, device=None, dtype=None, weights: str = "auto",
-                 max_num_seqs: int = 16, seed: int | None = None):
-        if max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+                 max_num_seqs: int | None = None, seed: int | None = None):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        max_num_seqs = max_num_seqs or DEFAULTS["cuda" if self.device.type == "cuda" else "cpu"]["max_num_seqs"]
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         self.source = resolve_model(model, weights)
         self.config = self.source.config
         self.tokenizer = load_tokenizer(self.source)

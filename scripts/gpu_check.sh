@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The one prepared GPU check: CUDA tests, then the compare.py runs the guide's CUDA tables come from.
+# Run on a CUDA machine from the repository root; results land in $OUT (default: results/gpu).
+# Sized for a few minutes of GPU time: every step has its own time limit so one slow step cannot
+# take the others down, and each step's log and results.json join one archive as soon as it ends.
+set -u
+OUT=${OUT:-results/gpu}
+mkdir -p "$OUT" /tmp/gpu
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+if ls .whl/*.whl >/dev/null 2>&1; then   # wheels carried to a machine without a package index
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+fi
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+    python3 -c "import importlib.util as u; print('flash_attn installed:', u.find_spec('flash_attn') is not None)"
+} 2>&1 | tee /tmp/gpu/env.txt
+run() {  # run LIMIT_SECONDS NAME COMMAND...
+    local limit=$1 name=$2; shift 2
+    echo "=== $name: $*"
+    local start=$SECONDS
+    timeout "$limit" "$@" > "/tmp/gpu/$name.log" 2>&1
+    echo "=== $name: exit $? after $((SECONDS - start)) s"
+    grep -v "it/s\]$" "/tmp/gpu/$name.log" | tail -25
+    (cd /tmp/gpu && tar rf "$OLDPWD/$OUT/gpu_results.tar" "$name.log" $(ls "$name"/results.json 2>/dev/null))
+}
+cp /tmp/gpu/env.txt "$OUT/env.txt"
+run 75 pytest python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py tests/test_attention.py
+run 30 quick python3 compare.py --device cuda --quick --cycles 1 --no-hf --out /tmp/gpu/quick
+run 170 throughput64 python3 compare.py --device cuda --num-requests 64 --cycles 2,3,4,5,6,7 --no-hf --out /tmp/gpu/throughput64
+run 45 shared_prefix python3 compare.py --device cuda --workload shared_prefix --cycles 4,5 --no-hf --out /tmp/gpu/shared_prefix
+run 60 throughput256 python3 compare.py --device cuda --cycles 6 --no-hf --out /tmp/gpu/throughput256
