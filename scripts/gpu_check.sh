@@ -4,7 +4,7 @@
 # Sized for a few minutes of GPU time: every step has its own time limit so one slow step cannot
 # take the others down, and each step's log and results.json join one archive as soon as it ends.
 set -u
-OUT=${OUT:-results/gpu}
+OUT=$(realpath -m "${OUT:-results/gpu}")
 mkdir -p "$OUT" /tmp/gpu
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 if ls .whl/*.whl >/dev/null 2>&1; then   # wheels carried to a machine without a package index
@@ -22,7 +22,7 @@ run() {  # run LIMIT_SECONDS NAME COMMAND...
     timeout "$limit" "$@" > "/tmp/gpu/$name.log" 2>&1
     echo "=== $name: exit $? after $((SECONDS - start)) s"
     grep -v "it/s\]$" "/tmp/gpu/$name.log" | tail -25
-    (cd /tmp/gpu && tar rf "$OLDPWD/$OUT/gpu_results.tar" "$name.log" $(ls "$name"/results.json 2>/dev/null))
+    (cd /tmp/gpu && tar rf "$OUT/gpu_results.tar" "$name.log" $(ls "$name"/results.json 2>/dev/null))
 }
 cp /tmp/gpu/env.txt "$OUT/env.txt"
 run 75 pytest python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py tests/test_attention.py
