@@ -2,20 +2,22 @@
 
 Allocated once when the engine starts; the BlockManager decides which sequence owns which block.
 Its size comes from a memory budget: on CUDA a fraction of the memory left free after the weights
-load, on CPU a fixed number of bytes (pages of an untouched CPU tensor cost no RAM until written).
+load, on CPU a fixed number of bytes.
 """
 
 import torch
 
-CPU_KV_CACHE_BYTES = 1 << 30  # 1 GiB: SmolLM2-135M in fp32 stores ~46 KiB per token, ~23k tokens
+CPU_KV_CACHE_BYTES = 512 << 20  # SmolLM2-135M in fp32 stores 45 KiB per token: ~11.6k tokens
 
 
 class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
         shape = (num_blocks, block_size, kv_heads, head_dim)
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # Zeros, not empty: attention reads whole blocks, and a masked-out slot still enters the
+        # product with V as 0 * value; uninitialized memory can hold NaN, and 0 * NaN = NaN.
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.bytes_per_block = block_bytes(num_layers, block_size, kv_heads, head_dim, dtype)
 
     @property
