@@ -1,4 +1,7 @@
-"""Bar charts of benchmark results: one PNG each for latency, throughput, TTFT and memory."""
+"""Charts of benchmark results: one PNG each for latency, throughput, TTFT and memory, plus, when
+the engines that teach them are present, step time against sequence length (cycles 1 and 2: the
+cost of recomputing versus caching) and a request timeline (cycles 3 and 4: static versus
+continuous batching)."""
 
 import math
 import re
@@ -125,4 +128,53 @@ def plot_results(results: list[dict], out_dir) -> list[Path]:
                    {peak_legend: column("peak_memory_bytes", _mib),
                     "KV cache peak": column("kv_cache_peak_bytes", _mib),
                     "weights": column("weight_bytes", _mib)}, "MiB", footnote),
-    ]
+    ] + _lesson_charts(results, out_dir, subtitle)
+
+
+def _lesson_charts(results: list[dict], out_dir: Path, subtitle: str) -> list[Path]:
+    by_engine = {r["engine"]: r for r in results}
+    paths = []
+    steps = [by_engine[e] for e in ("cycle1_naive", "cycle2_kvcache") if e in by_engine]
+    if steps and all(r.get("stats", {}).get("step_times") for r in steps):
+        paths.append(_step_time_chart(out_dir / "step_time.png", steps, subtitle))
+    timeline = [by_engine[e] for e in ("cycle3_paged", "cycle4_batching") if e in by_engine]
+    if timeline:
+        paths.append(_timeline_chart(out_dir / "timeline.png", timeline, subtitle))
+    return paths
+
+
+def _step_time_chart(path: Path, results: list[dict], subtitle: str) -> Path:
+    """Seconds per step against tokens per sequence: cycle 1 reruns the whole sequence every step
+    (a line that climbs: O(n) per token, O(n^2) in all), cycle 2 feeds one token (flat)."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in results:
+        points = r["stats"]["step_times"][1:]   # the first step is the prefill: off the scale
+        ax.scatter([p[0] for p in points], [p[1] * 1000 for p in points], s=8, label=short_name(r["engine"]))
+    ax.set_xlabel("tokens per sequence in the step")
+    ax.set_ylabel("ms per decode step (one new token per sequence)")
+    ax.set_title(f"Decode step time against sequence length\n{subtitle}", fontsize=9)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _timeline_chart(path: Path, results: list[dict], subtitle: str) -> Path:
+    """One bar per request from its first token to its last: static batches start together and
+    wait for the slowest; continuous batching starts a request as soon as a slot frees."""
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), sharex=True, squeeze=False)
+    for ax, r in zip(axes[0], results):
+        for i, (first, last) in enumerate(zip(r["ttft_s"], r["latency_s"])):
+            ax.barh(i, last - first, left=first, height=0.8, color="tab:blue")
+            ax.plot([0, first], [i, i], color="0.8", linewidth=1)   # waiting for the first token
+        ax.set_title(short_name(r["engine"]), fontsize=10)
+        ax.set_xlabel("seconds since all requests arrived")
+        ax.invert_yaxis()
+    axes[0][0].set_ylabel("request")
+    fig.suptitle(f"Which request runs when (grey: waiting, blue: generating)\n{subtitle}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -48,6 +48,7 @@ class LLM:
                                     self.config.max_position_embeddings, SamplingParams)
         reset_peak_memory(self.device)
         start = time.perf_counter()
+        self._step_times = []
         outputs = []
         bar = tqdm(total=len(requests), disable=not use_tqdm, desc="requests")
         for first in range(0, len(requests), self.max_num_seqs):
@@ -63,6 +64,7 @@ class LLM:
             "output_tokens": sum(len(o.token_ids) for o in outputs),
             "wall_s": wall,
             "max_num_seqs": self.max_num_seqs,
+            "step_times": self._step_times,  # [tokens per sequence in the step, seconds], per step
         }
         return outputs
 
@@ -74,6 +76,7 @@ class LLM:
         outputs = [RequestOutput(first_id + i, r.prompt, r.prompt_token_ids, [], "", "")
                    for i, r in enumerate(group)]
         live = list(range(len(group)))
+        last = time.perf_counter() - start
         while live:
             # Every row runs every step, finished or not: that is static batching.
             input_ids, positions, mask = self._left_pad(tokens)
@@ -81,6 +84,8 @@ class LLM:
             logits = self.model.compute_logits(hidden[:, -1])
             next_tokens = self.sampler(logits, params, generators)
             now = time.perf_counter() - start
+            self._step_times.append([input_ids.shape[1], now - last])
+            last = now
             for i in list(live):
                 out = outputs[i]
                 out.token_ids.append(next_tokens[i])

@@ -50,6 +50,7 @@ class LLM:
         reset_peak_memory(self.device)
         start = time.perf_counter()
         self._kv_peak_bytes = 0
+        self._step_times = []
         outputs = []
         bar = tqdm(total=len(requests), disable=not use_tqdm, desc="requests")
         for first in range(0, len(requests), self.max_num_seqs):
@@ -65,6 +66,7 @@ class LLM:
             "output_tokens": sum(len(o.token_ids) for o in outputs),
             "wall_s": wall,
             "max_num_seqs": self.max_num_seqs,
+            "step_times": self._step_times,  # [tokens per sequence in the step, seconds], per step
         }
         return outputs
 
@@ -79,6 +81,7 @@ class LLM:
         # Prefill: the whole padded prompts once, filling cache columns 0 .. longest-1.
         input_ids, positions, mask = self._left_pad(tokens)
         column = input_ids.shape[1]  # the next free cache column, the same for every row
+        last = time.perf_counter() - start
         pads = torch.tensor([column - len(t) for t in tokens], device=self.device)
         hidden = self.model(input_ids, positions, mask, cache, start=0)
         live = list(range(len(group)))
@@ -86,6 +89,8 @@ class LLM:
             logits = self.model.compute_logits(hidden[:, -1])
             next_tokens = self.sampler(logits, params, generators)
             now = time.perf_counter() - start
+            self._step_times.append([column, now - last])
+            last = now
             for i in list(live):
                 out = outputs[i]
                 out.token_ids.append(next_tokens[i])

@@ -73,6 +73,7 @@ class LLM:
         reset_peak_memory(self.device)
         start = time.perf_counter()
         self._peak_blocks, self._tokens_at_peak = 0, 0
+        self._step_times = []
         bar = tqdm(total=len(seqs), disable=not use_tqdm, desc="requests")
         for group in self._groups(seqs):
             self._run_group(group, start)
@@ -109,12 +110,16 @@ class LLM:
             self.block_manager.allocate(seq)
             seq.status = SequenceStatus.RUNNING
         self._track_peak(group)
+        last = time.perf_counter() - start
         hidden = self.model(*self._prepare_prefill(group), self.kv_cache)
         live = group
         while True:
             logits = self.model.compute_logits(hidden[:, -1])
             next_tokens = self.sampler(logits, [s.sampling_params for s in live], [s.generator for s in live])
-            self._postprocess(live, next_tokens, time.perf_counter() - start)
+            now = time.perf_counter() - start
+            self._step_times.append([max(len(s) for s in live), now - last])
+            last = now
+            self._postprocess(live, next_tokens, now)
             live = [s for s in live if not s.is_finished]
             if not live:
                 break
@@ -191,6 +196,7 @@ class LLM:
             "output_tokens": sum(len(s.output_token_ids) for s in seqs),
             "wall_s": wall,
             "max_num_seqs": self.max_num_seqs,
+            "step_times": self._step_times,  # [tokens of the longest sequence in the step, seconds], per step
         }
 
     def _output(self, seq: Sequence) -> RequestOutput:

@@ -89,7 +89,9 @@ class LLM:
         if not seqs:
             raise RuntimeError("the scheduler found nothing to run although requests are unfinished")
         self._track_peak()
+        started = time.perf_counter()
         next_tokens = self.model_runner.run(seqs, is_prefill)
+        self._step_times.append([max(len(s) for s in seqs), time.perf_counter() - started])
         finished = self._postprocess(seqs, next_tokens)
         self._num_steps += 1
         if self.trace:
@@ -160,6 +162,7 @@ class LLM:
         return None
 
     def _reset_counters(self) -> None:
+        self._step_times = []
         self._peak_blocks, self._tokens_at_peak, self._num_steps = 0, 0, 0
         self.scheduler.num_preemptions = 0
 
@@ -191,6 +194,7 @@ class LLM:
             "output_tokens": sum(len(o.token_ids) for o in outputs),
             "wall_s": wall,
             "steps": self._num_steps,
+            "step_times": self._step_times,  # [tokens of the longest sequence in the step, seconds], per step
             "preemptions": self.scheduler.num_preemptions,
             "max_num_seqs": self.scheduler.max_num_seqs,
             "max_num_batched_tokens": self.scheduler.max_num_batched_tokens,

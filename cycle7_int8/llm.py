@@ -111,7 +111,9 @@ class LLM:
         self._track_peak()
         if is_prefill:
             self._prefill_tokens += sum(len(s) - s.num_cached_tokens for s in seqs)
+        started = time.perf_counter()
         next_tokens = self.model_runner.run(seqs, is_prefill)
+        self._step_times.append([max(len(s) for s in seqs), time.perf_counter() - started])
         finished = self._postprocess(seqs, next_tokens)
         self._num_steps += 1
         if self.trace:
@@ -183,6 +185,7 @@ class LLM:
         return None
 
     def _reset_counters(self) -> None:
+        self._step_times = []
         self._peak_blocks, self._tokens_at_peak, self._num_steps, self._prefill_tokens = 0, 0, 0, 0
         self.scheduler.num_preemptions = 0
         self.scheduler.prefix_cache_hit_tokens = self.scheduler.prefix_cache_queried_tokens = 0
@@ -216,6 +219,7 @@ class LLM:
             "output_tokens": sum(len(o.token_ids) for o in outputs),
             "wall_s": wall,
             "steps": self._num_steps,
+            "step_times": self._step_times,  # [tokens of the longest sequence in the step, seconds], per step
             "preemptions": self.scheduler.num_preemptions,
             "prefix_caching": bm.enable_prefix_caching,
             "prefix_cache_hit_tokens": self.scheduler.prefix_cache_hit_tokens,
