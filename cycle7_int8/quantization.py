@@ -67,17 +67,18 @@ class Int8Embedding(nn.Module):
 
 
 def choose_matmul(device: torch.device, dtype: torch.dtype, in_features: int, out_features: int) -> str:
-    """Time both int8 paths on one layer shape and a decode-sized batch; keep the faster one that runs."""
-    x = torch.randn(32, in_features, device=device, dtype=dtype)
+    """Time both int8 paths on one layer shape, at a decode-sized and a prefill-sized batch; keep
+    the faster one that runs (torch's int8pack kernel is fast on some CPUs and slow on others)."""
     q, scale = quantize_absmax(torch.randn(out_features, in_features, device=device))
     scale = scale.to(dtype)
+    batches = [torch.randn(m, in_features, device=device, dtype=dtype) for m in (32, 256)]
     timings = {}
     for name, fn in MATMULS.items():
         try:
-            fn(x, q, scale)
+            fn(batches[0], q, scale)
         except (RuntimeError, NotImplementedError):
             continue   # e.g. no int8pack kernel for this device or dtype
-        timings[name] = _time(lambda: fn(x, q, scale), device)
+        timings[name] = sum(_time(lambda: fn(x, q, scale), device) for x in batches)
     return min(timings, key=timings.get)
 
 

@@ -65,28 +65,8 @@ def test_weights_are_int8_and_take_a_quarter_of_fp32(name, tiny_checkpoints):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", INT8)
 def test_quality_against_cycle6_on_real_smollm2(name):
-    """Teacher-forced next-token agreement with the float model on a fixed text."""
-    text = ("The quick brown fox jumps over the lazy dog. Paris is the capital of France, and Berlin is "
-            "the capital of Germany. Water boils at one hundred degrees Celsius at sea level.")
-    int8 = cycle(name).LLM(SMOLLM2, device="cpu")
-    fp = cycle("cycle6_flash").LLM(SMOLLM2, device="cpu")
-    ids = int8.tokenizer(text).input_ids
-    agree = _agreement(int8, fp, ids)
-    assert agree >= 0.9, agree
-
-
-def _agreement(a, b, ids):
-    """Fraction of positions where both models predict the same next token (prompt logprob style)."""
-    preds = []
-    for llm in (a, b):
-        seq_mod = importlib.import_module(type(llm).__module__.replace(".llm", ".sequence"))
-        seq = seq_mod.Sequence(0, None, ids, type(llm).__init__.__globals__["SamplingParams"](), None)
-        llm.block_manager.allocate(seq)
-        try:
-            input_ids, positions, meta = llm.model_runner._prepare([seq], True)
-            with torch.inference_mode():
-                hidden = llm.model(input_ids, positions, meta, llm.kv_cache)
-                preds.append(llm.model.compute_logits(hidden).argmax(-1))
-        finally:
-            llm.block_manager.free(seq)
-    return (preds[0] == preds[1]).float().mean().item()
+    """Teacher-forced next-token agreement and perplexity against the float engine."""
+    from common.quality import compare
+    result = compare(cycle("cycle6_flash").LLM(SMOLLM2, device="cpu"), cycle(name).LLM(SMOLLM2, device="cpu"))
+    assert result["next_token_agreement"] >= 0.9, result
+    assert result["perplexity_candidate"] < result["perplexity_reference"] * 1.1, result
