@@ -1,0 +1,473 @@
+"""The answers to the exercises of docs/CYCLE_GUIDE.md, one test (or a few) per exercise.
+
+Run one with `pytest tests/test_exercises.py -k NAME`, NAME as the guide gives it. Every test is
+fast: pure functions, tiny random checkpoints (tests/conftest.py) or models on the meta device; no
+download, no SmolLM2 weights. Each asserts the number the guide asks the reader to work out, so a
+wrong answer in the guide, or a change in the engine that changes the answer, fails here.
+"""
+
+import importlib
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import cycle
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# SmolLM2-135M-Instruct's shape (its config.json), written out so no test needs its weights.
+SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                     num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True)
+
+
+def qwen3_0_6b() -> dict:
+    return json.loads((ROOT / "common/configs/Qwen3-0.6B/config.json").read_text())
+
+
+def greedy(name, n):
+    return cycle(name).SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+
+
+def count_fed_tokens(llm) -> list[int]:
+    """Wrap the engine's model forward; the returned list gets the number of token ids of each call."""
+    fed = []
+    forward = type(llm.model).forward.__get__(llm.model)     # the class's forward: wraps never stack
+
+    def counting(input_ids, *args, **kwargs):
+        fed.append(input_ids.numel())
+        return forward(input_ids, *args, **kwargs)
+
+    llm.model.forward = counting
+    return fed
+
+
+def new_seq(name, seq_id, tokens, max_tokens=4):
+    Sequence = importlib.import_module(f"{name}.sequence").Sequence
+    return Sequence(seq_id, None, list(tokens), cycle(name).SamplingParams(max_tokens=max_tokens), None)
+
+
+def block_manager(name, num_blocks, block_size):
+    return importlib.import_module(f"{name}.block_manager").BlockManager(num_blocks, block_size)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from more threads, and lose a lot when the cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoints):
+    """tiny(cycle, **options): an engine on the tiny Qwen3 checkpoint, on the CPU (built once)."""
+    engines = {}
+
+    def make(name, **options):
+        key = (name, tuple(sorted(options.items())))
+        if key not in engines:
+            engines[key] = cycle(name).LLM(tiny_checkpoints["qwen3"][0], device="cpu", **options)
+        return engines[key]
+    return make
+
+
+# --- chapter 1: naive -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("p, n", [(5, 1), (5, 8), (12, 12)])
+def test_naive_token_forwards(tiny, p, n):
+    """Cycle 1 feeds p + i tokens at step i: sum_{i=0}^{n-1} (p + i) = n*p + n*(n-1)/2 in all."""
+    llm = tiny("cycle1_naive")
+    fed = count_fed_tokens(llm)
+    llm.generate([list(range(10, 10 + p))], greedy("cycle1_naive", n))
+    assert fed == [p + i for i in range(n)]
+    assert sum(fed) == n * p + n * (n - 1) // 2
+
+
+def test_naive_static_batch(tiny):
+    """Prompts of 3 and 7 tokens, max_tokens 2 and 5, one static batch: every step feeds both rows,
+    left-padded to the longer one, until the slower finishes: sum_{i=0}^{4} 2 * (7 + i) = 90."""
+    llm = tiny("cycle1_naive")
+    fed = count_fed_tokens(llm)
+    llm.generate([[10, 11, 12], list(range(20, 27))], [greedy("cycle1_naive", 2), greedy("cycle1_naive", 5)])
+    assert fed == [14, 16, 18, 20, 22] and sum(fed) == 90
+
+
+# --- chapter 2: KV cache ----------------------------------------------------------------------
+
+def kv_bytes_per_token(layers, kv_heads, head_dim, bytes_per_value):
+    return 2 * layers * kv_heads * head_dim * bytes_per_value   # K and V, every layer
+
+
+def test_kv_bytes():
+    block_bytes = importlib.import_module("cycle3_paged.kv_cache").block_bytes
+    s = SMOLLM2_SHAPE
+    smol = kv_bytes_per_token(s["num_hidden_layers"], s["num_key_value_heads"], s["head_dim"], 4)
+    assert smol == 46_080 == block_bytes(s["num_hidden_layers"], 1, s["num_key_value_heads"], s["head_dim"], torch.float32)
+    c = qwen3_0_6b()
+    qwen = kv_bytes_per_token(c["num_hidden_layers"], c["num_key_value_heads"], c["head_dim"], 2)
+    assert qwen == 114_688 == block_bytes(c["num_hidden_layers"], 1, c["num_key_value_heads"], c["head_dim"], torch.bfloat16)
+    # A block of 16 tokens, and what the CPU pool of 512 MiB holds.
+    assert block_bytes(30, 16, 3, 64, torch.float32) == 737_280
+    blocks = importlib.import_module("cycle3_paged.kv_cache").CPU_KV_CACHE_BYTES // 737_280
+    assert (blocks, blocks * 16) == (728, 11_648)
+    # flash_attn's 256-token block for Qwen3-0.6B in bf16: 28 MiB.
+    assert block_bytes(28, 256, 8, 128, torch.bfloat16) == 28 * 2**20
+
+
+def test_kv_forwards(tiny):
+    """Cycle 2 feeds the prompt once, then one token per step: p + (n - 1) tokens in all."""
+    llm = tiny("cycle2_kvcache")
+    fed = count_fed_tokens(llm)
+    llm.generate([list(range(10, 22))], greedy("cycle2_kvcache", 20))
+    assert fed == [12] + [1] * 19 and sum(fed) == 12 + 19
+
+
+def test_kv_reservation(tiny):
+    """Prompts of 3 and 7 tokens, max_tokens 2 and 5: cycle 2 reserves 2 rows x (7 + 5) columns;
+    the tiny model stores 2 x 2 layers x 2 KV heads x 32 x 4 bytes = 1024 bytes per column."""
+    llm = tiny("cycle2_kvcache")
+    fed = count_fed_tokens(llm)
+    llm.generate([[10, 11, 12], list(range(20, 27))], [greedy("cycle2_kvcache", 2), greedy("cycle2_kvcache", 5)])
+    assert kv_bytes_per_token(2, 2, 32, 4) == 1024
+    assert llm.stats["kv_cache_peak_bytes"] == 2 * (7 + 5) * 1024 == 24_576
+    assert fed == [14, 2, 2, 2, 2]                 # the finished row still decodes: static batching
+    useful = (3 + 2 - 1) + (7 + 5 - 1)             # tokens whose K/V an output needs: 15 of 24
+    assert useful == 15
+
+
+# --- chapter 3: paged -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("position, slot", [(0, 112), (15, 127), (16, 32), (37, 149), (47, 159)])
+def test_slot(position, slot):
+    """block_table [7, 2, 9], block_size 16: slot = block_table[pos // 16] * 16 + pos % 16."""
+    bm = block_manager("cycle3_paged", 10, 16)
+    seq = new_seq("cycle3_paged", 0, [1] * 48)
+    seq.block_table = [7, 2, 9]
+    assert bm.slot(seq, position) == slot
+
+
+def test_blocks_held():
+    """A sequence holds ceil(k / block_size) blocks after k tokens; at 33 tokens of block_size 16:
+    3 blocks, 48 slots, utilization 33 / 48."""
+    bm = block_manager("cycle3_paged", 100, 16)
+    seq = new_seq("cycle3_paged", 0, [1] * 20)
+    bm.allocate(seq)
+    held = {}
+    for k in range(21, 66):
+        seq.token_ids.append(1)
+        bm.append_slot(seq)
+        held[k] = len(seq.block_table)
+        assert held[k] == math.ceil(k / 16)
+    assert (held[32], held[33], held[48], held[49], held[65]) == (2, 3, 3, 4, 5)
+    assert 33 / (held[33] * 16) == 0.6875
+
+
+def test_static_groups():
+    """Cycle 3 admits a static group by its worst case: 5 requests of a 6-token prompt with
+    max_tokens 6 can store 6 + 6 - 1 = 11 tokens = 3 blocks of 4; a pool of 8 blocks takes 2."""
+    bm = block_manager("cycle3_paged", 8, 4)
+    seqs = [new_seq("cycle3_paged", i, [1] * 6, max_tokens=6) for i in range(5)]
+    assert [s.max_len for s in seqs] == [11] * 5 and bm.blocks_for(11) == 3
+    fake_llm = SimpleNamespace(block_manager=bm, max_num_seqs=32)
+    groups = list(cycle("cycle3_paged").LLM._groups(fake_llm, seqs))
+    assert [len(g) for g in groups] == [2, 2, 1]
+
+
+# --- chapter 4: continuous batching -----------------------------------------------------------
+
+def test_continuous_steps(tiny):
+    """max_num_seqs=2, three requests with max_tokens 2, 8, 3: static batching (cycle 3) runs
+    groups [0, 1] and [2] for 8 + 3 = 11 forwards; continuous batching (cycle 4) needs 9 steps."""
+    prompts = [[9, 10, 11]] * 3
+    static = tiny("cycle3_paged", max_num_seqs=2)
+    static.generate(prompts, [greedy("cycle3_paged", n) for n in (2, 8, 3)])
+    assert len(static.stats["step_times"]) == 11          # one entry per model forward
+    continuous = tiny("cycle4_batching", max_num_seqs=2)
+    continuous.generate(prompts, [greedy("cycle4_batching", n) for n in (2, 8, 3)])
+    assert continuous.stats["steps"] == 9
+
+
+def test_flat_batch():
+    """Prompts of 3, 5 and 2 tokens, block_size 4, a fresh pool: one flat prefill of 10 tokens."""
+    ModelRunner = importlib.import_module("cycle4_batching.model_runner").ModelRunner
+    bm = block_manager("cycle4_batching", 16, 4)
+    seqs = [new_seq("cycle4_batching", i, range(100, 100 + n)) for i, n in enumerate((3, 5, 2))]
+    for seq in seqs:
+        bm.allocate(seq)
+    assert [s.block_table for s in seqs] == [[0], [1, 2], [3]]
+    runner = ModelRunner(None, None, bm, None, torch.device("cpu"))
+    input_ids, positions, meta = runner._prepare(seqs, is_prefill=True)
+    assert input_ids.shape == (10,)
+    assert meta.cu_seqlens_q.tolist() == [0, 3, 8, 10]
+    assert positions.tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 0, 1]
+    assert meta.slot_mapping.tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 12, 13]
+    for seq in seqs:                                   # each sampled one token: a decode step
+        seq.token_ids.append(7)
+        bm.append_slot(seq)
+    input_ids, positions, meta = runner._prepare(seqs, is_prefill=False)
+    assert meta.cu_seqlens_q.tolist() == [0, 1, 2, 3]
+    assert positions.tolist() == [3, 5, 2]
+    assert meta.slot_mapping.tolist() == [3, 9, 14]
+
+
+# --- chapter 5: prefix caching ----------------------------------------------------------------
+
+def prefix_hit_tokens(shared, len_a, len_b, block_size):
+    """Tokens of B served from the cache after A's prompt was computed (B: len_b tokens, the first
+    `shared` equal to A's). Only full blocks before B's last token are looked up, only blocks A
+    filled are cached, and only blocks whose tokens all match can hit."""
+    blocks = min(shared // block_size, (len_b - 1) // block_size, len_a // block_size)
+    return blocks * block_size
+
+
+@pytest.mark.parametrize("shared, len_a, len_b, block_size, expected", [
+    (10, 12, 15, 4, 8),      # 2 full shared blocks
+    (16, 16, 16, 4, 12),     # identical prompts: the last block holds the last token, computed again
+    (20, 20, 30, 8, 16),
+    (5, 12, 12, 8, 0),       # shorter than a block: nothing to share
+    (40, 40, 41, 16, 32),
+])
+def test_prefix_hits(shared, len_a, len_b, block_size, expected):
+    assert prefix_hit_tokens(shared, len_a, len_b, block_size) == expected
+    bm = block_manager("cycle5_prefix", 32, block_size)
+    a_tokens = list(range(1000, 1000 + len_a))
+    b_tokens = a_tokens[:shared] + list(range(5000, 5000 + len_b - shared))
+    a, b = new_seq("cycle5_prefix", 0, a_tokens), new_seq("cycle5_prefix", 1, b_tokens)
+    for seq in (a, b):                           # as the scheduler admits, then the engine caches
+        hashes = bm.prompt_block_hashes(seq)
+        bm.allocate(seq, bm.cached_blocks(seq, hashes), hashes)
+        bm.cache_full_blocks(seq, num_computed_tokens=len(seq))
+    assert b.num_cached_tokens == expected
+    assert b.block_table[:expected // block_size] == a.block_table[:expected // block_size]
+
+
+def test_ref_counts():
+    """A: 12 tokens (3 full blocks of 4); B: A's first 8 tokens + 3 of its own."""
+    bm = block_manager("cycle5_prefix", 8, 4)
+    a = new_seq("cycle5_prefix", 0, range(100, 112))
+    b = new_seq("cycle5_prefix", 1, list(range(100, 108)) + [7, 7, 7])
+    for seq in (a, b):
+        hashes = bm.prompt_block_hashes(seq)
+        bm.allocate(seq, bm.cached_blocks(seq, hashes), hashes)
+        bm.cache_full_blocks(seq, num_computed_tokens=len(seq))
+    assert a.block_table == [0, 1, 2] and b.block_table == [0, 1, 3]
+    assert [bm.blocks[i].ref_count for i in range(4)] == [2, 2, 1, 1]
+    bm.free(a)                                    # A finishes
+    assert [bm.blocks[i].ref_count for i in range(4)] == [1, 1, 0, 1]
+    assert 2 in bm.free_block_ids and bm.num_free_blocks == 5
+    # Block 2 is free but still cached: a request with A's 12 tokens and one more hits all three.
+    c = new_seq("cycle5_prefix", 2, list(range(100, 112)) + [9])
+    hashes = bm.prompt_block_hashes(c)
+    assert bm.cached_blocks(c, hashes) == [0, 1, 2]
+
+
+def test_prefix_wait():
+    """Two identical 12-token prompts, block_size 4, queued together: the second waits one step
+    for the first's blocks, then computes only its last block (8 tokens cached)."""
+    bm = block_manager("cycle5_prefix", 16, 4)
+    Scheduler = importlib.import_module("cycle5_prefix.scheduler").Scheduler
+    scheduler = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=4096)
+    a, b = new_seq("cycle5_prefix", 0, range(100, 112)), new_seq("cycle5_prefix", 1, range(100, 112))
+    scheduler.add(a)
+    scheduler.add(b)
+    seqs, is_prefill = scheduler.schedule()                  # step 1
+    assert is_prefill and seqs == [a] and list(scheduler.waiting) == [b]
+    bm.cache_full_blocks(a, num_computed_tokens=len(a))     # what the engine does after the step
+    a.token_ids.append(7)
+    seqs, is_prefill = scheduler.schedule()                  # step 2: B is admitted, and hits
+    assert is_prefill and seqs == [b]
+    assert b.num_cached_tokens == 8 and len(b) - b.num_cached_tokens == 4
+
+
+# --- chapter 6: fused attention ---------------------------------------------------------------
+
+def online_softmax_attention(scores: torch.Tensor, values: torch.Tensor, tile: int):
+    """One query: scores [K], values [K, D]. Walk the keys in tiles with a running max m, a running
+    sum l and a running output acc; rescale both by exp(m_old - m_new) when the max grows."""
+    m = torch.tensor(float("-inf"))
+    l = torch.tensor(0.0)
+    acc = torch.zeros(values.shape[1])
+    for start in range(0, scores.shape[0], tile):
+        s, v = scores[start:start + tile], values[start:start + tile]
+        m_new = torch.maximum(m, s.max())
+        correction = torch.exp(m - m_new)
+        p = torch.exp(s - m_new)
+        l = l * correction + p.sum()
+        acc = acc * correction + p @ v
+        m = m_new
+    return acc / l, m, l
+
+
+@pytest.mark.parametrize("tile", [1, 3, 7, 64])
+def test_online_softmax(tile):
+    gen = torch.Generator().manual_seed(tile)
+    scores = torch.randn(50, generator=gen, dtype=torch.float64).float() * 10
+    values = torch.randn(50, 8, generator=gen)
+    out, m, l = online_softmax_attention(scores, values, tile)
+    probs = torch.softmax(scores, dim=-1)
+    torch.testing.assert_close(out, probs @ values, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.exp(scores - m) / l, probs)
+    assert m == scores.max()
+
+
+def test_score_bytes(monkeypatch):
+    """The explicit attention (cycles 1-5) hands softmax an fp32 tensor of heads x queries x keys
+    per sequence, whatever the model dtype."""
+    model = importlib.import_module("cycle5_prefix.model")
+    seen = []
+    softmax = torch.softmax
+
+    def recording(x, *args, **kwargs):
+        seen.append(x)
+        return softmax(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "softmax", recording)
+    B, H, KVH, Tq, Tk, D = 2, 8, 2, 5, 24, 16
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.randn(B, H, Tq, D, dtype=dtype)
+        k, v = torch.randn(B, KVH, Tk, D, dtype=dtype), torch.randn(B, KVH, Tk, D, dtype=dtype)
+        model.grouped_attention(q, k, v, torch.ones(B, Tq, Tk, dtype=torch.bool), 0.25)
+        scores = seen[-1]
+        assert scores.dtype == torch.float32
+        assert scores.numel() * scores.element_size() == B * H * Tq * Tk * 4
+    # Qwen3-0.6B, one 4096-token prefill: 16 heads x 4096 x 4096 x 4 bytes = 1 GiB, in every layer.
+    c = qwen3_0_6b()
+    assert c["num_attention_heads"] * 4096 * 4096 * 4 == 2**30
+
+
+def test_masked_nan():
+    """A masked key gets probability 0, but 0 * NaN = NaN: the pool is zeroed for that reason."""
+    model = importlib.import_module("cycle5_prefix.model")
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 1, 4, generator=gen), torch.randn(1, 1, 3, 4, generator=gen)
+    mask = torch.tensor([[[True, True, False]]])           # the third key is masked out
+    zeros = torch.randn(1, 1, 3, 4, generator=gen)
+    zeros[0, 0, 2] = 0.0
+    assert torch.isfinite(model.grouped_attention(q, k, zeros, mask, 0.5)).all()
+    nan = zeros.clone()
+    nan[0, 0, 2] = float("nan")
+    assert torch.isnan(model.grouped_attention(q, k, nan, mask, 0.5)).all()
+    pool = importlib.import_module("cycle6_flash.kv_cache").PagedKVCache(1, 4, 16, 2, 8, torch.float32, torch.device("cpu"))
+    assert all((t == 0).all() for t in pool.k + pool.v)
+
+
+def test_backend(tiny):
+    """On a machine without CUDA + flash-attn, cycle 6 runs sdpa with 16-token blocks."""
+    attention = importlib.import_module("cycle6_flash.attention")
+    assert attention.DEFAULT_BLOCK_SIZE["flash_attn"] % 256 == 0
+    with pytest.raises(ValueError, match="flash-attn"):
+        attention.select_backend(torch.device("cpu"), "flash_attn")
+    llm = tiny("cycle6_flash")
+    llm.generate([[1, 2, 3]], greedy("cycle6_flash", 2))
+    assert llm.stats["attention_backend"] == "sdpa" and llm.block_manager.block_size == 16
+
+
+# --- chapter 7: int8 --------------------------------------------------------------------------
+
+def test_int8_error():
+    """Row scale = max|w_row| / 127; every weight comes back within scale / 2."""
+    quant = importlib.import_module("cycle7_int8.quantization")
+    w = torch.tensor([[0.5, -1.27, 0.004, 1.0], [2.54, 0.0, -0.01, 1.27]])
+    q, scale = quant.quantize_absmax(w)
+    torch.testing.assert_close(scale, torch.tensor([0.01, 0.02]))
+    assert q.tolist() == [[50, -127, 0, 100], [127, 0, -0, 64]]      # 1.27 / 0.02 = 63.5 -> 64
+    err = (quant.dequantize(q, scale) - w).abs()
+    assert (err <= scale.unsqueeze(1) / 2 + 1e-6).all()
+    assert math.isclose(err[1, 3].item(), 0.01, abs_tol=1e-6)          # exactly half a step: the worst case
+
+
+def count_bytes(model) -> int:
+    """Parameters and buffers, a shared tensor counted once (works on the meta device)."""
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def build_meta(config, dtype):
+    CausalLM = importlib.import_module("cycle7_int8.model").CausalLM
+    with torch.device("meta"):
+        model = CausalLM(config, "sdpa").to(dtype)
+    return model
+
+
+def expected_bytes(c, weight_bytes, scale_bytes, norm_bytes, qk_norm):
+    """Every Linear and the embedding: weight_bytes per weight + scale_bytes per output row (int8) or
+    0 (float); norms keep the model dtype (norm_bytes). A tied lm_head is the embedding, counted once."""
+    hidden, inter, heads, kvh, hd = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"], \
+        c["num_key_value_heads"], c["head_dim"]
+    linears = [(heads * hd, hidden), (kvh * hd, hidden), (kvh * hd, hidden), (hidden, heads * hd),
+               (inter, hidden), (inter, hidden), (hidden, inter)]          # (out, in): q k v o gate up down
+    per_layer = sum(o * i * weight_bytes + o * scale_bytes for o, i in linears)
+    per_layer += (2 * hidden + (2 * hd if qk_norm else 0)) * norm_bytes
+    embed = c["vocab_size"] * (hidden * weight_bytes + scale_bytes)
+    return c["num_hidden_layers"] * per_layer + embed + hidden * norm_bytes
+
+
+def test_int8_bytes():
+    from transformers import LlamaConfig, Qwen3Config
+
+    quant = importlib.import_module("cycle7_int8.quantization")
+    smol = LlamaConfig(**SMOLLM2_SHAPE)
+    smol.architectures = ["LlamaForCausalLM"]
+    model = build_meta(smol, torch.float32)
+    fp32 = count_bytes(model)
+    assert fp32 == expected_bytes(SMOLLM2_SHAPE, 4, 0, 4, False) == 538_060_032
+    quant.quantize_model(model, "cast")
+    assert model.lm_head.qweight is model.model.embed_tokens.qweight       # tied: one int8 copy
+    assert count_bytes(model) == expected_bytes(SMOLLM2_SHAPE, 1, 4, 4, False) == 135_439_104
+
+    c = qwen3_0_6b()
+    qwen = Qwen3Config(**{k: c[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                            "num_attention_heads", "num_key_value_heads", "head_dim",
+                                            "tie_word_embeddings", "rms_norm_eps")})
+    qwen.architectures = c["architectures"]
+    model = build_meta(qwen, torch.bfloat16)
+    assert count_bytes(model) == expected_bytes(c, 2, 0, 2, True) == 1_192_099_840
+    quant.quantize_model(model, "cast")
+    assert count_bytes(model) == expected_bytes(c, 1, 2, 2, True) == 597_107_456
+
+
+def test_int8_stats(tiny):
+    llm = tiny("cycle7_int8")
+    llm.generate([[1, 2, 3]], greedy("cycle7_int8", 2))
+    assert llm.stats["int8_matmul"] in ("int8pack_mm", "cast")
+    assert llm.stats["quantize_s"] > 0
+    assert llm.model.lm_head.qweight is llm.model.model.embed_tokens.qweight
+
+
+# --- the guide itself -------------------------------------------------------------------------
+
+GUIDE = ROOT / "docs" / "CYCLE_GUIDE.md"
+
+
+def test_guide_quotes_the_code():
+    """Every line the guide quotes in a diff or code block still exists in some cycle's source."""
+    import re
+
+    source = {line for path in ROOT.glob("cycle*/*.py") for line in path.read_text().splitlines()}
+    text = GUIDE.read_text()
+    stale = []
+    for block in re.findall(r"```diff\n(.*?)```", text, re.S):
+        for line in block.splitlines():
+            if line.startswith(("+++", "---", "@@")) or not line[1:].strip():
+                continue
+            if line[1:] not in source:
+                stale.append(line)
+    for block in re.findall(r"```python\n(.*?)```", text, re.S):
+        stale += [line for line in block.splitlines()
+                  if line.strip() and not line.strip().startswith("#") and line not in source]
+    assert not stale, "docs/CYCLE_GUIDE.md quotes lines the code no longer has:\n" + "\n".join(stale)
+
+
+def test_guide_names_existing_tests():
+    """Every `-k NAME` in the guide selects at least one test of this file."""
+    import re
+
+    names = set(re.findall(r"-k (\w+)", GUIDE.read_text()))
+    tests = [name for name in globals() if name.startswith("test_")]
+    assert names and all(any(n in t for t in tests) for n in names), \
+        sorted(n for n in names if not any(n in t for t in tests))
