@@ -24,7 +24,7 @@ from .sampling_params import SamplingParams
 
 
 # The same batch limits as the continuous-batching cycles, so every cycle is measured alike.
-DEFAULTS = {"cuda": dict(max_num_seqs=256), "cpu": dict(max_num_seqs=32)}
+DEFAULTS = {"cuda": dict(max_num_seqs=256), "cpu": dict(max_num_seqs=64)}
 
 class LLM:
     def __init__(self, model: str, device=None, dtype=None, weights: str = "auto",

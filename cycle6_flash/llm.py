@@ -33,7 +33,7 @@ from .sequence import Sequence
 # Measured defaults (docs/CYCLE_GUIDE.md, chapter 4): on a GPU a bigger batch is nearly free; on a
 # CPU a decode step is bound by reading the weights, so more sequences per step help up to ~64.
 DEFAULTS = {"cuda": dict(max_num_seqs=256, max_num_batched_tokens=16384),
-            "cpu": dict(max_num_seqs=32, max_num_batched_tokens=4096)}
+            "cpu": dict(max_num_seqs=64, max_num_batched_tokens=4096)}
 
 
 class LLM:
