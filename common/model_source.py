@@ -162,10 +162,7 @@ def _from_hf_cache(name: str, want_real: bool, tried: list[str]) -> _Found | Non
     except Exception as error:
         tried.append(f"HF cache: {_one_line(error)}")
         return None
-    if want_real and not _has_safetensors(path):
-        tried.append(f"HF cache: {path} has no *.safetensors")
-        return None
-    return _Found(path, "hf-cache", "real" if want_real else "random")
+    return _found_with_weights(path, "hf-cache", want_real, tried, f"HF cache: {path}")
 
 
 def _hub_offline() -> bool:
@@ -190,10 +187,15 @@ def _from_hub(name: str, want_real: bool, tried: list[str]) -> _Found | None:
     except Exception as error:
         tried.append(f"Hub: unreachable or no such repo: {_one_line(error)}")
         return None
+    return _found_with_weights(path, "hub", want_real, tried, f"Hub: {name}")
+
+
+def _found_with_weights(path: str, origin: str, want_real: bool, tried: list[str], where: str) -> _Found | None:
+    """A snapshot counts for real weights only if it holds safetensors files."""
     if want_real and not _has_safetensors(path):
-        tried.append(f"Hub: {name} has no *.safetensors files")
+        tried.append(f"{where} has no *.safetensors files")
         return None
-    return _Found(path, "hub", "real" if want_real else "random")
+    return _Found(path, origin, "real" if want_real else "random")
 
 
 def _one_line(error: Exception) -> str:
