@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workload", default="throughput", choices=WORKLOADS)
     p.add_argument("--quick", action="store_true", help="tiny workload sizes: a smoke test")
     p.add_argument("--num-requests", type=int, default=None, help="override the workload size's request count")
+    p.add_argument("--prompt-len", type=int, default=None, help="give every prompt this many tokens of its own")
     p.add_argument("--plot", action="store_true", help="also write PNG bar charts")
     p.add_argument("--out", default=None, help="output folder (default: results/<device>-<workload>)")
     p.add_argument("--no-hf", action="store_true", help="skip the HuggingFace baselines")
@@ -79,6 +80,8 @@ def bench_command(engine: str, args, device: str, model: str, dtype: str | None,
         cmd.append("--quick")
     if args.num_requests:
         cmd += ["--num-requests", str(args.num_requests)]
+    if args.prompt_len:
+        cmd += ["--prompt-len", str(args.prompt_len)]
     if dtype:
         cmd += ["--dtype", dtype]
     for option in args.option:
@@ -182,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = results[0]["machine"] if results else machine_info(device)
     run_info = {"machine": machine, "model": source.name, "weights": source.weights, "origin": source.origin,
-                "device": str(device), "workload": args.workload, "quick": args.quick, "num_requests": args.num_requests, "options": args.option,
+                "device": str(device), "workload": args.workload, "quick": args.quick, "num_requests": args.num_requests, "prompt_len": args.prompt_len, "options": args.option,
                 "engines": cycles + hf_engines, "started": started, "argv": sys.argv}
     reference = next((r for r in results if r["engine"] == REFERENCE_CYCLE), None)
     for r in results:

@@ -79,14 +79,14 @@ def _greedy_params(cycle, requests) -> list:
 
 
 def _run_cycle(engine: str, workload: str, device, model: str, weights: str, quick: bool, dtype,
-               options: dict, num_requests: int | None) -> dict:
+               options: dict, size: dict) -> dict:
     cycle = importlib.import_module(engine)
     accepted, ignored = _accepted_options(cycle.LLM, options)
     start = time.perf_counter()
     llm = cycle.LLM(model, device=device, dtype=dtype, weights=weights, **accepted)
     load_s = time.perf_counter() - start
     work = make_workload(workload, llm.tokenizer, device.type, quick,
-                         max_model_len=llm.source.config.max_position_embeddings, num_requests=num_requests)
+                         max_model_len=llm.source.config.max_position_embeddings, **size)
 
     # Warm-up pays one-time costs (kernel selection, allocator growth) outside the measurement.
     warm = warmup_request(llm.tokenizer)
@@ -110,7 +110,7 @@ def _run_cycle(engine: str, workload: str, device, model: str, weights: str, qui
 
 
 def _run_hf(engine: str, workload: str, device, model: str, weights: str, quick: bool, dtype,
-            options: dict, num_requests: int | None) -> dict:
+            options: dict, size: dict) -> dict:
     from common.hf_baseline import run_hf
     from common.model_source import load_tokenizer, resolve_model
 
@@ -127,7 +127,7 @@ def _run_hf(engine: str, workload: str, device, model: str, weights: str, quick:
     else:
         tokenizer = load_tokenizer(source)
     work = make_workload(workload, tokenizer, device.type, quick,
-                         max_model_len=source.config.max_position_embeddings, num_requests=num_requests)
+                         max_model_len=source.config.max_position_embeddings, **size)
     prepared_s = time.perf_counter() - start
 
     max_num_seqs = options.get("max_num_seqs", 64)
@@ -154,14 +154,15 @@ def _run_hf(engine: str, workload: str, device, model: str, weights: str, quick:
 
 def run_engine(engine: str, workload: str, device=None, model: str | None = None, weights: str = "auto",
                quick: bool = False, dtype=None, options: dict | None = None,
-               num_requests: int | None = None) -> dict:
+               num_requests: int | None = None, prompt_len: int | None = None) -> dict:
     """Run one engine on one workload in this process and return the result dict (see module doc)."""
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}: choose one of {', '.join(WORKLOADS)}")
     device = resolve_device(device)
     model = model or default_model(device)
     runner = _run_hf if engine in HF_ENGINES else _run_cycle
-    run = runner(engine, workload, device, model, weights, quick, dtype, options or {}, num_requests)
+    size = {"num_requests": num_requests, "prompt_len": prompt_len}   # overrides of the workload's size
+    run = runner(engine, workload, device, model, weights, quick, dtype, options or {}, size)
 
     source, work = run["source"], run["work"]
     output_tokens = sum(len(ids) for ids in run["token_ids"])
@@ -202,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--quick", action="store_true", help="the tiny smoke-test size of the workload")
     p.add_argument("--num-requests", type=int, default=None, help="override the workload size's request count")
+    p.add_argument("--prompt-len", type=int, default=None, help="give every prompt this many tokens of its own")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="an engine option, e.g. --option max_num_seqs=8 (repeatable)")
     p.add_argument("--out", default=None, help="write the JSON here (default: print it)")
@@ -211,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     result = run_engine(args.engine, args.workload, args.device, args.model, args.weights, args.quick,
-                        args.dtype, parse_options(args.option), args.num_requests)
+                        args.dtype, parse_options(args.option), args.num_requests, args.prompt_len)
     # default=str: engines may put non-JSON values (a torch.dtype, a device) into their stats.
     text = json.dumps(result, indent=1, default=str)
     if args.out is None:

@@ -178,3 +178,44 @@ def _timeline_chart(path: Path, results: list[dict], subtitle: str) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_memory_vs_context(results: list[dict], path) -> Path:
+    """Peak memory against prompt length, one line per engine, from several compare.py runs
+    (e.g. --workload long_context --prompt-len N for a few N): the score matrix that explicit
+    attention materializes grows with the square of the context, a fused kernel's does not."""
+    by_engine: dict[str, list[tuple[float, float]]] = {}
+    for r in results:
+        by_engine.setdefault(r["engine"], []).append((r["prompt_tokens"] / r["num_requests"],
+                                                      r["peak_memory_bytes"] / MIB))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for engine, points in sorted(by_engine.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=short_name(engine))
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("peak memory (MiB)")
+    ax.set_title(f"Peak memory against context length\n{_subtitle(results)}", fontsize=9)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m common.plots",
+                                description="Peak memory against context length from several compare.py results.json files.")
+    p.add_argument("out", help="the PNG to write")
+    p.add_argument("results", nargs="+", help="results.json files written by compare.py")
+    args = p.parse_args(argv)
+    results = [r for f in args.results for r in json.loads(Path(f).read_text())["results"]]
+    print(plot_memory_vs_context(results, args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -212,10 +212,11 @@ def _chat_requests(tokenizer, size: Size, rng: random.Random) -> list[Request]:
 
 
 def make_workload(name: str, tokenizer, device: str, quick: bool = False, seed: int = 0,
-                  max_model_len: int | None = None, num_requests: int | None = None) -> Workload:
+                  max_model_len: int | None = None, num_requests: int | None = None,
+                  prompt_len: int | None = None) -> Workload:
     """Build a workload's requests. max_model_len (the model's max_position_embeddings) caps
-    random prompts so prompt + max_tokens always fits; num_requests overrides the size's count
-    (the length ranges stay)."""
+    random prompts so prompt + max_tokens always fits; num_requests overrides the size's count and
+    prompt_len fixes every prompt's own length (both keep the rest of the size)."""
     if name not in SIZES:
         raise ValueError(f"unknown workload {name!r}: choose one of {', '.join(WORKLOADS)}")
     key = size_key(device, quick)
@@ -224,6 +225,10 @@ def make_workload(name: str, tokenizer, device: str, quick: bool = False, seed: 
         if num_requests < 1:
             raise ValueError(f"num_requests must be >= 1, got {num_requests}")
         size = dataclasses.replace(size, num_requests=num_requests)
+    if prompt_len is not None:
+        if prompt_len < 1:
+            raise ValueError(f"prompt_len must be >= 1, got {prompt_len}")
+        size = dataclasses.replace(size, prompt_len=(prompt_len, prompt_len))
     rng = random.Random(seed)
     if name in ("throughput", "long_context"):
         requests = _random_id_requests(tokenizer, size, rng, max_model_len)

@@ -113,6 +113,24 @@ def test_unknown_workload_names_the_choices(tokenizer):
 # metrics
 # ------------------------------------------------------------------------------------------------
 
+def test_size_overrides_keep_the_rest(tokenizer):
+    base = make_workload("long_context", tokenizer, "cpu")
+    work = make_workload("long_context", tokenizer, "cpu", num_requests=3, prompt_len=100)
+    assert len(work.requests) == 3
+    assert all(len(r.prompt_token_ids) == 100 for r in work.requests)
+    assert [r.max_tokens for r in work.requests] == [base.requests[0].max_tokens] * 3
+    with pytest.raises(ValueError, match="num_requests"):
+        make_workload("throughput", tokenizer, "cpu", num_requests=0)
+
+
+def test_memory_against_context_chart(tmp_path):
+    from common.plots import plot_memory_vs_context
+    results = [_fake_result(engine, 100.0, 0) | {"prompt_tokens": n, "num_requests": 1, "peak_memory_bytes": peak * 2**20}
+               for engine, n, peak in [("cycle5_prefix", 256, 900), ("cycle5_prefix", 1024, 1400),
+                                       ("cycle6_flash", 256, 890), ("cycle6_flash", 1024, 1000)]]
+    assert plot_memory_vs_context(results, tmp_path / "m.png").stat().st_size > 0
+
+
 def test_summarize_known_numbers():
     latency = [float(v) for v in range(1, 11)]
     s = summarize([0.5, 1.5, None, 2.5], latency, output_tokens=50, wall_s=10.0)
