@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared GPU check: CUDA tests, then the compare.py runs the guide's CUDA tables come from.
 # Run on a CUDA machine from the repository root; results land in $OUT (default: results/gpu).
-# Sized for a few minutes of GPU time: every step has its own time limit so one slow step cannot
+# Sized for about ten minutes of GPU time (one session's lease is 15 minutes, start-up included): every step has its own time limit so one slow step cannot
 # take the others down, and each step's log and results.json join one archive as soon as it ends.
 set -u
 OUT=$(realpath -m "${OUT:-results/gpu}")
@@ -22,11 +22,12 @@ run() {  # run LIMIT_SECONDS NAME COMMAND...
     timeout "$limit" "$@" > "/tmp/gpu/$name.log" 2>&1
     echo "=== $name: exit $? after $((SECONDS - start)) s"
     grep -v "it/s\]$" "/tmp/gpu/$name.log" | tail -25
-    (cd /tmp/gpu && tar rf "$OUT/gpu_results.tar" "$name.log" $(ls "$name"/results.json 2>/dev/null))
+    # every engine's own JSON too: a step cut off by its time limit keeps the engines it finished
+    (cd /tmp/gpu && tar rf "$OUT/gpu_results.tar" "$name.log" $(ls "$name"/*.json 2>/dev/null))
 }
 cp /tmp/gpu/env.txt "$OUT/env.txt"
-run 75 pytest python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py tests/test_attention.py
+run 120 pytest python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py tests/test_attention.py
 run 30 quick python3 compare.py --device cuda --quick --cycles 1 --no-hf --out /tmp/gpu/quick
-run 170 throughput64 python3 compare.py --device cuda --num-requests 64 --cycles 2,3,4,5,6,7 --no-hf --out /tmp/gpu/throughput64
+run 300 throughput64 python3 compare.py --device cuda --num-requests 64 --cycles 2,3,4,5,6,7 --out /tmp/gpu/throughput64
 run 45 shared_prefix python3 compare.py --device cuda --workload shared_prefix --cycles 4,5 --no-hf --out /tmp/gpu/shared_prefix
-run 60 throughput256 python3 compare.py --device cuda --cycles 6 --no-hf --out /tmp/gpu/throughput256
+run 60 long_context python3 compare.py --device cuda --workload long_context --cycles 5,6 --no-hf --out /tmp/gpu/long_context
