@@ -131,6 +131,13 @@ def plot_results(results: list[dict], out_dir) -> list[Path]:
     ] + _lesson_charts(results, out_dir, subtitle)
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _lesson_charts(results: list[dict], out_dir: Path, subtitle: str) -> list[Path]:
     by_engine = {r["engine"]: r for r in results}
     paths = []
@@ -155,10 +162,7 @@ def _step_time_chart(path: Path, results: list[dict], subtitle: str) -> Path:
     ax.set_title(f"Decode step time against sequence length\n{subtitle}", fontsize=9)
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _timeline_chart(path: Path, results: list[dict], subtitle: str) -> Path:
@@ -174,10 +178,7 @@ def _timeline_chart(path: Path, results: list[dict], subtitle: str) -> Path:
         ax.invert_yaxis()
     axes[0][0].set_ylabel("request")
     fig.suptitle(f"Which request runs when (grey: waiting, blue: generating)\n{subtitle}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_memory_vs_context(results: list[dict], path) -> Path:
@@ -197,11 +198,7 @@ def plot_memory_vs_context(results: list[dict], path) -> Path:
     ax.set_title(f"Peak memory against context length\n{_subtitle(results)}", fontsize=9)
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, Path(path))
 
 
 def main(argv: list[str] | None = None) -> None:
