@@ -282,19 +282,18 @@ def _run_generate(model, requests: list, max_num_seqs: int) -> dict:
         _sync(device)
         wall_s = time.perf_counter() - start
 
-    return {
-        "wall_s": wall_s,
-        "token_ids": token_ids,
-        "ttft_s": ttft,
-        "latency_s": latency,
-        "peak_memory_bytes": _peak_memory(device),
-        "attn_implementation": model.config._attn_implementation,
-    }
+    return _timings(wall_s, token_ids, ttft, latency, device, model.config._attn_implementation)
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Mode "generate_batch": transformers' continuous batching
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def _timings(wall_s, token_ids, ttft, latency, device, attn_implementation) -> dict:
+    """What both modes measure, in one shape."""
+    return {"wall_s": wall_s, "token_ids": token_ids, "ttft_s": ttft, "latency_s": latency,
+            "peak_memory_bytes": _peak_memory(device), "attn_implementation": attn_implementation}
 
 
 def _cb_config(requests: list, max_num_seqs: int, overrides: dict) -> ContinuousBatchingConfig:
@@ -402,14 +401,7 @@ def _run_generate_batch(model, requests: list, max_num_seqs: int, overrides: dic
         ttft.append(stamps[0] - start)
         latency.append(stamps[max(len(useful), 1) - 1] - start)
 
-    return {
-        "wall_s": wall_s,
-        "token_ids": token_ids,
-        "ttft_s": ttft,
-        "latency_s": latency,
-        "peak_memory_bytes": _peak_memory(device),
-        "attn_implementation": attn_implementation,
-    }
+    return _timings(wall_s, token_ids, ttft, latency, device, attn_implementation)
 
 
 _RUNNERS = {"generate": _run_generate, "generate_batch": _run_generate_batch}
