@@ -134,3 +134,55 @@ def test_preemption_with_cached_blocks_loses_nothing(name, tiny_checkpoints):
     assert [o.token_ids for o in small.generate(prompts, params)] == reference
     assert small.stats["preemptions"] > 0 and small.stats["prefix_cache_hit_tokens"] > 0
     assert small.block_manager.num_free_blocks == 10
+
+
+@pytest.mark.parametrize("name", PREFIX)
+def test_random_sharing_keeps_ref_counts_exact(name):
+    """Property test: prompts drawn from two tokens share prefixes often; after every operation each
+    block's ref count equals the number of live block tables holding it, the free list holds
+    exactly the unreferenced blocks, and a new token is never written into a shared block."""
+    from hypothesis import given, settings, strategies as st
+
+    mod, _, _ = parts(name)
+
+    @settings(max_examples=60, deadline=None)
+    @given(ops=st.lists(st.tuples(st.sampled_from(["new", "grow", "free"]), st.integers(0, 7),
+                                  st.lists(st.integers(1, 2), min_size=1, max_size=12)), max_size=40))
+    def run(ops):
+        bm = mod.BlockManager(num_blocks=16, block_size=2)
+        live, next_id = [], 0
+        for op, pick, tokens in ops:
+            if op == "new":
+                seq = new_seq(name, next_id, tokens)
+                next_id += 1
+                hashes = bm.prompt_block_hashes(seq)
+                hits = bm.cached_blocks(seq, hashes)
+                if bm.can_allocate(seq, hits):
+                    bm.allocate(seq, hits, hashes)
+                    bm.cache_full_blocks(seq, num_computed_tokens=len(seq))
+                    live.append(seq)
+            elif op == "grow" and live:
+                seq = live[pick % len(live)]
+                seq.token_ids.append(tokens[0])
+                if bm.can_append(seq):
+                    bm.append_slot(seq)
+                    # the newest token's K/V is written into a block nobody else reads
+                    assert bm.blocks[seq.block_table[(len(seq) - 1) // bm.block_size]].ref_count == 1
+                    bm.cache_full_blocks(seq, num_computed_tokens=len(seq))
+                else:
+                    seq.token_ids.pop()
+            elif op == "free" and live:
+                bm.free(live.pop(pick % len(live)))
+            holders = {}
+            for s in live:
+                for b in s.block_table:
+                    holders[b] = holders.get(b, 0) + 1
+            assert all(bm.blocks[b].ref_count == n for b, n in holders.items())
+            assert set(bm.free_block_ids) == {b.block_id for b in bm.blocks if b.ref_count == 0}
+            for s in live:
+                assert len(s.block_table) == bm.blocks_for(len(s))
+        for s in live:
+            bm.free(s)
+        assert bm.num_free_blocks == bm.num_blocks and all(b.ref_count == 0 for b in bm.blocks)
+
+    run()
