@@ -93,6 +93,20 @@ def tiny_checkpoints(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny_llms(tiny_checkpoints):
+    """tiny_llms(cycle, ckpt="qwen3", **options): an engine on a tiny checkpoint, on the CPU,
+    built once per test module (engines keep no state between generate calls)."""
+    cache = {}
+
+    def get(cycle_name, ckpt="qwen3", **options):
+        key = (cycle_name, ckpt, tuple(sorted(options.items())))
+        if key not in cache:
+            cache[key] = cycle(cycle_name).LLM(tiny_checkpoints[ckpt][0], device="cpu", **options)
+        return cache[key]
+    return get
+
+
 @pytest.fixture(scope="session")
 def smollm2_hf():
     """HF transformers' own SmolLM2 model on the same real weights our engines load."""

@@ -17,18 +17,6 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-@pytest.fixture(scope="module")
-def tiny_llms(tiny_checkpoints):
-    cache = {}
-
-    def get(cycle_name, ckpt, **options):
-        key = (cycle_name, ckpt, tuple(sorted(options.items())))
-        if key not in cache:
-            cache[key] = cycle(cycle_name).LLM(tiny_checkpoints[ckpt][0], device="cpu", **options)
-        return cache[key]
-    return get
-
-
 def greedy(c, max_tokens=12, **kw):
     return c.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **kw)
 

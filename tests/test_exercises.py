@@ -63,35 +63,22 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_checkpoints):
-    """tiny(cycle, **options): an engine on the tiny Qwen3 checkpoint, on the CPU (built once)."""
-    engines = {}
-
-    def make(name, **options):
-        key = (name, tuple(sorted(options.items())))
-        if key not in engines:
-            engines[key] = cycle(name).LLM(tiny_checkpoints["qwen3"][0], device="cpu", **options)
-        return engines[key]
-    return make
-
-
 # --- chapter 1: naive -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("p, n", [(5, 1), (5, 8), (12, 12)])
-def test_naive_token_forwards(tiny, p, n):
+def test_naive_token_forwards(tiny_llms, p, n):
     """Cycle 1 feeds p + i tokens at step i: sum_{i=0}^{n-1} (p + i) = n*p + n*(n-1)/2 in all."""
-    llm = tiny("cycle1_naive")
+    llm = tiny_llms("cycle1_naive")
     fed = count_fed_tokens(llm)
     llm.generate([list(range(10, 10 + p))], greedy("cycle1_naive", n))
     assert fed == [p + i for i in range(n)]
     assert sum(fed) == n * p + n * (n - 1) // 2
 
 
-def test_naive_static_batch(tiny):
+def test_naive_static_batch(tiny_llms):
     """Prompts of 3 and 7 tokens, max_tokens 2 and 5, one static batch: every step feeds both rows,
     left-padded to the longer one, until the slower finishes: sum_{i=0}^{4} 2 * (7 + i) = 90."""
-    llm = tiny("cycle1_naive")
+    llm = tiny_llms("cycle1_naive")
     fed = count_fed_tokens(llm)
     llm.generate([[10, 11, 12], list(range(20, 27))], [greedy("cycle1_naive", 2), greedy("cycle1_naive", 5)])
     assert fed == [14, 16, 18, 20, 22] and sum(fed) == 90
@@ -119,18 +106,18 @@ def test_kv_bytes():
     assert block_bytes(28, 256, 8, 128, torch.bfloat16) == 28 * 2**20
 
 
-def test_kv_forwards(tiny):
+def test_kv_forwards(tiny_llms):
     """Cycle 2 feeds the prompt once, then one token per step: p + (n - 1) tokens in all."""
-    llm = tiny("cycle2_kvcache")
+    llm = tiny_llms("cycle2_kvcache")
     fed = count_fed_tokens(llm)
     llm.generate([list(range(10, 22))], greedy("cycle2_kvcache", 20))
     assert fed == [12] + [1] * 19 and sum(fed) == 12 + 19
 
 
-def test_kv_reservation(tiny):
+def test_kv_reservation(tiny_llms):
     """Prompts of 3 and 7 tokens, max_tokens 2 and 5: cycle 2 reserves 2 rows x (7 + 5) columns;
     the tiny model stores 2 x 2 layers x 2 KV heads x 32 x 4 bytes = 1024 bytes per column."""
-    llm = tiny("cycle2_kvcache")
+    llm = tiny_llms("cycle2_kvcache")
     fed = count_fed_tokens(llm)
     llm.generate([[10, 11, 12], list(range(20, 27))], [greedy("cycle2_kvcache", 2), greedy("cycle2_kvcache", 5)])
     assert kv_bytes_per_token(2, 2, 32, 4) == 1024
@@ -180,14 +167,14 @@ def test_static_groups():
 
 # --- chapter 4: continuous batching -----------------------------------------------------------
 
-def test_continuous_steps(tiny):
+def test_continuous_steps(tiny_llms):
     """max_num_seqs=2, three requests with max_tokens 2, 8, 3: static batching (cycle 3) runs
     groups [0, 1] and [2] for 8 + 3 = 11 forwards; continuous batching (cycle 4) needs 9 steps."""
     prompts = [[9, 10, 11]] * 3
-    static = tiny("cycle3_paged", max_num_seqs=2)
+    static = tiny_llms("cycle3_paged", max_num_seqs=2)
     static.generate(prompts, [greedy("cycle3_paged", n) for n in (2, 8, 3)])
     assert len(static.stats["step_times"]) == 11          # one entry per model forward
-    continuous = tiny("cycle4_batching", max_num_seqs=2)
+    continuous = tiny_llms("cycle4_batching", max_num_seqs=2)
     continuous.generate(prompts, [greedy("cycle4_batching", n) for n in (2, 8, 3)])
     assert continuous.stats["steps"] == 9
 
@@ -356,13 +343,13 @@ def test_masked_nan():
     assert all((t == 0).all() for t in pool.k + pool.v)
 
 
-def test_backend(tiny):
+def test_backend(tiny_llms):
     """On a machine without CUDA + flash-attn, cycle 6 runs sdpa with 16-token blocks."""
     attention = importlib.import_module("cycle6_flash.attention")
     assert attention.DEFAULT_BLOCK_SIZE["flash_attn"] % 256 == 0
     with pytest.raises(ValueError, match="flash-attn"):
         attention.select_backend(torch.device("cpu"), "flash_attn")
-    llm = tiny("cycle6_flash")
+    llm = tiny_llms("cycle6_flash")
     llm.generate([[1, 2, 3]], greedy("cycle6_flash", 2))
     assert llm.stats["attention_backend"] == "sdpa" and llm.block_manager.block_size == 16
 
@@ -431,8 +418,8 @@ def test_int8_bytes():
     assert count_bytes(model) == expected_bytes(c, 1, 2, 2, True) == 597_107_456
 
 
-def test_int8_stats(tiny):
-    llm = tiny("cycle7_int8")
+def test_int8_stats(tiny_llms):
+    llm = tiny_llms("cycle7_int8")
     llm.generate([[1, 2, 3]], greedy("cycle7_int8", 2))
     assert llm.stats["int8_matmul"] in ("int8pack_mm", "cast")
     assert llm.stats["quantize_s"] > 0

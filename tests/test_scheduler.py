@@ -8,25 +8,13 @@ BATCHING = [c for c in CYCLES if int(c[5]) >= 4]
 EXACT = [c for c in BATCHING if c != "cycle7_int8"]
 
 
-@pytest.fixture(scope="module")
-def engines(tiny_checkpoints):
-    cache = {}
-
-    def get(name, **options):
-        key = (name, tuple(sorted(options.items())))
-        if key not in cache:
-            cache[key] = cycle(name).LLM(tiny_checkpoints["qwen3"][0], device="cpu", **options)
-        return cache[key]
-    return get
-
-
 def greedy(name, n):
     return cycle(name).SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
 
 
 @pytest.mark.parametrize("name", BATCHING)
-def test_requests_leave_independently(name, engines):
-    llm = engines(name)
+def test_requests_leave_independently(name, tiny_llms):
+    llm = tiny_llms(name)
     ids = [llm.add_request([5, 6, 7, 8], greedy(name, n)) for n in (2, 5, 9)]
     finished_at = {}
     step = 0
@@ -39,8 +27,8 @@ def test_requests_leave_independently(name, engines):
 
 
 @pytest.mark.parametrize("name", BATCHING)
-def test_a_waiting_request_joins_as_soon_as_a_slot_frees(name, engines):
-    llm = engines(name, max_num_seqs=2)
+def test_a_waiting_request_joins_as_soon_as_a_slot_frees(name, tiny_llms):
+    llm = tiny_llms(name, max_num_seqs=2)
     ids = [llm.add_request([9, 10, 11], greedy(name, n)) for n in (2, 8, 3)]
     log = []
     while llm.has_unfinished_requests():
@@ -52,12 +40,12 @@ def test_a_waiting_request_joins_as_soon_as_a_slot_frees(name, engines):
 
 
 @pytest.mark.parametrize("name", EXACT)
-def test_a_small_pool_preempts_but_changes_nothing(name, engines):
+def test_a_small_pool_preempts_but_changes_nothing(name, tiny_llms):
     prompts = [[20 + i, 21 + i, 22 + i, 23 + i, 24 + i, 25 + i] for i in range(20)]
     params = [greedy(name, 6 + i % 5) for i in range(20)]
-    reference = [o.token_ids for o in engines(name).generate(prompts, params)]
+    reference = [o.token_ids for o in tiny_llms(name).generate(prompts, params)]
     # block_size 4: each request needs up to 4 blocks; 8 blocks hold two requests at their longest
-    small = engines(name, num_kv_blocks=8, block_size=4)
+    small = tiny_llms(name, num_kv_blocks=8, block_size=4)
     outs = small.generate(prompts, params)
     assert [o.token_ids for o in outs] == reference
     assert small.stats["preemptions"] > 0
@@ -66,19 +54,19 @@ def test_a_small_pool_preempts_but_changes_nothing(name, engines):
 
 
 @pytest.mark.parametrize("name", BATCHING)
-def test_seeded_sampling_survives_preemption(name, engines):
+def test_seeded_sampling_survives_preemption(name, tiny_llms):
     sp = cycle(name).SamplingParams
     prompts = [[30 + i] * 6 for i in range(10)]
     params = [sp(temperature=1.0, top_p=0.9, max_tokens=8, ignore_eos=True, seed=i) for i in range(10)]
-    reference = [o.token_ids for o in engines(name).generate(prompts, params)]
-    small = engines(name, num_kv_blocks=8, block_size=4)
+    reference = [o.token_ids for o in tiny_llms(name).generate(prompts, params)]
+    small = tiny_llms(name, num_kv_blocks=8, block_size=4)
     assert [o.token_ids for o in small.generate(prompts, params)] == reference
     assert small.stats["preemptions"] > 0
 
 
 @pytest.mark.parametrize("name", BATCHING)
-def test_a_request_larger_than_the_pool_is_refused(name, engines):
-    llm = engines(name, num_kv_blocks=4, block_size=4)
+def test_a_request_larger_than_the_pool_is_refused(name, tiny_llms):
+    llm = tiny_llms(name, num_kv_blocks=4, block_size=4)
     with pytest.raises(ValueError, match="whole pool"):
         llm.generate([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]], greedy(name, 10))
     assert not llm.has_unfinished_requests()
@@ -86,8 +74,8 @@ def test_a_request_larger_than_the_pool_is_refused(name, engines):
 
 
 @pytest.mark.parametrize("name", BATCHING)
-def test_generate_refuses_a_busy_engine_and_loses_nothing(name, engines):
-    llm = engines(name)
+def test_generate_refuses_a_busy_engine_and_loses_nothing(name, tiny_llms):
+    llm = tiny_llms(name)
     rid = llm.add_request([3, 4, 5], greedy(name, 3))
     with pytest.raises(RuntimeError, match="idle"):
         llm.generate([[1, 2]], greedy(name, 2))
