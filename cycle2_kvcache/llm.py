@@ -16,7 +16,7 @@ from common.inputs import prepare_requests
 from common.memory import weight_bytes
 from common.metrics import peak_memory_bytes, reset_peak_memory
 from common.model_source import eos_token_ids, load_tokenizer, load_weights, resolve_model
-from common.outputs import RequestMetrics, RequestOutput
+from common.outputs import RequestOutput
 
 from .kv_cache import ContiguousKVCache
 from .model import CausalLM

@@ -5,6 +5,8 @@ running sequence's newest token. Both end up as the same flat layout (input_ids,
 slot_mapping over N tokens, plus per-sequence block tables), so the model has one code path.
 """
 
+from itertools import accumulate
+
 import torch
 
 from .block_manager import BlockManager
@@ -51,9 +53,7 @@ class ModelRunner:
         """Per-sequence views of the flat batch: lengths for flash-attn, a dense layout for sdpa."""
         cu = torch.tensor(seqlens, dtype=torch.long, device=self.device)
         context_lens = [len(s) for s in seqs]
-        cu_k = [0]
-        for n in context_lens:
-            cu_k.append(cu_k[-1] + n)
+        cu_k = [0, *accumulate(context_lens)]
         int32 = lambda x: torch.tensor(x, dtype=torch.int32, device=self.device)
         lengths = cu[1:] - cu[:-1]
         B, Tq = len(seqs), int(lengths.max())

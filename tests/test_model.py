@@ -29,7 +29,6 @@ def test_untied_checkpoint_keeps_its_own_lm_head(tiny_checkpoints):
 
 def test_unsupported_architecture_is_refused(tmp_path):
     from transformers import GPT2Config
-    from common.model_source import ModelSource
     config = GPT2Config(n_layer=1, n_embd=32, n_head=2)
     config.architectures = ["GPT2LMHeadModel"]
     with pytest.raises(ValueError, match="not supported"):
