@@ -91,6 +91,9 @@ class LLM:
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             raise RuntimeError("the scheduler found nothing to run although requests are unfinished")
+        self._num_steps += 1
+        if self.trace:  # what was scheduled: before the step, so finished sequences still show
+            self._print_trace(seqs, is_prefill)
         self._track_peak()
         if is_prefill:
             self._prefill_tokens += sum(len(s) - s.num_cached_tokens for s in seqs)
@@ -98,9 +101,6 @@ class LLM:
         next_tokens = self.model_runner.run(seqs, is_prefill)
         self._step_times.append([max(len(s) for s in seqs), time.perf_counter() - started])
         finished = self._postprocess(seqs, next_tokens)
-        self._num_steps += 1
-        if self.trace:
-            self._print_trace(seqs, is_prefill)
         return [self._output(seq) for seq in finished]
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = False) -> list[RequestOutput]:
