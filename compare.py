@@ -149,6 +149,8 @@ def resolve_once(model: str, weights: str):
     print(f"Resolving model {model} (weights: {weights}); a first use may convert a GGUF file once ...", flush=True)
     source = resolve_model(model, weights)
     print(f"  -> {source.path} ({source.weights} weights, from {source.origin})", flush=True)
+    if source.fallback_reason:
+        print(f"  FALLBACK: {source.fallback_reason}", flush=True)
     return source
 
 
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = results[0]["machine"] if results else machine_info(device)
     run_info = {"machine": machine, "model": source.name, "weights": source.weights, "origin": source.origin,
-                "device": str(device), "workload": args.workload, "quick": args.quick, "num_requests": args.num_requests, "prompt_len": args.prompt_len, "options": args.option,
+                "weights_note": source.fallback_reason, "device": str(device), "workload": args.workload, "quick": args.quick, "num_requests": args.num_requests, "prompt_len": args.prompt_len, "options": args.option,
                 "engines": cycles + hf_engines, "started": started, "argv": sys.argv}
     reference = next((r for r in results if r["engine"] == REFERENCE_CYCLE), None)
     for r in results:

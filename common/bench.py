@@ -171,6 +171,7 @@ def run_engine(engine: str, workload: str, device=None, model: str | None = None
         "model": source.name,
         "weights": source.weights,
         "origin": source.origin,
+        "weights_note": source.fallback_reason,   # why an offline fallback was used; None: none was
         "device": str(device),
         "dtype": _dtype_name(run["dtype"]),
         "workload": workload,

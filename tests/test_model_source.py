@@ -255,3 +255,115 @@ def test_cache_dirs_are_published_whole(tmp_path):
     assert model_source._publish_dir(lose_race, final) == final
     assert (final / "config.json").read_text() == "theirs"
     assert list(tmp_path.iterdir()) == [final]
+
+
+# --- no silent random weights: only "not cached and not reachable" may fall back --------------
+
+def fake_cache(tmp_path, monkeypatch, repo_name: str, kind: str = "qwen3"):
+    """An HF cache under tmp_path holding one snapshot of repo_name (refs/main -> snapshots/<commit>)."""
+    commit = "1" * 40
+    repo = tmp_path / "hub" / f"models--{repo_name.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    save_tiny(snapshot, kind)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("VLLM_LEARN_CACHE", str(tmp_path / "vllm-learn"))
+    return snapshot
+
+
+def test_corrupt_safetensors_in_the_cache_is_an_error_not_random_weights(tmp_path, monkeypatch):
+    snapshot = fake_cache(tmp_path, monkeypatch, "Qwen/Qwen3-0.6B")
+    (snapshot / "model.safetensors").write_bytes(b"\x00" * 64)     # a truncated download
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors"):
+        resolve_model("Qwen/Qwen3-0.6B")                              # Qwen3 has a random fallback
+
+
+def test_missing_shard_is_an_error(tmp_path, monkeypatch):
+    snapshot = fake_cache(tmp_path, monkeypatch, "Qwen/Qwen3-0.6B")
+    index = {"metadata": {}, "weight_map": {"a": "model.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (snapshot / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="shards .* missing: \\['model-00002-of-00002.safetensors'\\]"):
+        resolve_model("Qwen/Qwen3-0.6B")
+
+
+def test_bad_config_in_the_cache_is_an_error(tmp_path, monkeypatch):
+    snapshot = fake_cache(tmp_path, monkeypatch, "someone/tiny")
+    (snapshot / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json cannot be read"):
+        resolve_model("someone/tiny")
+
+
+def test_unreadable_cache_entry_is_an_error(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    fake_cache(tmp_path, monkeypatch, "Qwen/Qwen3-0.6B")
+
+    def broken(*args, **kwargs):
+        raise OSError("[Errno 5] Input/output error: 'snapshots/1111/config.json'")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", broken)
+    with pytest.raises(ValueError, match="HF cache entry cannot be read.*Input/output error"):
+        resolve_model("Qwen/Qwen3-0.6B")
+
+
+def hub_error(monkeypatch, tmp_path, error: Exception):
+    """Go online (in appearance), with an empty cache and a Hub that raises `error`."""
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.setenv("VLLM_LEARN_CACHE", str(tmp_path / "vllm-learn"))
+
+    def model_info(self, *args, **kwargs):
+        raise error
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+
+
+def http_client():
+    """The HTTP library huggingface_hub's errors are built on (httpx or a fork of it)."""
+    import importlib
+
+    from huggingface_hub.errors import HfHubHTTPError
+    return importlib.import_module(HfHubHTTPError.__mro__[1].__module__.split(".")[0])
+
+
+def http_response(status: int):
+    client = http_client()
+    return client.Response(status, request=client.Request("GET", "https://huggingface.co/api/models/Qwen/Qwen3-0.6B"))
+
+
+@pytest.mark.parametrize("make_error, message", [
+    (lambda: __import__("huggingface_hub").errors.GatedRepoError("gated", response=http_response(403)), "gated"),
+    (lambda: __import__("huggingface_hub").errors.HfHubHTTPError("401 Unauthorized", response=http_response(401)),
+     "authorization failed \\(HTTP 401"),
+    (lambda: __import__("huggingface_hub").errors.HfHubHTTPError("403 Forbidden", response=http_response(403)),
+     "authorization failed \\(HTTP 403"),
+    (lambda: __import__("huggingface_hub").errors.RepositoryNotFoundError("404", response=http_response(404)),
+     "no such repo"),
+])
+def test_hub_refusals_are_errors_not_random_weights(tmp_path, monkeypatch, capsys, make_error, message):
+    hub_error(monkeypatch, tmp_path, make_error())
+    with pytest.raises(ValueError, match=message):
+        resolve_model("Qwen/Qwen3-0.6B")
+    assert "RANDOM" not in capsys.readouterr().err
+
+
+def test_unreachable_hub_falls_back_and_says_why(tmp_path, monkeypatch, capsys):
+    hub_error(monkeypatch, tmp_path, http_client().ConnectError("[Errno 101] Network is unreachable"))
+    source = resolve_model("Qwen/Qwen3-0.6B")
+    assert (source.weights, source.origin) == ("random", "random")
+    assert "RANDOM" in capsys.readouterr().err
+    assert "RANDOM weights" in source.fallback_reason
+    assert "HF cache: not there" in source.fallback_reason
+    assert "Hub: unreachable" in source.fallback_reason and "Network is unreachable" in source.fallback_reason
+
+
+def test_fallback_reason_only_for_a_fallback(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_LEARN_CACHE", str(tmp_path))
+    offline = resolve_model("Qwen/Qwen3-0.6B")
+    assert "HF_HUB_OFFLINE" in offline.fallback_reason            # the reason names the skipped Hub
+    assert resolve_model("Qwen/Qwen3-0.6B", weights="random").fallback_reason is None  # asked for
+    save_tiny(tmp_path / "tiny", "llama")
+    assert resolve_model(str(tmp_path / "tiny")).fallback_reason is None
