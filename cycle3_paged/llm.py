@@ -22,7 +22,8 @@ from common.model_source import eos_token_ids, load_tokenizer, load_weights, res
 from common.outputs import RequestMetrics, RequestOutput
 
 from .block_manager import BlockManager
-from .kv_cache import PagedKVCache, block_bytes, num_blocks_for_budget
+from .kv_cache import (GPU_MEMORY_UTILIZATION, PagedKVCache, block_bytes, check_pool_options,
+                       plan_kv_pool, profile_activation_peak, profile_batches)
 from .model import AttentionMetadata, CausalLM
 from .sampler import Sampler
 from .sampling_params import SamplingParams
@@ -30,39 +31,75 @@ from .sequence import Sequence, SequenceStatus
 
 
 # The same batch limits as the continuous-batching cycles, so every cycle is measured alike.
+# Static batches have no token budget; the pool is sized for a prefill of PROFILE_TOKENS tokens
+# (cycle 4's budget), so a static batch with more prompt tokens than that can need more memory
+# than was set aside for activations. Cycle 4's scheduler is what bounds a step.
 DEFAULTS = {"cuda": dict(max_num_seqs=256), "cpu": dict(max_num_seqs=64)}
+PROFILE_TOKENS = {"cuda": 16384, "cpu": 4096}
 
 class LLM:
     def __init__(self, model: str, device=None, dtype=None, weights: str = "auto",
                  max_num_seqs: int | None = None, block_size: int = 16, num_kv_blocks: int | None = None,
-                 kv_cache_memory_bytes: int | None = None, kv_cache_fraction: float = 0.5,
+                 kv_cache_memory_bytes: int | None = None,
+                 gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION,
                  seed: int | None = None):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         max_num_seqs = max_num_seqs or DEFAULTS["cuda" if self.device.type == "cuda" else "cpu"]["max_num_seqs"]
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        check_pool_options(num_kv_blocks, kv_cache_memory_bytes, gpu_memory_utilization)
         self.source = resolve_model(model, weights)
         self.config = self.source.config
         self.tokenizer = load_tokenizer(self.source)
         self.eos_token_ids = set(eos_token_ids(self.source, self.tokenizer))
         self.max_num_seqs = max_num_seqs
         self.model = _build_model(self.config, self.source, self.device, self.dtype)
-        self.kv_cache, self.block_manager = self._allocate_kv_cache(block_size, num_kv_blocks,
-                                                                    kv_cache_memory_bytes, kv_cache_fraction)
         self.sampler = Sampler(self.device, seed)
+        self.kv_cache, self.block_manager = self._allocate_kv_cache(
+            block_size, num_kv_blocks, kv_cache_memory_bytes, gpu_memory_utilization, max_num_seqs,
+            PROFILE_TOKENS["cuda" if self.device.type == "cuda" else "cpu"])
         self.stats: dict = {}
 
-    def _allocate_kv_cache(self, block_size, num_kv_blocks, kv_cache_memory_bytes, kv_cache_fraction):
+    def _allocate_kv_cache(self, block_size, num_kv_blocks, kv_cache_memory_bytes, gpu_memory_utilization,
+                           max_num_seqs, max_num_batched_tokens):
         attn = self.model.model.layers[0].self_attn
         layers = self.config.num_hidden_layers
         per_block = block_bytes(layers, block_size, attn.num_kv_heads, attn.head_dim, self.dtype)
-        if num_kv_blocks is None:
-            num_kv_blocks = num_blocks_for_budget(per_block, self.device, kv_cache_memory_bytes, kv_cache_fraction)
-        manager = BlockManager(num_kv_blocks, block_size)
-        cache = PagedKVCache(layers, num_kv_blocks, block_size, attn.num_kv_heads, attn.head_dim,
+        max_blocks = max_num_seqs * -(-self.config.max_position_embeddings // block_size)
+        self.kv_pool = plan_kv_pool(
+            per_block, self.device, max_blocks, num_kv_blocks, kv_cache_memory_bytes, gpu_memory_utilization,
+            profile=lambda: profile_activation_peak(
+                self.device, lambda: self._profile_run(block_size, max_num_seqs, max_num_batched_tokens)))
+        manager = BlockManager(self.kv_pool["num_kv_blocks"], block_size)
+        cache = PagedKVCache(layers, self.kv_pool["num_kv_blocks"], block_size, attn.num_kv_heads, attn.head_dim,
                              self.dtype, self.device)
         return cache, manager
+
+    @torch.inference_mode()
+    def _profile_run(self, block_size: int, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        """Run a large prefill and decode step once, on dummy tokens, to measure their memory.
+
+        Every dummy sequence's block table points at block 0 of a one-block scratch pool: the steps
+        read and write as many K/V slots as real ones would, but nothing of the real pool (which
+        does not exist yet); the scratch pool and block manager are dropped when this returns.
+        """
+        attn = self.model.model.layers[0].self_attn
+        scratch = PagedKVCache(self.config.num_hidden_layers, 1, block_size, attn.num_kv_heads, attn.head_dim,
+                               self.dtype, self.device)
+        real, self.block_manager = getattr(self, "block_manager", None), BlockManager(1, block_size)  # _prepare_* read it
+        greedy = SamplingParams(temperature=0, max_tokens=1)
+        try:
+            for lengths, is_prefill in profile_batches(max_num_seqs, max_num_batched_tokens,
+                                                       self.config.max_position_embeddings):
+                seqs = [Sequence(i, None, [0] * n, greedy, None) for i, n in enumerate(lengths)]
+                for seq in seqs:
+                    seq.block_table = [0] * -(-len(seq) // block_size)   # all on scratch block 0
+                prepare = self._prepare_prefill if is_prefill else self._prepare_decode
+                hidden = self.model(*prepare(seqs), scratch)
+                self.sampler(self.model.compute_logits(hidden[:, -1]), [greedy] * len(seqs), [None] * len(seqs))
+        finally:
+            self.block_manager = real
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = False) -> list[RequestOutput]:
         requests = prepare_requests(prompts, sampling_params, self.tokenizer, self.config.vocab_size,
@@ -189,6 +226,7 @@ class LLM:
             "kv_cache_peak_bytes": self._peak_blocks * per_block,   # blocks held by live sequences
             "kv_cache_pool_bytes": self.kv_cache.nbytes,
             "num_kv_blocks": bm.num_blocks,
+            "kv_pool": self.kv_pool,       # how the pool was sized: budget, model, activation peak, cap
             "block_size": bm.block_size,
             "free_kv_blocks": bm.num_free_blocks,
             "kv_block_utilization": self._tokens_at_peak / max(1, self._peak_blocks * bm.block_size),

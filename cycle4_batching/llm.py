@@ -20,7 +20,8 @@ from common.model_source import eos_token_ids, load_tokenizer, load_weights, res
 from common.outputs import RequestMetrics, RequestOutput
 
 from .block_manager import BlockManager
-from .kv_cache import PagedKVCache, block_bytes, num_blocks_for_budget
+from .kv_cache import (GPU_MEMORY_UTILIZATION, PagedKVCache, block_bytes, check_pool_options,
+                       plan_kv_pool, profile_activation_peak, profile_batches)
 from .model import CausalLM
 from .model_runner import ModelRunner
 from .sampler import Sampler
@@ -38,7 +39,8 @@ class LLM:
     def __init__(self, model: str, device=None, dtype=None, weights: str = "auto",
                  max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
                  block_size: int = 16, num_kv_blocks: int | None = None,
-                 kv_cache_memory_bytes: int | None = None, kv_cache_fraction: float = 0.5,
+                 kv_cache_memory_bytes: int | None = None,
+                 gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION,
                  seed: int | None = None, trace: bool = False):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -47,13 +49,15 @@ class LLM:
         max_num_batched_tokens = max_num_batched_tokens or defaults["max_num_batched_tokens"]
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        check_pool_options(num_kv_blocks, kv_cache_memory_bytes, gpu_memory_utilization)
         self.source = resolve_model(model, weights)
         self.config = self.source.config
         self.tokenizer = load_tokenizer(self.source)
         self.eos_token_ids = set(eos_token_ids(self.source, self.tokenizer))
         self.model = _build_model(self.config, self.source, self.device, self.dtype)
-        self.kv_cache, self.block_manager = self._allocate_kv_cache(block_size, num_kv_blocks,
-                                                                    kv_cache_memory_bytes, kv_cache_fraction)
+        self.kv_cache, self.block_manager = self._allocate_kv_cache(
+            block_size, num_kv_blocks, kv_cache_memory_bytes, gpu_memory_utilization, max_num_seqs,
+            max_num_batched_tokens)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.model_runner = ModelRunner(self.model, self.kv_cache, self.block_manager,
                                         Sampler(self.device, seed), self.device)
@@ -62,16 +66,39 @@ class LLM:
         self._reset_counters()
         self.stats: dict = {}
 
-    def _allocate_kv_cache(self, block_size, num_kv_blocks, kv_cache_memory_bytes, kv_cache_fraction):
+    def _allocate_kv_cache(self, block_size, num_kv_blocks, kv_cache_memory_bytes, gpu_memory_utilization,
+                           max_num_seqs, max_num_batched_tokens):
         attn = self.model.model.layers[0].self_attn
         layers = self.config.num_hidden_layers
         per_block = block_bytes(layers, block_size, attn.num_kv_heads, attn.head_dim, self.dtype)
-        if num_kv_blocks is None:
-            num_kv_blocks = num_blocks_for_budget(per_block, self.device, kv_cache_memory_bytes, kv_cache_fraction)
-        manager = BlockManager(num_kv_blocks, block_size)
-        cache = PagedKVCache(layers, num_kv_blocks, block_size, attn.num_kv_heads, attn.head_dim,
+        max_blocks = max_num_seqs * -(-self.config.max_position_embeddings // block_size)
+        self.kv_pool = plan_kv_pool(
+            per_block, self.device, max_blocks, num_kv_blocks, kv_cache_memory_bytes, gpu_memory_utilization,
+            profile=lambda: profile_activation_peak(
+                self.device, lambda: self._profile_run(block_size, max_num_seqs, max_num_batched_tokens)))
+        manager = BlockManager(self.kv_pool["num_kv_blocks"], block_size)
+        cache = PagedKVCache(layers, self.kv_pool["num_kv_blocks"], block_size, attn.num_kv_heads, attn.head_dim,
                              self.dtype, self.device)
         return cache, manager
+
+    def _profile_run(self, block_size: int, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        """Run the largest prefill and decode steps once, on dummy tokens, to measure their memory.
+
+        Every dummy sequence's block table points at block 0 of a one-block scratch pool: the steps
+        read and write as many K/V slots as real ones would, but nothing of the real pool (which
+        does not exist yet), and the scratch pool and runner are dropped when this returns.
+        """
+        attn = self.model.model.layers[0].self_attn
+        scratch = PagedKVCache(self.config.num_hidden_layers, 1, block_size, attn.num_kv_heads, attn.head_dim,
+                               self.dtype, self.device)
+        runner = ModelRunner(self.model, scratch, BlockManager(1, block_size), Sampler(self.device, 0), self.device)
+        greedy = SamplingParams(temperature=0, max_tokens=1)
+        for lengths, is_prefill in profile_batches(max_num_seqs, max_num_batched_tokens,
+                                                   self.config.max_position_embeddings):
+            seqs = [Sequence(i, None, [0] * n, greedy, None) for i, n in enumerate(lengths)]
+            for seq in seqs:
+                seq.block_table = [0] * -(-len(seq) // block_size)   # all on scratch block 0
+            runner.run(seqs, is_prefill)
 
     # --- the engine loop, in vLLM's LLMEngine vocabulary ---------------------------------------
 
@@ -187,6 +214,7 @@ class LLM:
             "kv_cache_peak_bytes": self._peak_blocks * per_block,   # blocks held by live sequences
             "kv_cache_pool_bytes": self.kv_cache.nbytes,
             "num_kv_blocks": bm.num_blocks,
+            "kv_pool": self.kv_pool,       # how the pool was sized: budget, model, activation peak, cap
             "block_size": bm.block_size,
             "free_kv_blocks": bm.num_free_blocks,
             "kv_block_utilization": self._tokens_at_peak / max(1, self._peak_blocks * bm.block_size),
