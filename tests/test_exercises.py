@@ -98,10 +98,12 @@ def test_kv_bytes():
     c = qwen3_0_6b()
     qwen = kv_bytes_per_token(c["num_hidden_layers"], c["num_key_value_heads"], c["head_dim"], 2)
     assert qwen == 114_688 == block_bytes(c["num_hidden_layers"], 1, c["num_key_value_heads"], c["head_dim"], torch.bfloat16)
-    # A block of 16 tokens, and what the CPU pool of 512 MiB holds.
+    # A block of 16 tokens, and what the CPU pool of 512 MiB holds: the engine's own plan for
+    # SmolLM2 (64 sequences of 8192 positions at most, so the cap is far above the budget).
     assert block_bytes(30, 16, 3, 64, torch.float32) == 737_280
-    blocks = importlib.import_module("cycle3_paged.kv_cache").CPU_KV_CACHE_BYTES // 737_280
-    assert (blocks, blocks * 16) == (728, 11_648)
+    kv = importlib.import_module("cycle3_paged.kv_cache")
+    plan = kv.plan_kv_pool(737_280, torch.device("cpu"), 64 * 8192 // 16, None, None, 0.9, profile=None)
+    assert (plan["num_kv_blocks"], plan["num_kv_blocks"] * 16) == (728, 11_648)
     # flash_attn's 256-token block for Qwen3-0.6B in bf16: 28 MiB.
     assert block_bytes(28, 256, 8, 128, torch.bfloat16) == 28 * 2**20
 
@@ -123,8 +125,9 @@ def test_kv_reservation(tiny_llms):
     assert kv_bytes_per_token(2, 2, 32, 4) == 1024
     assert llm.stats["kv_cache_peak_bytes"] == 2 * (7 + 5) * 1024 == 24_576
     assert fed == [14, 2, 2, 2, 2]                 # the finished row still decodes: static batching
-    useful = (3 + 2 - 1) + (7 + 5 - 1)             # tokens whose K/V an output needs: 15 of 24
-    assert useful == 15
+    # Tokens whose K/V an output needs (prompt + max_tokens - 1, as the paged cycles count them): 15 of 24
+    needed = [new_seq("cycle3_paged", i, range(n), max_tokens=m).max_len for i, (n, m) in enumerate([(3, 2), (7, 5)])]
+    assert needed == [4, 11] and sum(needed) == 15
 
 
 # --- chapter 3: paged -------------------------------------------------------------------------
@@ -138,7 +141,7 @@ def test_slot(position, slot):
     assert bm.slot(seq, position) == slot
 
 
-def test_blocks_held():
+def test_blocks_held(tiny_llms):
     """A sequence holds ceil(k / block_size) blocks after k tokens; at 33 tokens of block_size 16:
     3 blocks, 48 slots, utilization 33 / 48."""
     bm = block_manager("cycle3_paged", 100, 16)
@@ -151,7 +154,11 @@ def test_blocks_held():
         held[k] = len(seq.block_table)
         assert held[k] == math.ceil(k / 16)
     assert (held[32], held[33], held[48], held[49], held[65]) == (2, 3, 3, 4, 5)
-    assert 33 / (held[33] * 16) == 0.6875
+    # The engine's own figure: a 20-token prompt and 14 new tokens store at most 33 tokens' K/V.
+    llm = tiny_llms("cycle3_paged")
+    llm.generate([list(range(10, 30))], greedy("cycle3_paged", 14))
+    assert llm.stats["kv_cache_peak_bytes"] == 3 * llm.kv_cache.bytes_per_block
+    assert llm.stats["kv_block_utilization"] == 0.6875
 
 
 def test_static_groups():
@@ -273,33 +280,27 @@ def test_prefix_wait():
 
 # --- chapter 6: fused attention ---------------------------------------------------------------
 
-def online_softmax_attention(scores: torch.Tensor, values: torch.Tensor, tile: int):
-    """One query: scores [K], values [K, D]. Walk the keys in tiles with a running max m, a running
-    sum l and a running output acc; rescale both by exp(m_old - m_new) when the max grows."""
-    m = torch.tensor(float("-inf"))
-    l = torch.tensor(0.0)
-    acc = torch.zeros(values.shape[1])
-    for start in range(0, scores.shape[0], tile):
-        s, v = scores[start:start + tile], values[start:start + tile]
-        m_new = torch.maximum(m, s.max())
-        correction = torch.exp(m - m_new)
-        p = torch.exp(s - m_new)
-        l = l * correction + p.sum()
-        acc = acc * correction + p @ v
-        m = m_new
-    return acc / l, m, l
-
-
-@pytest.mark.parametrize("tile", [1, 3, 7, 64])
-def test_online_softmax(tile):
-    gen = torch.Generator().manual_seed(tile)
-    scores = torch.randn(50, generator=gen, dtype=torch.float64).float() * 10
-    values = torch.randn(50, 8, generator=gen)
-    out, m, l = online_softmax_attention(scores, values, tile)
-    probs = torch.softmax(scores, dim=-1)
-    torch.testing.assert_close(out, probs @ values, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(torch.exp(scores - m) / l, probs)
-    assert m == scores.max()
+@pytest.mark.parametrize("num_keys", [1, 3, 7, 64, 200])
+def test_online_softmax(num_keys):
+    """Cycle 6's fused attention, whose kernel walks the keys in tiles with a running max and sum,
+    equals the softmax over all keys at once (in float64), for one query over 1 to 200 paged keys,
+    with scores far beyond 88, where exp of an unshifted score overflows fp32."""
+    attention = importlib.import_module("cycle6_flash.attention")
+    ModelRunner = importlib.import_module("cycle6_flash.model_runner").ModelRunner
+    gen = torch.Generator().manual_seed(num_keys)
+    bm = block_manager("cycle6_flash", 16, 16)
+    seq = new_seq("cycle6_flash", 0, range(num_keys))
+    seq.block_table = list(range(15, 15 - bm.blocks_for(num_keys), -1))   # blocks in reverse order
+    _, _, meta = ModelRunner(None, None, bm, None, torch.device("cpu"))._prepare([seq], is_prefill=False)
+    q = torch.randn(1, 2, 8, generator=gen) * 40                          # 2 query heads, 1 KV head
+    k_cache, v_cache = torch.randn(16, 16, 1, 8, generator=gen), torch.randn(16, 16, 1, 8, generator=gen)
+    out = attention.sdpa_attention(q, k_cache, v_cache, meta, 1.0)
+    keys = k_cache[seq.block_table].reshape(-1, 8)[:num_keys].double()
+    values = v_cache[seq.block_table].reshape(-1, 8)[:num_keys].double()
+    scores = q[0].double() @ keys.T                                       # [heads, keys]
+    if num_keys >= 7:
+        assert scores.abs().max() > 88
+    torch.testing.assert_close(out[0].double(), torch.softmax(scores, dim=-1) @ values, atol=1e-5, rtol=1e-5)
 
 
 def test_score_bytes(monkeypatch):
@@ -322,9 +323,14 @@ def test_score_bytes(monkeypatch):
         scores = seen[-1]
         assert scores.dtype == torch.float32
         assert scores.numel() * scores.element_size() == B * H * Tq * Tk * 4
-    # Qwen3-0.6B, one 4096-token prefill: 16 heads x 4096 x 4096 x 4 bytes = 1 GiB, in every layer.
+    # Qwen3-0.6B, one 4096-token prefill, in bf16: 1 GiB, in every layer (on the meta device: no memory)
     c = qwen3_0_6b()
-    assert c["num_attention_heads"] * 4096 * 4096 * 4 == 2**30
+    H, KVH, D, T = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"], 4096
+    with torch.device("meta"):
+        q = torch.empty(1, H, T, D, dtype=torch.bfloat16)
+        k = v = torch.empty(1, KVH, T, D, dtype=torch.bfloat16)
+        model.grouped_attention(q, k, v, torch.ones(1, T, T, dtype=torch.bool), 0.25)
+    assert seen[-1].numel() * seen[-1].element_size() == 2**30
 
 
 def test_masked_nan():
@@ -421,7 +427,12 @@ def test_int8_bytes():
 def test_int8_stats(tiny_llms):
     llm = tiny_llms("cycle7_int8")
     llm.generate([[1, 2, 3]], greedy("cycle7_int8", 2))
-    assert llm.stats["int8_matmul"] in ("int8pack_mm", "cast")
+    quant = importlib.import_module("cycle7_int8.quantization")
+    used = {m.matmul for m in llm.model.modules() if isinstance(m, quant.Int8Linear)}
+    assert used == {quant.MATMULS[llm.stats["int8_matmul"]]}          # the path reported is the path run
+    forced = tiny_llms("cycle7_int8", int8_matmul="cast")
+    forced.generate([[1, 2, 3]], greedy("cycle7_int8", 2))
+    assert forced.stats["int8_matmul"] == "cast"
     assert llm.stats["quantize_s"] > 0
     assert llm.model.lm_head.qweight is llm.model.model.embed_tokens.qweight
 

@@ -46,7 +46,9 @@ def test_int8_linear_matches_float_within_the_scale_bound(name, matmul):
     # |x . (w - w_q)| <= sum|x| * scale / 2 for every output channel
     bound = x.abs().sum(dim=1, keepdim=True) * scale.unsqueeze(0) / 2
     assert ((got - want).abs() <= bound + 1e-5).all()
-    assert torch.allclose(layer(x), q(name).Int8Linear(qw, scale, lin.bias.data, "cast")(x), atol=1e-4)
+    # and it is exactly the float product with the dequantized weights (not some other rounding)
+    dequantized = x @ q(name).dequantize(qw, scale).T + lin.bias.data
+    torch.testing.assert_close(got, dequantized, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", INT8)
