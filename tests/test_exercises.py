@@ -442,23 +442,52 @@ def test_int8_stats(tiny_llms):
 GUIDE = ROOT / "docs" / "CYCLE_GUIDE.md"
 
 
+def diff_hunk_headers(old_path: str | None, new_path: str) -> set[str]:
+    """The `@@ ... @@` lines of `diff -u old new`, as the guide's `diff -ruN` prints them."""
+    import subprocess
+
+    old = str(ROOT / old_path) if old_path else "/dev/null"
+    out = subprocess.run(["diff", "-u", old, str(ROOT / new_path)], capture_output=True, text=True).stdout
+    return {line for line in out.splitlines() if line.startswith("@@")}
+
+
 def test_guide_quotes_the_code():
-    """Every line the guide quotes in a diff or code block still exists in some cycle's source."""
+    """Every diff the guide quotes is the code's own diff: each `+` line is in the new file, each `-`
+    line in the old one, each context line in both, and each hunk header (`@@ -a,b +c,d @@`, with
+    `@@ ... @@` marking a cut) is one that `diff -u` of the two files gives. Every line of a
+    python block still exists in some cycle's source."""
     import re
 
-    source = {line for path in ROOT.glob("cycle*/*.py") for line in path.read_text().splitlines()}
     text = GUIDE.read_text()
     stale = []
     for block in re.findall(r"```diff\n(.*?)```", text, re.S):
-        for line in block.splitlines():
-            if line.startswith(("+++", "---", "@@")) or not line[1:].strip():
+        lines = block.splitlines()
+        old_path = next((line[4:] for line in lines if line.startswith("--- ")), None)
+        new_path = next(line[4:] for line in lines if line.startswith("+++ "))
+        old = (ROOT / old_path).read_text().splitlines() if old_path else []   # no "---": a new file
+        new = (ROOT / new_path).read_text().splitlines()
+        headers = diff_hunk_headers(old_path, new_path)
+        for line in lines:
+            if line.startswith(("--- ", "+++ ")) or line == "@@ ... @@":
                 continue
-            if line[1:] not in source:
-                stale.append(line)
+            if line.startswith("@@"):
+                if line not in headers:
+                    stale.append(f"{new_path}: hunk header {line!r}; diff -u gives {sorted(headers)}")
+            elif not line[1:].strip():
+                continue
+            elif line[0] == "+" and line[1:] not in new:
+                stale.append(f"{new_path} lacks the added line {line!r}")
+            elif line[0] == "-" and line[1:] not in old:
+                stale.append(f"{old_path} lacks the removed line {line!r}")
+            elif line[0] == " " and (line[1:] not in new or (old_path and line[1:] not in old)):
+                stale.append(f"context line not in both {old_path} and {new_path}: {line!r}")
+            elif line[0] not in "+- ":
+                stale.append(f"{new_path}: a diff line with no +, - or space marker: {line!r}")
+    source = {line for path in ROOT.glob("cycle*/*.py") for line in path.read_text().splitlines()}
     for block in re.findall(r"```python\n(.*?)```", text, re.S):
         stale += [line for line in block.splitlines()
                   if line.strip() and not line.strip().startswith("#") and line not in source]
-    assert not stale, "docs/CYCLE_GUIDE.md quotes lines the code no longer has:\n" + "\n".join(stale)
+    assert not stale, "docs/CYCLE_GUIDE.md quotes what the code does not have:\n" + "\n".join(stale)
 
 
 def test_guide_names_existing_tests():

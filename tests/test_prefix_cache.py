@@ -42,7 +42,7 @@ def test_chained_hash_depends_on_the_parent(name):
     mod, _, _ = parts(name)
     block = [1, 2, 3, 4]
     assert mod.chain_hash(block, None) != mod.chain_hash(block, mod.chain_hash([9, 9, 9, 9], None))
-    # one token changed two blocks back changes this block's hash; so does the order of its tokens
+    # a token changed in the parent block changes this block's hash; so does the order of its tokens
     assert mod.chain_hash(block, mod.chain_hash([1, 2, 3, 4], None)) != mod.chain_hash(block, mod.chain_hash([1, 2, 3, 5], None))
     assert mod.chain_hash([1, 2, 3, 4], 5) != mod.chain_hash([4, 3, 2, 1], 5)
 
