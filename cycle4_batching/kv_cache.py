@@ -89,9 +89,9 @@ def plan_kv_pool(bytes_per_block: int, device: torch.device, max_blocks: int, nu
     if kv_cache_memory_bytes is not None:
         plan.update(budget_bytes=kv_cache_memory_bytes, sized_by="kv_cache_memory_bytes")
     elif device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
         model = torch.cuda.memory_allocated(device)      # weights (and anything else loaded so far)
-        peak = profile()
+        peak = profile()                                 # ends with empty_cache: free below is really free
+        free, total = torch.cuda.mem_get_info(device)
         # Never more than is free right now either: another process may hold part of the GPU.
         budget = min(int(total * gpu_memory_utilization) - model - peak, free - peak)
         plan.update(budget_bytes=budget, model_bytes=model, activation_peak_bytes=peak, total_memory_bytes=total,
