@@ -30,4 +30,8 @@ def test_bf16_default_on_cuda_runs_and_reports_gpu_memory(name, tiny_checkpoints
     first = [o.token_ids for o in llm.generate(PROMPTS, sp)]
     assert first == [o.token_ids for o in llm.generate(PROMPTS, sp)]
     assert all(len(t) == 8 for t in first)
-    assert 0 < llm.stats["peak_memory_bytes"] < torch.cuda.get_device_properties(0).total_memory
+    # The peak covers at least what stays allocated through generate: the weights and the KV cache
+    # (the whole pool for the paged cycles, the reservation for cycle 2).
+    s = llm.stats
+    held = s["weight_bytes"] + s.get("kv_cache_pool_bytes", s["kv_cache_peak_bytes"])
+    assert held <= s["peak_memory_bytes"] < torch.cuda.get_device_properties(0).total_memory
