@@ -24,9 +24,17 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_N = 64   # keys per tile: 64 x head_dim values of K and of V per load, a few KiB each
-BLOCK_M = 64   # prefill queries per program: a tile of the score matrix is BLOCK_M x BLOCK_N
 MIN_DOT = 16   # tl.dot on tensor cores needs every dimension >= 16: small tiles are padded to it
+
+
+def tile_sizes(q: torch.Tensor) -> tuple[int, int]:
+    """(BLOCK_M prefill queries, BLOCK_N keys) per tile. A K and a V tile of BLOCK_N x head_dim
+    sit in shared memory for each pipeline stage (3 by default), so 4-byte fp32 values get tiles
+    half as wide as bf16/fp16 ones to fit any recent GPU (64 x 128 x 2 bytes x 2 x 3 = 96 KiB).
+    The CPU interpreter has no such limit, and runs faster with fewer, larger tiles."""
+    if q.element_size() <= 2 or q.device.type == "cpu":
+        return 64, 64
+    return 32, 32
 
 
 @triton.jit
@@ -94,13 +102,14 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     group = H // kv_heads
     q = q.contiguous()                                # the kernel assumes unit stride along D
     out = torch.empty_like(q)
+    _, block_n = tile_sizes(q)
     _decode_kernel[(B, kv_heads)](
         q, k_cache, v_cache, block_tables, context_lens, out, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(MIN_DOT, triton.next_power_of_2(group)), HEAD_DIM=D,
-        BLOCK_SIZE=k_cache.shape[1], BLOCK_N=BLOCK_N)
+        BLOCK_SIZE=k_cache.shape[1], BLOCK_N=block_n)
     return out
 
 
@@ -172,11 +181,12 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, con
     B = block_tables.shape[0]
     q = q.contiguous()
     out = torch.empty_like(q)
-    grid = (triton.cdiv(max_seqlen_q, BLOCK_M), B, H)
+    block_m, block_n = tile_sizes(q)
+    grid = (triton.cdiv(max_seqlen_q, block_m), B, H)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
-        GROUP=H // k_cache.shape[2], HEAD_DIM=D, BLOCK_SIZE=k_cache.shape[1], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+        GROUP=H // k_cache.shape[2], HEAD_DIM=D, BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n)
     return out

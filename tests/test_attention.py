@@ -171,3 +171,34 @@ def test_dense_layout_is_built_for_sdpa_only(tiny_llms):
     assert meta.mask is None and meta.query_index is None
     assert meta.block_tables.dtype == meta.context_lens.dtype == meta.cu_seqlens_q.dtype == torch.int32
     assert meta.context_lens.tolist() == [3] and meta.max_seqlen_q == 3
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                         min_new_tokens=0, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def check_engine_against_hf(llm, hf, name):
+    """Prompt A first; then B and C, which share A's first 40 tokens (two full 16-token blocks), so
+    their prefill starts after a cached prefix. Every output must be HF's greedy tokens."""
+    base = [(7 * i) % 90 + 3 for i in range(40)]
+    params = importlib.import_module(name).SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompts = [[base + [50, 51]], [base + [60, 61, 62], base[:33] + [70]]]
+    for batch in prompts:
+        outs = llm.generate(batch, params)
+        for prompt, out in zip(batch, outs):
+            assert out.token_ids == hf_greedy(hf, prompt, 6)
+    assert llm.stats["prefix_cache_hit_tokens"] >= 2 * 32     # B and C each found two blocks of A
+
+
+@pytest.mark.parametrize("name", ["cycle6_flash"])   # cycle 7 carries the same files (test above), but int8 is not exact
+def test_triton_engine_equals_hf_with_prefix_hits(name, tiny_checkpoints):
+    """The whole engine on our kernels (interpreted on a CPU, compiled on a GPU): prefill, prefill
+    after a cached prefix, decode across block boundaries, token for token against HF in fp32."""
+    path, hf = tiny_checkpoints["qwen3"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    llm = importlib.import_module(name).LLM(path, device=device, dtype="float32", attention_backend="triton")
+    check_engine_against_hf(llm, hf, name)
+    assert llm.stats["attention_backend"] == "triton" and llm.stats["attention_backend_note"] is None
