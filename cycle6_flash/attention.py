@@ -76,6 +76,8 @@ def triton_problem(device: torch.device, dtype: torch.dtype, kernels: str = "tri
     if device.type == "cpu" and not triton.knobs.runtime.interpret:   # checked before the kernels are defined
         return ("on a CPU triton kernels run only in Triton's interpreter: set TRITON_INTERPRET=1 in the "
                 "environment before starting Python (slow; meant for tests)")
+    if device.type == "cpu" and dtype == torch.bfloat16:   # numpy has no bf16: the interpreter keeps raw bits
+        return "Triton's interpreter computes bf16 wrongly (triton-lang/triton#11584): use float32 on the CPU"
     try:
         importlib.import_module(f".{kernels}", __package__)   # defines the kernels: fails now, not mid-step
     except Exception as error:   # noqa: BLE001

@@ -147,6 +147,8 @@ def test_backend_choice_and_refusal(name, tiny_checkpoints, monkeypatch):
         attention.select_backend(cpu, torch.float32, "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert attention.select_backend(cpu, torch.float32, "triton") == ("triton", None)
+    with pytest.raises(ValueError, match="bf16"):     # the interpreter has no bf16 arithmetic
+        attention.select_backend(cpu, torch.bfloat16, "triton")
     llm = importlib.import_module(name).LLM(tiny_checkpoints["llama"][0], device="cpu")
     llm.generate([[1, 2, 3]], importlib.import_module(name).SamplingParams(max_tokens=2))
     assert llm.stats["attention_backend"] == "sdpa" and llm.block_manager.block_size == 16
