@@ -46,7 +46,7 @@ def tile_sizes(M: int) -> tuple[int, int, int]:
     Decode (a few rows) is bound by reading the weight: narrow output tiles give many programs to
     spread that read over the GPU. Prefill (many rows) reuses each weight tile over 64 rows."""
     if M <= 16:
-        return 16, 32, 128      # tl.dot needs >= 16 rows: a decode batch is padded to 16
+        return 16, 16, 256      # tl.dot needs >= 16 rows: a decode batch is padded to 16
     return 64, 64, 64
 
 

@@ -201,6 +201,7 @@ def test_triton_engine_equals_hf_with_prefix_hits(name, tiny_checkpoints):
     after a cached prefix, decode across block boundaries, token for token against HF in fp32."""
     path, hf = tiny_checkpoints["qwen3"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    llm = importlib.import_module(name).LLM(path, device=device, dtype="float32", attention_backend="triton")
+    llm = importlib.import_module(name).LLM(path, device=device, dtype="float32", attention_backend="triton",
+                                            num_kv_blocks=64)
     check_engine_against_hf(llm, hf, name)
     assert llm.stats["attention_backend"] == "triton" and llm.stats["attention_backend_note"] is None

@@ -48,8 +48,8 @@ def test_flash_attn_engine_with_multi_block_prefix_hits(tiny_checkpoints):
     if c6.attention.flash_attn_problem(torch.device("cuda"), torch.bfloat16):
         pytest.skip("flash-attn is not installed (or does not import)")
     path = tiny_checkpoints["qwen3"][0]
-    flash = c6.LLM(path, dtype="bfloat16", attention_backend="flash_attn", block_size=256)
-    sdpa = c6.LLM(path, dtype="bfloat16", attention_backend="sdpa", block_size=256)
+    flash = c6.LLM(path, dtype="bfloat16", attention_backend="flash_attn", block_size=256, num_kv_blocks=16)
+    sdpa = c6.LLM(path, dtype="bfloat16", attention_backend="sdpa", block_size=256, num_kv_blocks=16)
     params = c6.SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     for batch in _shared_prefix_prompts():
         got = [o.token_ids for o in flash.generate(batch, params)]
@@ -64,7 +64,7 @@ def test_cuda_default_backend_and_int8_path_are_reported(name, tiny_checkpoints)
     """bf16 on CUDA: flash_attn if it imports, else our triton kernels with the reason recorded;
     cycle 7's int8 path is our triton kernel, by the fixed table."""
     c = cycle(name)
-    llm = c.LLM(tiny_checkpoints["qwen3"][0])
+    llm = c.LLM(tiny_checkpoints["qwen3"][0], num_kv_blocks=64)
     llm.generate(PROMPTS, c.SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     problem = c.attention.flash_attn_problem(llm.device, llm.dtype)
     if problem:
