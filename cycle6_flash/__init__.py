@@ -1,4 +1,4 @@
-"""Cycle 6: fused attention. One kernel per attention call (flash-attn on CUDA when installed, torch SDPA elsewhere)."""
+"""Cycle 6: fused attention. One kernel per attention call (flash-attn when installed, our own Triton kernels on any CUDA GPU, torch SDPA on the CPU)."""
 
 from .llm import LLM
 from .sampling_params import SamplingParams

@@ -8,6 +8,7 @@ The batch is re-formed every step, so a short request never waits for a long one
 step, every block that became full of computed K/V is hashed into the prefix cache.
 """
 
+import sys
 import time
 
 import torch
@@ -20,7 +21,7 @@ from common.metrics import peak_memory_bytes, reset_peak_memory
 from common.model_source import eos_token_ids, load_tokenizer, load_weights, resolve_model
 from common.outputs import RequestMetrics, RequestOutput
 
-from .attention import DEFAULT_BLOCK_SIZE, select_backend
+from .attention import DEFAULT_BLOCK_SIZE, DENSE_LAYOUT, check_block_size, select_backend
 from .block_manager import BlockManager
 from .kv_cache import (GPU_MEMORY_UTILIZATION, PagedKVCache, block_bytes, check_pool_options,
                        plan_kv_pool, profile_activation_peak, profile_batches)
@@ -47,6 +48,12 @@ class LLM:
                  seed: int | None = None, trace: bool = False):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        # The backend needs the device and the dtype; it and its block size are checked before loading.
+        self.attention_backend, self.attention_backend_note = select_backend(self.device, self.dtype, attention_backend)
+        block_size = block_size or DEFAULT_BLOCK_SIZE[self.attention_backend]
+        check_block_size(self.attention_backend, block_size)
+        if self.attention_backend_note:   # a fallback nobody asked for: said once, and kept in stats
+            print(f"vllm-learn: {self.attention_backend_note}", file=sys.stderr, flush=True)
         defaults = DEFAULTS["cuda" if self.device.type == "cuda" else "cpu"]
         max_num_seqs = max_num_seqs or defaults["max_num_seqs"]
         max_num_batched_tokens = max_num_batched_tokens or defaults["max_num_batched_tokens"]
@@ -57,15 +64,14 @@ class LLM:
         self.config = self.source.config
         self.tokenizer = load_tokenizer(self.source)
         self.eos_token_ids = set(eos_token_ids(self.source, self.tokenizer))
-        self.attention_backend = select_backend(self.device, attention_backend)
-        block_size = block_size or DEFAULT_BLOCK_SIZE[self.attention_backend]
         self.model = _build_model(self.config, self.source, self.device, self.dtype, self.attention_backend)
         self.kv_cache, self.block_manager = self._allocate_kv_cache(
             block_size, num_kv_blocks, kv_cache_memory_bytes, gpu_memory_utilization, max_num_seqs,
             max_num_batched_tokens, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.model_runner = ModelRunner(self.model, self.kv_cache, self.block_manager,
-                                        Sampler(self.device, seed), self.device)
+                                        Sampler(self.device, seed), self.device,
+                                        dense_layout=self.attention_backend in DENSE_LAYOUT)
         self.trace = trace
         self._next_id = 0
         self._reset_counters()
@@ -240,6 +246,7 @@ class LLM:
             "prefix_cache_hit_rate": self.scheduler.prefix_cache_hit_tokens / max(1, self.scheduler.prefix_cache_queried_tokens),
             "prefill_tokens": self._prefill_tokens,
             "attention_backend": self.attention_backend,
+            "attention_backend_note": self.attention_backend_note,   # why a fallback ran, or None
             "max_num_seqs": self.scheduler.max_num_seqs,
             "max_num_batched_tokens": self.scheduler.max_num_batched_tokens,
         }

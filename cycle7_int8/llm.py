@@ -9,6 +9,7 @@ step, every block that became full of computed K/V is hashed into the prefix cac
 checkpoint is quantized to int8 (AbsMax, per output channel) when the engine starts.
 """
 
+import sys
 import time
 
 import torch
@@ -21,13 +22,13 @@ from common.metrics import peak_memory_bytes, reset_peak_memory
 from common.model_source import eos_token_ids, load_tokenizer, load_weights, resolve_model
 from common.outputs import RequestMetrics, RequestOutput
 
-from .attention import DEFAULT_BLOCK_SIZE, select_backend
+from .attention import DEFAULT_BLOCK_SIZE, DENSE_LAYOUT, check_block_size, select_backend
 from .block_manager import BlockManager
 from .kv_cache import (GPU_MEMORY_UTILIZATION, PagedKVCache, block_bytes, check_pool_options,
                        plan_kv_pool, profile_activation_peak, profile_batches)
 from .model import CausalLM
 from .model_runner import ModelRunner
-from .quantization import MATMULS, choose_matmul, quantize_model
+from .quantization import choose_matmul, quantize_model
 from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
@@ -49,6 +50,16 @@ class LLM:
                  int8_matmul: str | None = None, seed: int | None = None, trace: bool = False):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        # The backend needs the device and the dtype; it and its block size are checked before loading.
+        self.attention_backend, self.attention_backend_note = select_backend(self.device, self.dtype, attention_backend)
+        block_size = block_size or DEFAULT_BLOCK_SIZE[self.attention_backend]
+        check_block_size(self.attention_backend, block_size)
+        if self.attention_backend_note:   # a fallback nobody asked for: said once, and kept in stats
+            print(f"vllm-learn: {self.attention_backend_note}", file=sys.stderr, flush=True)
+        # The int8 path: a fixed table by device (quantization.DEFAULT_MATMUL) unless int8_matmul names one.
+        self.int8_matmul, self.int8_matmul_note = choose_matmul(self.device, self.dtype, int8_matmul)
+        if self.int8_matmul_note:
+            print(f"vllm-learn: {self.int8_matmul_note}", file=sys.stderr, flush=True)
         defaults = DEFAULTS["cuda" if self.device.type == "cuda" else "cpu"]
         max_num_seqs = max_num_seqs or defaults["max_num_seqs"]
         max_num_batched_tokens = max_num_batched_tokens or defaults["max_num_batched_tokens"]
@@ -59,30 +70,25 @@ class LLM:
         self.config = self.source.config
         self.tokenizer = load_tokenizer(self.source)
         self.eos_token_ids = set(eos_token_ids(self.source, self.tokenizer))
-        self.attention_backend = select_backend(self.device, attention_backend)
-        block_size = block_size or DEFAULT_BLOCK_SIZE[self.attention_backend]
         self.model = _build_model(self.config, self.source, self.device, self.dtype, self.attention_backend)
-        self.int8_matmul, self.quantize_s = self._quantize(int8_matmul)
+        self.quantize_s = self._quantize()
         self.kv_cache, self.block_manager = self._allocate_kv_cache(
             block_size, num_kv_blocks, kv_cache_memory_bytes, gpu_memory_utilization, max_num_seqs,
             max_num_batched_tokens, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.model_runner = ModelRunner(self.model, self.kv_cache, self.block_manager,
-                                        Sampler(self.device, seed), self.device)
+                                        Sampler(self.device, seed), self.device,
+                                        dense_layout=self.attention_backend in DENSE_LAYOUT)
         self.trace = trace
         self._next_id = 0
         self._reset_counters()
         self.stats: dict = {}
 
-    def _quantize(self, int8_matmul: str | None) -> tuple[str, float]:
-        """Quantize the loaded float weights in place; the matmul path is picked by timing both."""
-        if int8_matmul is not None and int8_matmul not in MATMULS:
-            raise ValueError(f"unknown int8_matmul {int8_matmul!r}: choose one of {sorted(MATMULS)}")
+    def _quantize(self) -> float:
+        """Quantize the loaded float weights in place; returns the seconds it took."""
         start = time.perf_counter()
-        mlp = self.model.model.layers[0].mlp.gate_proj
-        matmul = int8_matmul or choose_matmul(self.device, self.dtype, mlp.in_features, mlp.out_features)
-        quantize_model(self.model, matmul)
-        return matmul, time.perf_counter() - start
+        quantize_model(self.model, self.int8_matmul)
+        return time.perf_counter() - start
 
     def _allocate_kv_cache(self, block_size, num_kv_blocks, kv_cache_memory_bytes, gpu_memory_utilization,
                            max_num_seqs, max_num_batched_tokens, enable_prefix_caching):
@@ -253,7 +259,9 @@ class LLM:
             "prefix_cache_hit_rate": self.scheduler.prefix_cache_hit_tokens / max(1, self.scheduler.prefix_cache_queried_tokens),
             "prefill_tokens": self._prefill_tokens,
             "attention_backend": self.attention_backend,
+            "attention_backend_note": self.attention_backend_note,   # why a fallback ran, or None
             "int8_matmul": self.int8_matmul,
+            "int8_matmul_note": self.int8_matmul_note,               # why a fallback ran, or None
             "quantize_s": self.quantize_s,
             "max_num_seqs": self.scheduler.max_num_seqs,
             "max_num_batched_tokens": self.scheduler.max_num_batched_tokens,

@@ -31,3 +31,4 @@ run 30 quick python3 compare.py --device cuda --quick --cycles 1 --no-hf --out /
 run 300 throughput64 python3 compare.py --device cuda --num-requests 64 --cycles 2,3,4,5,6,7 --out /tmp/gpu/throughput64
 run 45 shared_prefix python3 compare.py --device cuda --workload shared_prefix --cycles 4,5 --no-hf --out /tmp/gpu/shared_prefix
 run 60 long_context python3 compare.py --device cuda --workload long_context --cycles 5,6 --no-hf --out /tmp/gpu/long_context
+run 90 bench_kernels python3 scripts/bench_kernels.py --out /tmp/gpu/bench_kernels/kernels.json

@@ -1,9 +1,18 @@
 """Shared fixtures. A new cycle joins the whole suite by adding its package name to CYCLES."""
 
 import importlib
+import os
 
 import pytest
 import torch
+
+# Without a GPU, our Triton kernels (cycles 6 and 7) are tested in Triton's interpreter. Triton reads
+# TRITON_INTERPRET when a kernel is defined, i.e. when its module is first imported; the cycles
+# import their kernel modules lazily (when an engine or a test asks for the triton path), and this
+# file runs before any test module, so setting it here covers every test. With a GPU it stays
+# unset and the real compiled kernels are tested. setdefault: an explicit value from the shell wins.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 CYCLES = [
     "cycle1_naive",

@@ -34,7 +34,7 @@ def test_an_all_zero_row_does_not_divide_by_zero(name):
     assert torch.equal(q(name).dequantize(qw, scale)[0], torch.zeros(8))
 
 
-@pytest.mark.parametrize("matmul", ["cast", "int8pack_mm"])
+@pytest.mark.parametrize("matmul", ["cast", "int8pack_mm", "triton"])
 @pytest.mark.parametrize("name", INT8)
 def test_int8_linear_matches_float_within_the_scale_bound(name, matmul):
     gen = torch.Generator().manual_seed(1)
@@ -51,6 +51,63 @@ def test_int8_linear_matches_float_within_the_scale_bound(name, matmul):
     torch.testing.assert_close(got, dequantized, atol=1e-5, rtol=1e-5)
 
 
+def rounding_bound(x, qw, scale, unit):
+    """How far two fp32-accumulated evaluations of x @ (qw * scale)^T can differ by rounding alone:
+    each is within (K + 2) * unit * (|x| @ |qw|^T) * scale of the exact value (K products summed,
+    then one multiply by the scale), so the two are within twice that of each other."""
+    K = x.shape[1]
+    return 2 * (K + 2) * unit * (x.abs().double() @ qw.abs().double().t()) * scale.double()
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40], ids=lambda m: f"M{m}")   # decode tiles (<= 16 rows) and prefill tiles
+@pytest.mark.parametrize("name", INT8)
+def test_triton_int8_kernel_matches_dequantize_then_matmul(name, rows):
+    """Our kernel (interpreted on a CPU) against the definition: dequantize the weight, then matmul.
+    Shapes that are not multiples of any tile, so the edge masks are exercised."""
+    kernel = importlib.import_module(f"{name}.triton_int8").int8_matmul
+    gen = torch.Generator().manual_seed(rows)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    qw, scale = q(name).quantize_absmax(torch.randn(48, 200, generator=gen))
+    x = torch.randn(rows, 200, generator=gen)
+    want = x.double() @ q(name).dequantize(qw, scale).double().t()
+    got = kernel(x.to(device), qw.to(device), scale.to(device)).cpu()
+    assert got.dtype == torch.float32 and got.shape == (rows, 48)
+    assert ((got.double() - want).abs() <= rounding_bound(x, qw, scale, 2.0 ** -24)).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", INT8)
+def test_triton_int8_kernel_in_bf16_on_cuda(name):
+    """bf16 activations: the kernel rounds its fp32 result to bf16 once; the cast path rounds the
+    product and then the scaled product. Bound: three bf16 roundings (2^-8 each) of |x| @ |q|^T * s."""
+    kernel = importlib.import_module(f"{name}.triton_int8").int8_matmul
+    gen = torch.Generator().manual_seed(0)
+    qw, scale = q(name).quantize_absmax(torch.randn(3072, 1024, generator=gen))
+    for rows in (1, 16, 300):
+        x = torch.randn(rows, 1024, generator=gen).bfloat16()
+        got = kernel(x.cuda(), qw.cuda(), scale.bfloat16().cuda()).float().cpu()
+        want = (x.double() @ q(name).dequantize(qw, scale.bfloat16().float()).double().t())
+        bound = 3 * 2.0 ** -8 * (x.abs().double() @ qw.abs().double().t()) * scale.double()
+        assert got.dtype == torch.float32 and ((got.double() - want).abs() <= bound + 1e-6).all()
+
+
+@pytest.mark.parametrize("name", INT8)
+def test_int8_path_is_a_fixed_choice_by_device(name, monkeypatch):
+    """No timing: the CPU takes the cast path (measured in chapter 7), CUDA our triton kernel;
+    int8_matmul overrides; an unknown or unusable choice is a clear error."""
+    choose = q(name).choose_matmul
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for dtype in (torch.float32, torch.bfloat16):
+        assert [choose(cpu, dtype, None) for _ in range(3)] == [("cast", None)] * 3
+        assert choose(cuda, dtype, None) == ("triton", None)   # reads only the device type: no GPU needed
+    assert choose(cpu, torch.float32, "int8pack_mm") == ("int8pack_mm", None)
+    with pytest.raises(ValueError, match="unknown int8_matmul"):
+        choose(cpu, torch.float32, "fast")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        choose(cpu, torch.float32, "triton")
+
+
 @pytest.mark.parametrize("name", INT8)
 def test_weights_are_int8_and_take_a_quarter_of_fp32(name, tiny_checkpoints):
     path = tiny_checkpoints["qwen3"][0]
@@ -61,7 +118,7 @@ def test_weights_are_int8_and_take_a_quarter_of_fp32(name, tiny_checkpoints):
     assert not any(isinstance(m, torch.nn.Linear) for m in llm.model.modules())
     ratio = llm.stats["weight_bytes"] / fp.stats["weight_bytes"]
     assert ratio < 0.3, ratio                                 # int8 + scales + fp32 norms
-    assert llm.stats["int8_matmul"] in ("cast", "int8pack_mm")
+    assert llm.stats["int8_matmul"] == "cast" and llm.stats["int8_matmul_note"] is None   # the CPU's measured path
 
 
 @pytest.mark.slow
@@ -72,3 +129,19 @@ def test_quality_against_cycle6_on_real_smollm2(name):
     result = compare(cycle("cycle6_flash").LLM(SMOLLM2, device="cpu"), cycle(name).LLM(SMOLLM2, device="cpu"))
     assert result["next_token_agreement"] >= 0.9, result
     assert result["perplexity_candidate"] < result["perplexity_reference"] * 1.1, result
+
+
+@pytest.mark.parametrize("name", INT8)
+def test_triton_int8_engine_gives_the_cast_paths_tokens(name, tiny_llms):
+    """End to end (the kernel interpreted on a CPU): the same int8 weights through our kernel and
+    through the cast path differ only by rounding, so greedy tokens on the tiny model are equal."""
+    prompts = [[5, 17, 42, 9, 33], list(range(10, 30))]
+    params = cycle(name).SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    triton = tiny_llms(name, "qwen3", int8_matmul="triton")
+    cast = tiny_llms(name, "qwen3", int8_matmul="cast")
+    got = [o.token_ids for o in triton.generate(prompts, params)]
+    assert triton.stats["int8_matmul"] == "triton"
+    assert got == [o.token_ids for o in cast.generate(prompts, params)]
+    kernel = importlib.import_module(f"{name}.triton_int8").int8_matmul
+    assert triton.model.lm_head.matmul is kernel                                   # the tied lm_head too
+    assert triton.model.lm_head.qweight is triton.model.model.embed_tokens.qweight
