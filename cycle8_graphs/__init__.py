@@ -1,4 +1,4 @@
-"""Cycle 7: int8 AbsMax weight-only quantization: int8 weights, one scale per output channel."""
+"""Cycle 8 (bonus): decode as a CUDA graph replay over static buffers, with a lean host step."""
 
 from .llm import LLM
 from .sampling_params import SamplingParams

@@ -7,6 +7,8 @@ tokens; finished sequences leave at once. generate() adds every prompt and steps
 The batch is re-formed every step, so a short request never waits for a long one. After each
 step, every block that became full of computed K/V is hashed into the prefix cache. The float
 checkpoint is quantized to int8 (AbsMax, per output channel) when the engine starts.
+Cycle 8: decode steps replay CUDA graphs over static buffers (cuda_graphs.py), captured when the
+engine starts, after the KV pool is sized with room held for them; small ops may be compiled.
 """
 
 import time
@@ -23,6 +25,8 @@ from common.outputs import RequestMetrics, RequestOutput
 
 from .attention import DEFAULT_BLOCK_SIZE, select_backend
 from .block_manager import BlockManager
+from .compiled_ops import compile_small_ops
+from .cuda_graphs import DecodeGraphs, held
 from .kv_cache import PagedKVCache, block_bytes, num_blocks_for_budget
 from .model import CausalLM
 from .model_runner import ModelRunner
@@ -44,7 +48,8 @@ class LLM:
                  block_size: int | None = None, num_kv_blocks: int | None = None,
                  kv_cache_memory_bytes: int | None = None, kv_cache_fraction: float = 0.5,
                  enable_prefix_caching: bool = True, attention_backend: str | None = None,
-                 int8_matmul: str | None = None, seed: int | None = None, trace: bool = False):
+                 int8_matmul: str | None = None, seed: int | None = None, trace: bool = False,
+                 enforce_eager: bool = False, compile: bool | None = None):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         defaults = DEFAULTS["cuda" if self.device.type == "cuda" else "cpu"]
@@ -60,12 +65,23 @@ class LLM:
         block_size = block_size or DEFAULT_BLOCK_SIZE[self.attention_backend]
         self.model = _build_model(self.config, self.source, self.device, self.dtype, self.attention_backend)
         self.int8_matmul, self.quantize_s = self._quantize(int8_matmul)
-        self.kv_cache, self.block_manager = self._allocate_kv_cache(block_size, num_kv_blocks,
-                                                                    kv_cache_memory_bytes, kv_cache_fraction,
-                                                                    enable_prefix_caching)
+        # Compiled small ops pay on a GPU; on a CPU they did not (compiled_ops.py): off unless asked.
+        self.compile = self.device.type == "cuda" if compile is None else bool(compile)
+        self.compile_s = compile_small_ops(self.model, self.device, self.dtype) if self.compile else 0.0
+        self.graphs = DecodeGraphs(self.model, self.attention_backend, block_size, max_num_seqs,
+                                   self.config.max_position_embeddings, self.device, enforce_eager)
+        # The graphs' memory is measured first and held while the KV budget is sized; capture
+        # comes after the pool exists, because a graph records the pool's addresses.
+        reserve = self.graphs.measure_decode_bytes(lambda n: self._kv_pool(block_size, n))
+        with held(reserve, self.device):
+            self.kv_cache, self.block_manager = self._allocate_kv_cache(block_size, num_kv_blocks,
+                                                                        kv_cache_memory_bytes, kv_cache_fraction,
+                                                                        enable_prefix_caching)
+        self.graphs.bind(self.kv_cache, self.block_manager, scratch_block=self.block_manager.num_blocks)
+        self.graphs.capture()
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.model_runner = ModelRunner(self.model, self.kv_cache, self.block_manager,
-                                        Sampler(self.device, seed), self.device)
+                                        Sampler(self.device, seed), self.device, self.graphs)
         self.trace = trace
         self._next_id = 0
         self._reset_counters()
@@ -86,12 +102,16 @@ class LLM:
         attn = self.model.model.layers[0].self_attn
         layers = self.config.num_hidden_layers
         per_block = block_bytes(layers, block_size, attn.num_kv_heads, attn.head_dim, self.dtype)
-        if num_kv_blocks is None:
-            num_kv_blocks = num_blocks_for_budget(per_block, self.device, kv_cache_memory_bytes, kv_cache_fraction)
+        if num_kv_blocks is None:  # the budget also pays for the scratch block
+            num_kv_blocks = num_blocks_for_budget(per_block, self.device, kv_cache_memory_bytes, kv_cache_fraction) - 1
         manager = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)
-        cache = PagedKVCache(layers, num_kv_blocks, block_size, attn.num_kv_heads, attn.head_dim,
-                             self.dtype, self.device)
-        return cache, manager
+        # One block more than the manager hands out: the scratch block that padding rows write to.
+        return self._kv_pool(block_size, num_kv_blocks + 1), manager
+
+    def _kv_pool(self, block_size: int, num_blocks: int) -> PagedKVCache:
+        attn = self.model.model.layers[0].self_attn
+        return PagedKVCache(self.config.num_hidden_layers, num_blocks, block_size, attn.num_kv_heads,
+                            attn.head_dim, self.dtype, self.device)
 
     # --- the engine loop, in vLLM's LLMEngine vocabulary ---------------------------------------
 
@@ -229,6 +249,9 @@ class LLM:
             "attention_backend": self.attention_backend,
             "int8_matmul": self.int8_matmul,
             "quantize_s": self.quantize_s,
+            "compile": self.compile,
+            "compile_s": self.compile_s,
+            **self.graphs.stats(),
             "max_num_seqs": self.scheduler.max_num_seqs,
             "max_num_batched_tokens": self.scheduler.max_num_batched_tokens,
         }

@@ -29,12 +29,17 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.op = rms_norm            # compiled_ops.compile_small_ops() may put the compiled one here
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 (bf16 loses too much in the mean of squares), scale in the input dtype.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.op(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in fp32 (bf16 loses too much in the mean of squares), scale in the input dtype.
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -102,6 +107,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.qk_norm = qk_norm
+        self.rotate = apply_rotary    # compiled_ops.compile_small_ops() may put the compiled one here
 
     def forward(self, x, cos, sin, meta: AttentionMetadata, k_cache, v_cache):
         """x: [N, hidden], a flat batch; k/v_cache: this layer's pool, [num_blocks, block_size, KVH, D]."""
@@ -111,7 +117,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(N, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         store_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         out = self.attend(q, k_cache, v_cache, meta, self.scale)   # [N, H, D], one fused kernel
         return self.o_proj(out.reshape(N, self.num_heads * self.head_dim))
@@ -132,9 +138,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.act_mul = silu_mul       # compiled_ops.compile_small_ops() may put the compiled one here
 
     def forward(self, x):
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return nn.functional.silu(gate) * up
 
 
 class DecoderLayer(nn.Module):

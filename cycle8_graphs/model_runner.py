@@ -3,6 +3,8 @@
 Prefill packs every admitted prompt into one flat batch without padding; decode gathers each
 running sequence's newest token. Both end up as the same flat layout (input_ids, positions,
 slot_mapping over N tokens, plus per-sequence block tables), so the model has one code path.
+Cycle 8: decode goes to DecodeGraphs (cuda_graphs.py), which keeps that layout in static buffers
+updated in place and replays it as a CUDA graph; prefill stays as it was, eager.
 """
 
 from itertools import accumulate
@@ -10,6 +12,7 @@ from itertools import accumulate
 import torch
 
 from .block_manager import BlockManager
+from .cuda_graphs import DecodeGraphs
 from .model import AttentionMetadata, CausalLM
 from .sampler import Sampler
 from .sequence import Sequence
@@ -17,16 +20,21 @@ from .sequence import Sequence
 
 class ModelRunner:
     def __init__(self, model: CausalLM, kv_cache, block_manager: BlockManager, sampler: Sampler,
-                 device: torch.device):
+                 device: torch.device, graphs: DecodeGraphs | None = None):
         self.model = model
         self.kv_cache = kv_cache
         self.block_manager = block_manager
         self.sampler = sampler
         self.device = device
+        self.graphs = graphs      # decode: static buffers, replayed as a CUDA graph where it can be
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
         """One forward over the step's tokens; returns one sampled token per sequence."""
+        if self.graphs is not None:
+            if not is_prefill:
+                return self.graphs.run(seqs, self.sampler)
+            self.graphs.collect_changes()     # keeps the BlockManager's record short between decodes
         input_ids, positions, meta = self._prepare(seqs, is_prefill)
         hidden = self.model(input_ids, positions, meta, self.kv_cache)
         last = hidden[meta.cu_seqlens_q[1:].long() - 1]   # each sequence's last token

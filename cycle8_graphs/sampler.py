@@ -23,9 +23,14 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None]) -> list[int]:
         """logits: [batch, vocab]; generators[i] is request i's own generator (None: no seed)."""
+        return self.sample(logits, params, generators).tolist()
+
+    def sample(self, logits: torch.Tensor, params: list[SamplingParams] | None = None,
+               generators: list[torch.Generator | None] | None = None) -> torch.Tensor:
+        """The same, left on the device (no sync); params None: every row is greedy."""
         greedy = logits.argmax(dim=-1)
-        if all(p.greedy for p in params):
-            return greedy.tolist()
+        if params is None or all(p.greedy for p in params):
+            return greedy
         probs = self._probs(logits.float(), params)
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for i, g in enumerate(generators):
@@ -33,7 +38,7 @@ class Sampler:
                 noise[i].exponential_(generator=g)
         sampled = (probs / noise).argmax(dim=-1)
         is_greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-        return torch.where(is_greedy, greedy, sampled).tolist()
+        return torch.where(is_greedy, greedy, sampled)
 
     @staticmethod
     def _probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
