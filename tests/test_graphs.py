@@ -190,17 +190,21 @@ def test_tokens_equal_cycle7_on_real_smollm2_with_preemption():
 # --- CUDA -------------------------------------------------------------------------------------
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_graph_replay_tokens_equal_eager_on_cuda(dtype, tiny_checkpoints):
+@pytest.mark.parametrize("dtype, compile", [("float32", False), ("bfloat16", False), ("float32", True)])
+def test_graph_replay_tokens_equal_eager_on_cuda(dtype, compile, tiny_checkpoints):
+    """The replayed graphs (compiled small ops or not) against the plain eager forward."""
     path = tiny_checkpoints["qwen3"][0]
-    graphs = cycle(C8).LLM(path, device="cuda", dtype=dtype, max_num_seqs=32)
+    graphs = cycle(C8).LLM(path, device="cuda", dtype=dtype, max_num_seqs=32, compile=compile)
     if not graphs.graphs.graphs:
         pytest.skip(f"no capture on this machine: {graphs.graphs.note}")
     eager = cycle(C8).LLM(path, device="cuda", dtype=dtype, max_num_seqs=32, enforce_eager=True,
-                          int8_matmul=graphs.int8_matmul, compile=graphs.compile)
-    assert graphs.graphs.graphs and not eager.graphs.graphs
+                          int8_matmul=graphs.int8_matmul, compile=False)
+    assert graphs.graphs.buckets == [1, 2, 4, 8, 16, 32] and sorted(graphs.graphs.graphs) == [1, 2, 4, 8, 16, 32]
+    assert not eager.graphs.graphs
     assert tokens(graphs, C8) == tokens(eager, C8)
-    assert graphs.stats["cuda_graphs"] and graphs.stats["cuda_graph_bytes"] >= 0
+    s = graphs.stats
+    assert s["cuda_graphs"] and s["cuda_graph_bytes"] > 0 and s["cuda_graph_reserve_bytes"] > 0
+    assert s["compile"] == compile and (s["compile_s"] > 0) == compile
 
 
 @pytest.mark.cuda
@@ -208,7 +212,7 @@ def test_one_sync_per_decode_step_on_cuda(tiny_checkpoints):
     """torch warns at every synchronizing CUDA call in sync debug mode: a decode step has one."""
     import warnings
 
-    llm = cycle(C8).LLM(tiny_checkpoints["qwen3"][0], device="cuda", max_num_seqs=8)
+    llm = cycle(C8).LLM(tiny_checkpoints["qwen3"][0], device="cuda", max_num_seqs=8, compile=False)
     for prompt in PROMPTS[:5]:
         llm.add_request(prompt, cycle(C8).SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
     llm.step()                                                       # prefill (eager, not lean)
