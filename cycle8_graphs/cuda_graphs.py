@@ -150,12 +150,14 @@ class DecodeGraphs:
         start = time.perf_counter()
         torch.cuda.synchronize(self.device)
         free_before, _ = torch.cuda.mem_get_info(self.device)
-        pool = None
+        pool, stream = None, torch.cuda.Stream(self.device)   # warm-up and capture on one stream:
+        stream.wait_stream(torch.cuda.current_stream(self.device))   # libraries' per-stream handles exist
         for bucket in reversed(self.buckets):
-            self._forward(bucket, self.max_blocks)     # warm up: lazy init, compiled ops compile here
-            torch.cuda.synchronize(self.device)
+            with torch.cuda.stream(stream):
+                self._forward(bucket, self.max_blocks)     # warm up: lazy init, compiled ops compile here
+            stream.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
                 self._forward(bucket, self.max_blocks)
             pool = graph.pool() if pool is None else pool
             self.graphs[bucket] = graph
