@@ -74,6 +74,8 @@ def bench(name: str, model: str, device: torch.device, args, options: dict) -> d
     result = {"engine": name, "num_seqs": n, "steps": args.steps, "steps_per_s": args.steps / wall,
               "ms_per_step": 1000 * wall / args.steps, "output_tok_per_s": n * args.steps / wall,
               "cuda_graphs": getattr(llm, "graphs", None) is not None and bool(llm.graphs.graphs),
+              "compile_s": getattr(llm, "compile_s", None), "graph_capture_s": getattr(llm.graphs, "capture_s", None)
+              if hasattr(llm, "graphs") else None,
               "options": options}
     if args.profile:
         result.update(profile(llm, name, device, args))
@@ -118,7 +120,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--profile", default=None, metavar="DIR", help="also profile and write summaries to DIR")
     p.add_argument("--profile-steps", type=int, default=5)
-    p.add_argument("--no-compile", action="store_true", help="cycle 8: compile=False")
+    p.add_argument("--no-compile", action="store_true", help="cycle 8: compile=False (default on CUDA: True)")
+    p.add_argument("--compile", action="store_true", help="cycle 8: compile=True (default on CPU: False)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="an engine option (repeatable)")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
@@ -127,12 +130,13 @@ def main(argv=None) -> None:
     results = []
     for name in filter(None, args.cycles.split(",")):
         engine_options = dict(options)
-        if args.no_compile and name.startswith("cycle8"):
-            engine_options["compile"] = False
+        if (args.no_compile or args.compile) and name.startswith("cycle8"):
+            engine_options["compile"] = args.compile
         results.append(bench(name.strip(), model, device, args, engine_options))
         r = results[-1]
         print(f"{name}: {r['steps_per_s']:.1f} decode steps/s ({r['ms_per_step']:.2f} ms/step, "
-              f"{r['output_tok_per_s']:.0f} tok/s) at {args.num_seqs} sequences, CUDA graphs: {r['cuda_graphs']}",
+              f"{r['output_tok_per_s']:.0f} tok/s) at {args.num_seqs} sequences, CUDA graphs: {r['cuda_graphs']}, "
+              f"compile_s: {r['compile_s']}, graph_capture_s: {r['graph_capture_s']}",
               flush=True)
     if len(results) == 2:
         print(f"{results[1]['engine']} / {results[0]['engine']}: {results[1]['steps_per_s'] / results[0]['steps_per_s']:.2f}x")
