@@ -29,7 +29,7 @@ TEXT = (
 def cycle_name(spec: str) -> str:
     if spec.isdigit():
         matches = [m for m in ("cycle1_naive", "cycle2_kvcache", "cycle3_paged", "cycle4_batching",
-                               "cycle5_prefix", "cycle6_flash", "cycle7_int8") if m.startswith(f"cycle{spec}_")]
+                               "cycle5_prefix", "cycle6_flash", "cycle7_int8", "cycle8_graphs") if m.startswith(f"cycle{spec}_")]
         if matches:
             return matches[0]
     return spec

@@ -32,3 +32,9 @@ run 300 throughput64 python3 compare.py --device cuda --num-requests 64 --cycles
 run 45 shared_prefix python3 compare.py --device cuda --workload shared_prefix --cycles 4,5 --no-hf --out /tmp/gpu/shared_prefix
 run 60 long_context python3 compare.py --device cuda --workload long_context --cycles 5,6 --no-hf --out /tmp/gpu/long_context
 run 90 bench_kernels python3 scripts/bench_kernels.py --out /tmp/gpu/bench_kernels/kernels.json
+# Cycle 8 (bonus): decode steps/s at 256 sequences, cycle 7 against 8, with a profile (docs/CYCLE_GUIDE.md, chapter 10).
+run 120 pytest_graphs python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_graphs.py
+run 240 bench_step python3 scripts/bench_step.py --device cuda --profile /tmp/gpu/bench_step
+# After the merge, once compare.py has the nano_vllm_bench workload and the cycles take quantization=None:
+# run 300 nano_vllm_bench python3 compare.py --device cuda --workload nano_vllm_bench --cycles 7,8 --no-hf --out /tmp/gpu/nano_vllm_bench
+# run 300 nano_vllm_bench_fp python3 compare.py --device cuda --workload nano_vllm_bench --cycles 7,8 --no-hf --option quantization=None --out /tmp/gpu/nano_vllm_bench_fp

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import CYCLES, EXACT_CYCLES, SMOLLM2, cycle
+from conftest import CYCLES, EXACT_CYCLES, INT8_CYCLES, SMOLLM2, cycle
 
 TINY = ["qwen3", "qwen3_untied", "llama"]
 PROMPTS = [[5, 17, 42, 9, 33], list(range(10, 21)), [7] * 3 + list(range(40, 54))]
@@ -91,7 +91,7 @@ def test_stats_are_reported(name, tiny_llms):
         assert key in s
     assert s["output_tokens"] == sum(len(o.token_ids) for o in outs) == 15
     params = sum(p.numel() for p in llm.model.parameters()) * 4
-    if name != "cycle7_int8":
+    if name not in INT8_CYCLES:
         assert s["weight_bytes"] == params
     assert s["peak_memory_bytes"] > 0 and s["wall_s"] > 0
 

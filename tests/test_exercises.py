@@ -437,6 +437,65 @@ def test_int8_stats(tiny_llms):
     assert llm.model.lm_head.qweight is llm.model.model.embed_tokens.qweight
 
 
+# --- chapter 10: CUDA graphs (bonus) ---------------------------------------------------------
+
+def graphs_module():
+    return importlib.import_module("cycle8_graphs.cuda_graphs")
+
+
+def test_graph_buckets():
+    """max_num_seqs=64: steps of 3, 17, 33, 50 replay buckets 4, 32, 48, 64 (1, 15, 15, 14 padding rows)."""
+    g = graphs_module()
+    buckets = g.batch_buckets(64)
+    assert buckets == [1, 2, 4, 8, 16, 32, 48, 64]
+    chosen = [g.bucket_for(buckets, n) for n in (3, 17, 33, 50)]
+    assert chosen == [4, 32, 48, 64]
+    assert [b - n for b, n in zip(chosen, (3, 17, 33, 50))] == [1, 15, 15, 14]
+
+
+def test_graph_rows(tiny_llms):
+    """Rows A..E; B and D finish, F joins: rows A, E, C, F; the host writes rows 1, 3 and 4 only."""
+    g = graphs_module()
+    llm = tiny_llms("cycle8_graphs")
+    runner = g.DecodeGraphs(llm.model, "sdpa", 4, 8, 64, torch.device("cpu"))
+    bm = block_manager("cycle8_graphs", 32, 4)
+    runner.bind(None, bm, scratch_block=32)
+    written = []
+    copy_rows = runner._copy_rows
+    runner._copy_rows = lambda rows: written.append(rows) or copy_rows(rows)
+    a, b, c, d, e, f = (new_seq("cycle8_graphs", i, [10 + i] * 3) for i in range(6))
+    for seq in (a, b, c, d, e):
+        bm.allocate(seq)
+    runner.collect_changes()
+    runner._write_rows()
+    assert runner.rows == [a, b, c, d, e] and written[-1] == [0, 1, 2, 3, 4]
+    bm.free(b)
+    bm.free(d)
+    bm.allocate(f)
+    runner.collect_changes()
+    runner._write_rows()
+    assert runner.rows == [a, e, c, f]
+    assert written[-1] == [1, 3, 4]
+    assert runner.block_tables[4].tolist() == [32] * 16 and runner.block_tables[3, 0] == f.block_table[0]
+
+
+def test_graph_table(tiny_llms):
+    """Qwen3-0.6B, 256-token blocks, 256 rows: 160 columns, 163,840 bytes. SmolLM2 on sdpa: a step whose
+    longest sequence has 100 tokens attends over 7 blocks, 112 keys."""
+    g = graphs_module()
+    llm = tiny_llms("cycle8_graphs")
+    qwen = g.DecodeGraphs(llm.model, "flash_attn", 256, 256, qwen3_0_6b()["max_position_embeddings"],
+                          torch.device("cpu"))
+    assert qwen.block_tables.shape == (256, 160)
+    assert qwen.block_tables.numel() * qwen.block_tables.element_size() == 163_840
+    smol = g.DecodeGraphs(llm.model, "sdpa", 16, 64, 8192, torch.device("cpu"))
+    smol.bind(None, block_manager("cycle8_graphs", 64, 16), scratch_block=64)
+    assert smol.max_blocks == 512
+    width = smol._width([new_seq("cycle8_graphs", 0, [5] * 100), new_seq("cycle8_graphs", 1, [5] * 40)])
+    assert (width, width * 16) == (7, 112)
+    assert qwen._width([]) == 160                          # in-place kernels: the full table, at no cost
+
+
 # --- the guide itself -------------------------------------------------------------------------
 
 GUIDE = ROOT / "docs" / "CYCLE_GUIDE.md"

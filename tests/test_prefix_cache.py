@@ -4,10 +4,10 @@ import importlib
 
 import pytest
 
-from conftest import CYCLES, cycle
+from conftest import CYCLES, EXACT_CYCLES, cycle
 
 PREFIX = [c for c in CYCLES if int(c[5]) >= 5]
-EXACT = [c for c in PREFIX if c != "cycle7_int8"]
+EXACT = [c for c in PREFIX if c in EXACT_CYCLES]
 
 
 def parts(name):

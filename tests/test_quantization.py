@@ -5,9 +5,9 @@ import importlib
 import pytest
 import torch
 
-from conftest import CYCLES, SMOLLM2, cycle
+from conftest import CYCLES, INT8_CYCLES, SMOLLM2, cycle
 
-INT8 = [c for c in CYCLES if c == "cycle7_int8"]
+INT8 = [c for c in CYCLES if c in INT8_CYCLES]
 
 
 def q(name):

@@ -2,10 +2,10 @@
 
 import pytest
 
-from conftest import CYCLES, cycle
+from conftest import CYCLES, EXACT_CYCLES, cycle
 
 BATCHING = [c for c in CYCLES if int(c[5]) >= 4]
-EXACT = [c for c in BATCHING if c != "cycle7_int8"]
+EXACT = [c for c in BATCHING if c in EXACT_CYCLES]
 
 
 def greedy(name, n):

@@ -1,0 +1,99 @@
+"""The scheduler: decides, every step, which sequences run.
+
+Two queues: `waiting` (not admitted, or preempted) and `running` (holding KV blocks, in admission
+order). A step is either
+- a prefill step: admit waiting sequences first come first served while they fit the sequence
+  limit, the token budget and the free blocks; their whole prompts run in one flat batch; or
+- a decode step: one new token for every running sequence.
+A finished sequence leaves at once and frees its blocks, so a waiting one can join the next step.
+When a running sequence needs a block and none is free, the most recently admitted sequence is
+preempted: its blocks are freed and it goes back to the front of `waiting`, to be recomputed.
+With prefix caching, admission reuses cached blocks, so only the uncached tail of a prompt counts
+against the token budget (and a re-admitted sequence may hit its own earlier blocks). A block is
+cached only once computed, so when a waiting prompt's next block is being computed in this very
+step by a sequence admitted before it, it waits one step and then hits, instead of computing the
+same prefix twice.
+"""
+
+from collections import deque
+
+from .block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
+        self.num_preemptions = 0
+        self.prefix_cache_hit_tokens = 0
+        self.prefix_cache_queried_tokens = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> tuple[list[Sequence], bool]:
+        """Returns the sequences to run this step and whether it is a prefill step."""
+        admitted = self._admit()
+        if admitted:
+            return admitted, True
+        return self._decode(), False
+
+    def _admit(self) -> list[Sequence]:
+        bm = self.block_manager
+        admitted, tokens, computing = [], 0, set()
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            hashes = bm.prompt_block_hashes(seq)
+            hits = bm.cached_blocks(seq, hashes)
+            if len(hits) < len(hashes) and hashes[len(hits)] in computing:
+                break                          # its prefix is being computed this step: wait, then hit
+            new_tokens = len(seq) - len(hits) * bm.block_size
+            # A prompt longer than the whole budget still runs, alone, rather than never.
+            if admitted and tokens + new_tokens > self.max_num_batched_tokens:
+                break
+            if not bm.can_allocate(seq, hits):
+                break
+            bm.allocate(seq, hits, hashes)
+            computing.update(hashes[len(hits):])
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(self.waiting.popleft())
+            admitted.append(seq)
+            tokens += new_tokens
+            self.prefix_cache_hit_tokens += seq.num_cached_tokens
+            self.prefix_cache_queried_tokens += len(seq)
+        return admitted
+
+    def _decode(self) -> list[Sequence]:
+        scheduled = []
+        while self.running:
+            seq = self.running.popleft()
+            while not self.block_manager.can_append(seq):
+                if self.running:
+                    self._preempt(self.running.pop())   # the most recently admitted one
+                else:
+                    self._preempt(seq)                  # nothing else to evict: wait for room
+                    break
+            else:
+                self.block_manager.append_slot(seq)
+                scheduled.append(seq)
+        self.running.extend(scheduled)
+        return scheduled
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        """A finished sequence leaves the batch now and its blocks go back to the pool."""
+        seq.status = SequenceStatus.FINISHED
+        self.block_manager.free(seq)
+        self.running.remove(seq)

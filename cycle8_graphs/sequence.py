@@ -1,0 +1,50 @@
+"""A Sequence: one request as the engine tracks it, from its prompt to its last token."""
+
+from enum import Enum, auto
+
+import torch
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    def __init__(self, seq_id: int, prompt: str | None, prompt_token_ids: list[int], sampling_params,
+                 generator: torch.Generator | None, arrival_time: float = 0.0):
+        self.seq_id = seq_id
+        self.prompt = prompt
+        self.token_ids = list(prompt_token_ids)     # prompt, then every generated token
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.generator = generator                  # the request's own RNG when it has a seed
+        self.status = SequenceStatus.WAITING
+        self.block_table: list[int] = []            # logical block i of this sequence -> physical block id
+        self.block_hashes: list[int] = []           # chained hash of each full, computed block
+        self.num_cached_tokens = 0                  # prompt tokens whose K/V came from the prefix cache
+        self.arrival_time = arrival_time            # perf_counter() when the request came in
+        self.first_token_time: float | None = None  # seconds after arrival
+        self.finish_time: float | None = None
+        self.finish_reason: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def last_token(self) -> int:
+        return self.token_ids[-1]
+
+    @property
+    def max_len(self) -> int:
+        """The most tokens whose K/V this sequence can ever store: the last sampled token is never fed back."""
+        return self.num_prompt_tokens + self.sampling_params.max_tokens - 1
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED

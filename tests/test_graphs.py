@@ -1,0 +1,229 @@
+"""Cycle 8 (bonus): decode over static buffers, replayed as a CUDA graph where it can be.
+
+On the CPU there is no graph: the same forward runs over the same static buffers, so these tests
+exercise the buffer plumbing, the padding to a bucket and the rows written only on change. The
+reference is cycle 7 (the same int8 engine without the idea), with the int8 matmul path pinned so
+both engines compute the same thing: greedy and seeded tokens must be identical.
+"""
+
+import importlib
+
+import pytest
+import torch
+
+from conftest import SMOLLM2, cycle
+
+C7, C8 = "cycle7_int8", "cycle8_graphs"
+graphs_mod = importlib.import_module(f"{C8}.cuda_graphs")
+PROMPTS = [[5, 17, 42, 9, 33], list(range(10, 21)), [7] * 3 + list(range(40, 54))] + \
+          [[20 + i, 30 + i, 40 + i] for i in range(7)] + [list(range(60, 90)) + [i] for i in range(3)]
+
+
+def mixed_params(name, n=len(PROMPTS)):
+    """Greedy and seeded rows, different lengths: the batch shrinks through several buckets."""
+    sp = cycle(name).SamplingParams
+    return [sp(temperature=0.8, top_p=0.9, seed=i, max_tokens=2 + i % 9, ignore_eos=True) if i % 4 == 3
+            else sp(temperature=0, max_tokens=1 + (5 * i) % 13, ignore_eos=True) for i in range(n)]
+
+
+def tokens(llm, name, prompts=PROMPTS, params=None):
+    return [o.token_ids for o in llm.generate(prompts, params or mixed_params(name, len(prompts)))]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- buckets ----------------------------------------------------------------------------------
+
+def test_buckets():
+    assert graphs_mod.batch_buckets(256) == [1, 2, 4, 8] + list(range(16, 257, 16))
+    assert graphs_mod.batch_buckets(64) == [1, 2, 4, 8, 16, 32, 48, 64]
+    assert graphs_mod.batch_buckets(20) == [1, 2, 4, 8, 16, 20]
+    assert graphs_mod.batch_buckets(5) == [1, 2, 4, 5]
+    assert graphs_mod.batch_buckets(1) == [1]
+    buckets = graphs_mod.batch_buckets(64)
+    assert [graphs_mod.bucket_for(buckets, n) for n in (1, 2, 3, 5, 9, 16, 17, 33, 64)] == \
+        [1, 2, 4, 8, 16, 16, 32, 48, 64]
+    with pytest.raises(ValueError, match="largest bucket"):
+        graphs_mod.bucket_for(buckets, 65)
+
+
+def test_graph_mode():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert graphs_mod.graph_mode(cpu, "sdpa", False)[0] is False
+    assert graphs_mod.graph_mode(cuda, "flash_attn", False) == (True, "captured")
+    assert graphs_mod.graph_mode(cuda, "flash_attn", True) == (False, "enforce_eager=True")
+    captured, why = graphs_mod.graph_mode(cuda, "sdpa", False)
+    assert not captured and "gathers" in why
+
+
+# --- tokens equal cycle 7's -------------------------------------------------------------------
+
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(max_num_seqs=5),                                    # more requests than rows: joins and leaves
+    dict(num_kv_blocks=12, block_size=4, max_num_seqs=6),    # preemption with cached blocks
+], ids=["default", "max_num_seqs", "preemption"])
+@pytest.mark.parametrize("ckpt", ["qwen3", "llama"])
+def test_tokens_equal_cycle7_on_tiny_models(ckpt, options, tiny_llms):
+    c7 = tiny_llms(C7, ckpt, int8_matmul="cast", **options)
+    c8 = tiny_llms(C8, ckpt, int8_matmul="cast", **options)
+    assert tokens(c8, C8) == tokens(c7, C7)
+    assert c8.stats["preemptions"] == c7.stats["preemptions"]
+    if "num_kv_blocks" in options:
+        assert c8.stats["preemptions"] > 0
+    assert c8.block_manager.num_free_blocks == c8.block_manager.num_blocks
+
+
+def test_enforce_eager_and_stats(tiny_llms):
+    eager = tiny_llms(C8, enforce_eager=True, int8_matmul="cast")
+    default = tiny_llms(C8, int8_matmul="cast")
+    assert tokens(eager, C8) == tokens(default, C8)
+    s = default.stats
+    assert s["cuda_graphs"] is False and "CPU" in s["cuda_graphs_note"]
+    assert s["graph_buckets"] == [1, 2, 4, 8, 16, 32, 48, 64]            # CPU max_num_seqs 64
+    assert s["compile"] is False and s["compile_s"] == 0.0                 # off on the CPU by default
+    assert s["num_kv_blocks"] + 1 == default.kv_cache.k[0].shape[0]       # + the scratch block
+
+
+# --- padding rows -----------------------------------------------------------------------------
+
+def test_padding_rows_are_never_sampled_and_write_only_the_scratch_block(tiny_llms, monkeypatch):
+    """Three running sequences decode in the bucket of 4: the model sees 4 rows, the sampler 3, and
+    the only slots written are the three sequences' new slots and the scratch block."""
+    llm = tiny_llms(C8, int8_matmul="cast")
+    g = llm.graphs
+    fed, sampled = [], []
+    forward, sample = type(llm.model).forward.__get__(llm.model), llm.model_runner.sampler.sample
+    monkeypatch.setattr(llm.model, "forward", lambda ids, *a: fed.append(ids.numel()) or forward(ids, *a))
+    monkeypatch.setattr(llm.model_runner.sampler, "sample", lambda logits, *a: sampled.append(len(logits)) or sample(logits, *a))
+    for prompt in PROMPTS[:3]:
+        llm.add_request(prompt, cycle(C8).SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    llm.step()                                                     # the prefill
+    pool = [t.clone() for t in llm.kv_cache.k + llm.kv_cache.v]
+    seqs = list(llm.scheduler.running)
+    llm.step()                                                     # the first decode
+    bs, scratch = llm.block_manager.block_size, g.scratch_block
+    expected = {llm.block_manager.slot(s, len(s) - 2) for s in seqs}        # the token fed this step
+    for before, after in zip(pool, llm.kv_cache.k + llm.kv_cache.v):
+        changed = (before != after).flatten(2).any(-1).flatten().nonzero().flatten().tolist()
+        assert set(changed) - set(range(scratch * bs, (scratch + 1) * bs)) == expected
+    assert fed[-1] == 4 and sampled[-1] == 3
+    assert (g.block_tables[3] == scratch).all() and g.positions[3] == 0 and g.context_lens[3] == 1
+    while llm.has_unfinished_requests():
+        llm.step()
+
+
+# --- the persistent block table ---------------------------------------------------------------
+
+def check_rows(llm):
+    """At a decode step, after the rows are written: the rows hold exactly the running sequences,
+    each row mirrors its sequence (last token, position, context length, block table padded with the
+    scratch block), and every row past them is padding."""
+    g, running = llm.graphs, list(llm.scheduler.running)
+    assert sorted(s.seq_id for s in g.rows) == sorted(s.seq_id for s in running)
+    assert all(g.row_of[s.seq_id] == r for r, s in enumerate(g.rows))
+    n, width = len(g.rows), g.max_blocks
+    assert g.input_ids[:n].tolist() == [s.last_token for s in g.rows]
+    assert g.positions[:n].tolist() == [len(s) - 1 for s in g.rows]
+    assert g.context_lens[:n].tolist() == [len(s) for s in g.rows]
+    assert g.block_tables[:n].tolist() == [s.block_table + [g.scratch_block] * (width - len(s.block_table))
+                                           for s in g.rows]
+    assert (g.block_tables[n:] == g.scratch_block).all()
+    assert (g.positions[n:] == 0).all() and (g.context_lens[n:] == 1).all()
+    assert g.num_sampled_rows == sum(not s.sampling_params.greedy for s in g.rows)
+
+
+def test_block_table_mirrors_the_block_manager(tiny_checkpoints):
+    """Property test: random requests on a small pool (joins, growth, finishes, preemptions): at every
+    decode step the persistent device rows equal what the BlockManager and the sequences say."""
+    from hypothesis import given, settings, strategies as st
+
+    llm = cycle(C8).LLM(tiny_checkpoints["llama"][0], device="cpu", num_kv_blocks=14, block_size=4,
+                        max_num_seqs=6, int8_matmul="cast")
+    forward = llm.graphs._forward
+    checked = []
+
+    def checking(bucket, width):
+        check_rows(llm)
+        checked.append(bucket)
+        return forward(bucket, width)
+
+    llm.graphs._forward = checking
+    sp = cycle(C8).SamplingParams
+
+    @settings(max_examples=12, deadline=None)
+    @given(requests=st.lists(st.tuples(st.integers(1, 14), st.integers(1, 12), st.booleans()),
+                             min_size=1, max_size=12))
+    def run(requests):
+        prompts = [[3 + (7 * i + j) % 90 for j in range(n)] for i, (n, _, _) in enumerate(requests)]
+        params = [sp(temperature=0.7 if seeded else 0, seed=i, max_tokens=m, ignore_eos=True)
+                  for i, (_, m, seeded) in enumerate(requests)]
+        outs = llm.generate(prompts, params)
+        assert [len(o.token_ids) for o in outs] == [m for _, m, _ in requests]
+
+    run()
+    assert checked
+
+
+# --- real weights -----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_tokens_equal_cycle7_on_real_smollm2_with_preemption():
+    from test_engines import CHAT
+    c7 = cycle(C7).LLM(SMOLLM2, device="cpu", int8_matmul="cast", num_kv_blocks=10)
+    c8 = cycle(C8).LLM(SMOLLM2, device="cpu", int8_matmul="cast", num_kv_blocks=10)
+    prompts = [c7.tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                add_generation_prompt=True) for q in CHAT]
+    params = [cycle(C7).SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)] * len(CHAT)
+    ref = [o.token_ids for o in c7.generate(prompts, params)]
+    params = [cycle(C8).SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)] * len(CHAT)
+    assert [o.token_ids for o in c8.generate(prompts, params)] == ref
+    assert c8.stats["preemptions"] == c7.stats["preemptions"] > 0
+
+
+# --- CUDA -------------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype, compile", [("float32", False), ("bfloat16", False), ("float32", True)])
+def test_graph_replay_tokens_equal_eager_on_cuda(dtype, compile, tiny_checkpoints):
+    """The replayed graphs (compiled small ops or not) against the plain eager forward."""
+    path = tiny_checkpoints["qwen3"][0]
+    graphs = cycle(C8).LLM(path, device="cuda", dtype=dtype, max_num_seqs=32, compile=compile)
+    if not graphs.graphs.graphs:
+        pytest.skip(f"no capture on this machine: {graphs.graphs.note}")
+    eager = cycle(C8).LLM(path, device="cuda", dtype=dtype, max_num_seqs=32, enforce_eager=True,
+                          int8_matmul=graphs.int8_matmul, compile=False)
+    assert graphs.graphs.buckets == [1, 2, 4, 8, 16, 32] and sorted(graphs.graphs.graphs) == [1, 2, 4, 8, 16, 32]
+    assert not eager.graphs.graphs
+    assert tokens(graphs, C8) == tokens(eager, C8)
+    s = graphs.stats
+    assert s["cuda_graphs"] and s["cuda_graph_bytes"] > 0 and s["cuda_graph_reserve_bytes"] > 0
+    assert s["compile"] == compile and (s["compile_s"] > 0) == compile
+
+
+@pytest.mark.cuda
+def test_one_sync_per_decode_step_on_cuda(tiny_checkpoints):
+    """torch warns at every synchronizing CUDA call in sync debug mode: a decode step has one."""
+    import warnings
+
+    llm = cycle(C8).LLM(tiny_checkpoints["qwen3"][0], device="cuda", max_num_seqs=8, compile=False)
+    for prompt in PROMPTS[:5]:
+        llm.add_request(prompt, cycle(C8).SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    llm.step()                                                       # prefill (eager, not lean)
+    llm.step()                                                       # first decode: the rows join
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(5):
+                llm.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 5, [str(w.message) for w in syncs]
