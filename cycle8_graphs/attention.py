@@ -5,33 +5,93 @@ writes it to memory, reads it back for the softmax, writes the probabilities, re
 the product with V. A fused kernel walks the keys in tiles and keeps a running max and sum per
 query (the online softmax), so the scores never leave the chip.
 
-- `flash_attn` (CUDA with the flash-attn package): reads K/V straight from the paged cache through
-  the block table; variable-length prefill with cu_seqlens, decode with cache_seqlens. Its paged
-  path needs block_size to be a multiple of 256, hence that default for this backend.
-- `sdpa` (everywhere else): torch's scaled_dot_product_attention, which picks a fused kernel for
-  the device (flash / memory-efficient on CUDA, a flash-style kernel on CPU). It takes dense
-  tensors, so each sequence's blocks are gathered first, up to the longest context in the batch.
+- `flash_attn` (CUDA, fp16/bf16, with the flash-attn package): reads K/V straight from the paged
+  cache through the block table; variable-length prefill with cu_seqlens, decode with
+  cache_seqlens. Its paged path needs block_size to be a multiple of 256, hence that default.
+- `triton` (any CUDA GPU; on a CPU only under Triton's interpreter): our own kernels
+  (triton_attention.py), which read K/V through the block table the same way.
+- `sdpa` (the CPU): torch's scaled_dot_product_attention, which picks a fused kernel for the
+  device. It takes dense tensors, so each sequence's blocks are gathered first, up to the longest
+  context in the batch.
+
+On CUDA the order is flash_attn, then triton; a step down that was not asked for is reported
+(`select_backend` returns a note, which the engine prints and puts in its stats).
 """
 
-import importlib.util
+import importlib
 
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("flash_attn", "sdpa")
-DEFAULT_BLOCK_SIZE = {"flash_attn": 256, "sdpa": 16}
+BACKENDS = ("flash_attn", "triton", "sdpa")
+DEFAULT_BLOCK_SIZE = {"flash_attn": 256, "triton": 16, "sdpa": 16}
+DENSE_LAYOUT = ("sdpa",)   # the backends that need AttentionMetadata's query_index / token_index / mask
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def select_backend(device: torch.device, requested: str | None) -> str:
-    has_flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
-    if requested is None:
-        return "flash_attn" if has_flash else "sdpa"
-    if requested not in BACKENDS:
+def select_backend(device: torch.device, dtype: torch.dtype, requested: str | None) -> tuple[str, str | None]:
+    """The backend to run, and a note when it is a fallback nobody asked for (else None)."""
+    if requested is not None and requested not in BACKENDS:
         raise ValueError(f"unknown attention backend {requested!r}: choose one of {BACKENDS}")
-    if requested == "flash_attn" and not has_flash:
-        raise ValueError("attention_backend='flash_attn' needs a CUDA device and the flash-attn package "
-                         "(pip install flash-attn)")
-    return requested
+    if requested is not None:
+        problem = PROBLEMS[requested](device, dtype)
+        if problem:
+            raise ValueError(f"attention_backend={requested!r} cannot run here: {problem}")
+        return requested, None
+    if device.type != "cuda":
+        return "sdpa", None
+    flash = flash_attn_problem(device, dtype)
+    if flash is None:
+        return "flash_attn", None
+    triton = triton_problem(device, dtype)
+    if triton is None:
+        return "triton", f"flash_attn not used ({flash}); attention runs on our triton kernels"
+    return "sdpa", f"flash_attn not used ({flash}) nor triton ({triton}); attention runs on torch sdpa"
+
+
+def flash_attn_problem(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why flash_attn cannot run here, or None. Tried at start-up: a wheel built for another torch or
+    CUDA fails to import with OSError or RuntimeError, not only ImportError."""
+    if device.type != "cuda":
+        return f"flash-attn runs on CUDA only, the engine runs on {device.type}"
+    if dtype not in HALF_DTYPES:
+        return f"flash-attn takes fp16/bf16 only, the model runs in {dtype}"
+    try:
+        from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache  # noqa: F401
+    except Exception as error:   # noqa: BLE001 (any failure to load means: not usable)
+        return f"flash-attn does not import: {type(error).__name__}: {error} (pip install 'vllm-learn[cuda]')"
+    return None
+
+
+def triton_problem(device: torch.device, dtype: torch.dtype, kernels: str = "triton_attention") -> str | None:
+    """Why our triton kernels (the module `kernels` of this package) cannot run here, or None. On a
+    CPU they run only in Triton's interpreter, which reads TRITON_INTERPRET when a kernel is
+    defined (when its module is first imported)."""
+    if device.type not in ("cuda", "cpu"):
+        return f"triton runs on CUDA (or the CPU, interpreted), the engine runs on {device.type}"
+    try:
+        import triton
+    except Exception as error:   # noqa: BLE001 (any failure to load means: not usable)
+        return f"triton does not import: {type(error).__name__}: {error}"
+    if device.type == "cpu" and not triton.knobs.runtime.interpret:   # checked before the kernels are defined
+        return ("on a CPU triton kernels run only in Triton's interpreter: set TRITON_INTERPRET=1 in the "
+                "environment before starting Python (slow; meant for tests)")
+    if device.type == "cpu" and dtype == torch.bfloat16:   # numpy has no bf16: the interpreter keeps raw bits
+        return "Triton's interpreter computes bf16 wrongly (triton-lang/triton#11584): use float32 on the CPU"
+    try:
+        importlib.import_module(f".{kernels}", __package__)   # defines the kernels: fails now, not mid-step
+    except Exception as error:   # noqa: BLE001
+        return f"the triton kernels do not compile: {type(error).__name__}: {error}"
+    return None
+
+
+PROBLEMS = {"flash_attn": flash_attn_problem, "triton": triton_problem, "sdpa": lambda device, dtype: None}
+
+
+def check_block_size(backend: str, block_size: int) -> None:
+    """flash-attn's paged kernels read whole 256-token pages; checked before any memory is allocated."""
+    if backend == "flash_attn" and block_size % 256 != 0:
+        raise ValueError(f"attention_backend='flash_attn' needs block_size to be a multiple of 256, got {block_size}")
 
 
 def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
@@ -74,4 +134,14 @@ def flash_attention(q, k_cache, v_cache, meta, scale: float) -> torch.Tensor:
     return out.squeeze(1)
 
 
-ATTENTION = {"flash_attn": flash_attention, "sdpa": sdpa_attention}
+def triton_paged_attention(q, k_cache, v_cache, meta, scale: float) -> torch.Tensor:
+    """Our own kernels over the paged cache (triton_attention.py): no gather, no padding, no mask tensor."""
+    from .triton_attention import paged_decode_attention, paged_prefill_attention
+
+    if meta.is_prefill:
+        return paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q,
+                                       meta.context_lens, meta.max_seqlen_q, scale)
+    return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+
+
+ATTENTION = {"flash_attn": flash_attention, "triton": triton_paged_attention, "sdpa": sdpa_attention}

@@ -11,6 +11,7 @@ Cycle 8: decode steps replay CUDA graphs over static buffers (cuda_graphs.py), c
 engine starts, after the KV pool is sized with room held for them; small ops may be compiled.
 """
 
+import sys
 import time
 
 import torch
@@ -23,14 +24,15 @@ from common.metrics import peak_memory_bytes, reset_peak_memory
 from common.model_source import eos_token_ids, load_tokenizer, load_weights, resolve_model
 from common.outputs import RequestMetrics, RequestOutput
 
-from .attention import DEFAULT_BLOCK_SIZE, select_backend
+from .attention import DEFAULT_BLOCK_SIZE, DENSE_LAYOUT, check_block_size, select_backend
 from .block_manager import BlockManager
 from .compiled_ops import compile_small_ops
 from .cuda_graphs import DecodeGraphs, held
-from .kv_cache import PagedKVCache, block_bytes, num_blocks_for_budget
+from .kv_cache import (GPU_MEMORY_UTILIZATION, PagedKVCache, block_bytes, check_pool_options,
+                       plan_kv_pool, profile_activation_peak, profile_batches)
 from .model import CausalLM
 from .model_runner import ModelRunner
-from .quantization import MATMULS, choose_matmul, quantize_model
+from .quantization import choose_matmul, quantize_model
 from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
@@ -46,25 +48,35 @@ class LLM:
     def __init__(self, model: str, device=None, dtype=None, weights: str = "auto",
                  max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
                  block_size: int | None = None, num_kv_blocks: int | None = None,
-                 kv_cache_memory_bytes: int | None = None, kv_cache_fraction: float = 0.5,
+                 kv_cache_memory_bytes: int | None = None,
+                 gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION,
                  enable_prefix_caching: bool = True, attention_backend: str | None = None,
                  int8_matmul: str | None = None, seed: int | None = None, trace: bool = False,
                  enforce_eager: bool = False, compile: bool | None = None):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        # The backend needs the device and the dtype; it and its block size are checked before loading.
+        self.attention_backend, self.attention_backend_note = select_backend(self.device, self.dtype, attention_backend)
+        block_size = block_size or DEFAULT_BLOCK_SIZE[self.attention_backend]
+        check_block_size(self.attention_backend, block_size)
+        if self.attention_backend_note:   # a fallback nobody asked for: said once, and kept in stats
+            print(f"vllm-learn: {self.attention_backend_note}", file=sys.stderr, flush=True)
+        # The int8 path: a fixed table by device (quantization.DEFAULT_MATMUL) unless int8_matmul names one.
+        self.int8_matmul, self.int8_matmul_note = choose_matmul(self.device, self.dtype, int8_matmul)
+        if self.int8_matmul_note:
+            print(f"vllm-learn: {self.int8_matmul_note}", file=sys.stderr, flush=True)
         defaults = DEFAULTS["cuda" if self.device.type == "cuda" else "cpu"]
         max_num_seqs = max_num_seqs or defaults["max_num_seqs"]
         max_num_batched_tokens = max_num_batched_tokens or defaults["max_num_batched_tokens"]
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        check_pool_options(num_kv_blocks, kv_cache_memory_bytes, gpu_memory_utilization)
         self.source = resolve_model(model, weights)
         self.config = self.source.config
         self.tokenizer = load_tokenizer(self.source)
         self.eos_token_ids = set(eos_token_ids(self.source, self.tokenizer))
-        self.attention_backend = select_backend(self.device, attention_backend)
-        block_size = block_size or DEFAULT_BLOCK_SIZE[self.attention_backend]
         self.model = _build_model(self.config, self.source, self.device, self.dtype, self.attention_backend)
-        self.int8_matmul, self.quantize_s = self._quantize(int8_matmul)
+        self.quantize_s = self._quantize()
         # Compiled small ops pay on a GPU; on a CPU they did not (compiled_ops.py): off unless asked.
         self.compile = self.device.type == "cuda" if compile is None else bool(compile)
         self.compile_s = compile_small_ops(self.model, self.device, self.dtype) if self.compile else 0.0
@@ -74,44 +86,66 @@ class LLM:
         # comes after the pool exists, because a graph records the pool's addresses.
         reserve = self.graphs.measure_decode_bytes(lambda n: self._kv_pool(block_size, n))
         with held(reserve, self.device):
-            self.kv_cache, self.block_manager = self._allocate_kv_cache(block_size, num_kv_blocks,
-                                                                        kv_cache_memory_bytes, kv_cache_fraction,
-                                                                        enable_prefix_caching)
+            self.kv_cache, self.block_manager = self._allocate_kv_cache(
+                block_size, num_kv_blocks, kv_cache_memory_bytes, gpu_memory_utilization, max_num_seqs,
+                max_num_batched_tokens, enable_prefix_caching)
         self.graphs.bind(self.kv_cache, self.block_manager, scratch_block=self.block_manager.num_blocks)
         self.graphs.capture()
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.model_runner = ModelRunner(self.model, self.kv_cache, self.block_manager,
-                                        Sampler(self.device, seed), self.device, self.graphs)
+                                        Sampler(self.device, seed), self.device, self.graphs,
+                                        dense_layout=self.attention_backend in DENSE_LAYOUT)
         self.trace = trace
         self._next_id = 0
         self._reset_counters()
         self.stats: dict = {}
 
-    def _quantize(self, int8_matmul: str | None) -> tuple[str, float]:
-        """Quantize the loaded float weights in place; the matmul path is picked by timing both."""
-        if int8_matmul is not None and int8_matmul not in MATMULS:
-            raise ValueError(f"unknown int8_matmul {int8_matmul!r}: choose one of {sorted(MATMULS)}")
+    def _quantize(self) -> float:
+        """Quantize the loaded float weights in place; returns the seconds it took."""
         start = time.perf_counter()
-        mlp = self.model.model.layers[0].mlp.gate_proj
-        matmul = int8_matmul or choose_matmul(self.device, self.dtype, mlp.in_features, mlp.out_features)
-        quantize_model(self.model, matmul)
-        return matmul, time.perf_counter() - start
+        quantize_model(self.model, self.int8_matmul)
+        return time.perf_counter() - start
 
-    def _allocate_kv_cache(self, block_size, num_kv_blocks, kv_cache_memory_bytes, kv_cache_fraction,
-                           enable_prefix_caching):
+    def _allocate_kv_cache(self, block_size, num_kv_blocks, kv_cache_memory_bytes, gpu_memory_utilization,
+                           max_num_seqs, max_num_batched_tokens, enable_prefix_caching):
         attn = self.model.model.layers[0].self_attn
         layers = self.config.num_hidden_layers
         per_block = block_bytes(layers, block_size, attn.num_kv_heads, attn.head_dim, self.dtype)
-        if num_kv_blocks is None:  # the budget also pays for the scratch block
-            num_kv_blocks = num_blocks_for_budget(per_block, self.device, kv_cache_memory_bytes, kv_cache_fraction) - 1
-        manager = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)
+        max_blocks = max_num_seqs * -(-self.config.max_position_embeddings // block_size)
+        self.kv_pool = plan_kv_pool(
+            per_block, self.device, max_blocks, num_kv_blocks, kv_cache_memory_bytes, gpu_memory_utilization,
+            profile=lambda: profile_activation_peak(
+                self.device, lambda: self._profile_run(block_size, max_num_seqs, max_num_batched_tokens)))
+        num_blocks = self.kv_pool["num_kv_blocks"]
+        if self.kv_pool["budget_bytes"] is not None and 1 < num_blocks < max_blocks:
+            num_blocks -= 1          # a budget also pays for the scratch block (the cap or an exact count does not)
+        manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         # One block more than the manager hands out: the scratch block that padding rows write to.
-        return self._kv_pool(block_size, num_kv_blocks + 1), manager
+        return self._kv_pool(block_size, num_blocks + 1), manager
 
     def _kv_pool(self, block_size: int, num_blocks: int) -> PagedKVCache:
         attn = self.model.model.layers[0].self_attn
         return PagedKVCache(self.config.num_hidden_layers, num_blocks, block_size, attn.num_kv_heads,
                             attn.head_dim, self.dtype, self.device)
+
+    def _profile_run(self, block_size: int, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        """Run the largest prefill and decode steps once, on dummy tokens, to measure their memory.
+
+        Every dummy sequence's block table points at block 0 of a one-block scratch pool: the steps
+        read and write as many K/V slots as real ones would, but nothing of the real pool (which
+        does not exist yet), and the scratch pool and runner are dropped when this returns.
+        """
+        attn = self.model.model.layers[0].self_attn
+        scratch = PagedKVCache(self.config.num_hidden_layers, 1, block_size, attn.num_kv_heads, attn.head_dim,
+                               self.dtype, self.device)
+        runner = ModelRunner(self.model, scratch, BlockManager(1, block_size), Sampler(self.device, 0), self.device)
+        greedy = SamplingParams(temperature=0, max_tokens=1)
+        for lengths, is_prefill in profile_batches(max_num_seqs, max_num_batched_tokens,
+                                                   self.config.max_position_embeddings):
+            seqs = [Sequence(i, None, [0] * n, greedy, None) for i, n in enumerate(lengths)]
+            for seq in seqs:
+                seq.block_table = [0] * -(-len(seq) // block_size)   # all on scratch block 0
+            runner.run(seqs, is_prefill)
 
     # --- the engine loop, in vLLM's LLMEngine vocabulary ---------------------------------------
 
@@ -232,6 +266,7 @@ class LLM:
             "kv_cache_peak_bytes": self._peak_blocks * per_block,   # blocks held by live sequences
             "kv_cache_pool_bytes": self.kv_cache.nbytes,
             "num_kv_blocks": bm.num_blocks,
+            "kv_pool": self.kv_pool,       # how the pool was sized: budget, model, activation peak, cap
             "block_size": bm.block_size,
             "free_kv_blocks": bm.num_free_blocks,
             "kv_block_utilization": self._tokens_at_peak / max(1, self._peak_blocks * bm.block_size),
@@ -247,7 +282,9 @@ class LLM:
             "prefix_cache_hit_rate": self.scheduler.prefix_cache_hit_tokens / max(1, self.scheduler.prefix_cache_queried_tokens),
             "prefill_tokens": self._prefill_tokens,
             "attention_backend": self.attention_backend,
+            "attention_backend_note": self.attention_backend_note,   # why a fallback ran, or None
             "int8_matmul": self.int8_matmul,
+            "int8_matmul_note": self.int8_matmul_note,               # why a fallback ran, or None
             "quantize_s": self.quantize_s,
             "compile": self.compile,
             "compile_s": self.compile_s,

@@ -71,10 +71,11 @@ class AttentionMetadata:
     `slot_mapping` [N]: where each token's K/V is stored. `cu_seqlens_q` [B + 1]: sequence b owns
     tokens cu_seqlens_q[b] .. cu_seqlens_q[b+1]-1; `cu_seqlens_k` and `context_lens` [B] count
     its keys (cached prefix included). `block_tables` [B, max_blocks]: each sequence's blocks.
-    Backends that take dense tensors (sdpa) use the per-sequence layout [B, Tq]: `query_index`
-    [B, Tq] picks the queries from the flat batch (short sequences repeat their last token),
-    `token_index` [N] puts the results back, `mask` [B, Tq, max_blocks * block_size] lets each
-    query see keys up to its own position.
+    All int32, as the kernels (flash_attn, triton) take them. Backends that take dense tensors
+    (sdpa) also get the per-sequence layout [B, Tq]: `query_index` [B, Tq] picks the queries from
+    the flat batch (short sequences repeat their last token), `token_index` [N] puts the results
+    back, `mask` [B, Tq, max_blocks * block_size] lets each query see keys up to its own position.
+    The other backends do not need it, and it is not built for them (None).
     """
     is_prefill: bool
     slot_mapping: torch.Tensor
@@ -84,9 +85,9 @@ class AttentionMetadata:
     max_seqlen_k: int
     context_lens: torch.Tensor
     block_tables: torch.Tensor
-    query_index: torch.Tensor
-    token_index: torch.Tensor
-    mask: torch.Tensor
+    query_index: torch.Tensor | None = None
+    token_index: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
 
 class Attention(nn.Module):

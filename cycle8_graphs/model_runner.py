@@ -20,8 +20,9 @@ from .sequence import Sequence
 
 class ModelRunner:
     def __init__(self, model: CausalLM, kv_cache, block_manager: BlockManager, sampler: Sampler,
-                 device: torch.device, graphs: DecodeGraphs | None = None):
+                 device: torch.device, graphs: DecodeGraphs | None = None, dense_layout: bool = True):
         self.model = model
+        self.dense_layout = dense_layout   # build sdpa's [B, Tq] layout (attention.DENSE_LAYOUT)
         self.kv_cache = kv_cache
         self.block_manager = block_manager
         self.sampler = sampler
@@ -58,21 +59,29 @@ class ModelRunner:
 
     def _layout(self, seqs: list[Sequence], seqlens: list[int], positions: torch.Tensor,
                 slot_mapping: torch.Tensor, is_prefill: bool) -> AttentionMetadata:
-        """Per-sequence views of the flat batch: lengths for flash-attn, a dense layout for sdpa."""
-        cu = torch.tensor(seqlens, dtype=torch.long, device=self.device)
+        """Per-sequence views of the flat batch: lengths and block tables for every backend (from
+        Python lists: no device round trip), and the dense layout only for a backend that needs it."""
         context_lens = [len(s) for s in seqs]
-        cu_k = [0, *accumulate(context_lens)]
         int32 = lambda x: torch.tensor(x, dtype=torch.int32, device=self.device)
+        width = max(len(s.block_table) for s in seqs)
+        tables = int32([s.block_table + [0] * (width - len(s.block_table)) for s in seqs])
+        max_seqlen_q = max(end - start for start, end in zip(seqlens, seqlens[1:]))
+        meta = AttentionMetadata(is_prefill, slot_mapping, int32(seqlens), int32([0, *accumulate(context_lens)]),
+                                 max_seqlen_q, max(context_lens), int32(context_lens), tables)
+        if self.dense_layout:
+            meta.query_index, meta.token_index, meta.mask = self._dense_layout(seqlens, positions, width)
+        return meta
+
+    def _dense_layout(self, seqlens: list[int], positions: torch.Tensor, width: int):
+        """sdpa's per-sequence layout [B, Tq]: query_index, token_index and the mask."""
+        cu = torch.tensor(seqlens, dtype=torch.long, device=self.device)
         lengths = cu[1:] - cu[:-1]
-        B, Tq = len(seqs), int(lengths.max())
+        B, Tq = len(seqlens) - 1, int(lengths.max())
         offsets = torch.arange(Tq, device=self.device)
         # query_index[b, t] = cu[b] + t, clamped to the sequence's last token for short sequences
         query_index = cu[:-1, None] + torch.minimum(offsets[None, :], lengths[:, None] - 1)
         seq_of_token = torch.repeat_interleave(torch.arange(B, device=self.device), lengths)
         token_index = seq_of_token * Tq + (torch.arange(len(positions), device=self.device) - cu[:-1][seq_of_token])
-        width = max(len(s.block_table) for s in seqs)
-        tables = int32([s.block_table + [0] * (width - len(s.block_table)) for s in seqs])
         keys = torch.arange(width * self.block_manager.block_size, device=self.device)
         mask = keys.view(1, 1, -1) <= positions[query_index].unsqueeze(-1)
-        return AttentionMetadata(is_prefill, slot_mapping, cu.to(torch.int32), int32(cu_k), Tq, max(context_lens),
-                                 int32(context_lens), tables, query_index, token_index, mask)
+        return query_index, token_index, mask

@@ -5,12 +5,16 @@ stored as q = round(w / scale) in [-127, 127]: one byte per weight instead of tw
 (fp32). Activations stay in floating point; a matmul dequantizes on the fly. Because the scale is
 per output channel it factors out of the dot product: x @ (q * s)^T = (x @ q^T) * s.
 The rounding error of one weight is at most scale / 2.
-"""
 
-import time
+Three matmul paths: `triton`, our own kernel (triton_int8.py), which reads the int8 weight and
+dequantizes in registers (the default on CUDA); `int8pack_mm`, torch's fused kernel; `cast`, the
+weight cast to the activation dtype, then an ordinary matmul (the default on the CPU).
+"""
 
 import torch
 from torch import nn
+
+from .attention import triton_problem
 
 
 def quantize_absmax(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,7 +40,37 @@ def cast_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     return (x @ q.to(x.dtype).t()) * scale
 
 
-MATMULS = {"int8pack_mm": int8pack_matmul, "cast": cast_matmul}
+MATMULS = ("triton", "int8pack_mm", "cast")
+
+# The path each device takes unless int8_matmul says otherwise: a fixed table, so the same command
+# always runs the same kernels (and gives the same tokens), where timing at start-up could pick
+# differently from one run to the next. The CPU row is measured (docs/CYCLE_GUIDE.md, chapter 7:
+# torch's int8pack kernel took 9.6 ms where the cast path took 0.42 ms on a SmolLM2 layer in fp32;
+# only fp32 was measured, and the row holds for every dtype). On CUDA our own Triton kernel reads
+# the int8 weight directly, in any of fp32, bf16, fp16 (its GPU figures: chapter 7).
+DEFAULT_MATMUL = {"cpu": "cast", "cuda": "triton"}
+
+
+def choose_matmul(device: torch.device, dtype: torch.dtype, requested: str | None) -> tuple[str, str | None]:
+    """The int8 path for this device and dtype, and a note if the table's choice cannot run here
+    and cast runs instead (else None). A requested path that cannot run is an error."""
+    if requested is not None and requested not in MATMULS:
+        raise ValueError(f"unknown int8_matmul {requested!r}: choose one of {MATMULS}")
+    choice = requested or DEFAULT_MATMUL.get(device.type, "cast")
+    problem = triton_problem(device, dtype, kernels="triton_int8") if choice == "triton" else None
+    if problem and requested:
+        raise ValueError(f"int8_matmul='triton' cannot run here: {problem}")
+    if problem:
+        return "cast", f"int8_matmul triton not used ({problem}); the cast path runs instead"
+    return choice, None
+
+
+def matmul_function(name: str):
+    """The function behind a path name; triton is imported only when it is used."""
+    if name == "triton":
+        from .triton_int8 import int8_matmul
+        return int8_matmul
+    return {"int8pack_mm": int8pack_matmul, "cast": cast_matmul}[name]
 
 
 class Int8Linear(nn.Module):
@@ -45,7 +79,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale)
         self.bias = bias
-        self.matmul = MATMULS[matmul]
+        self.matmul = matmul_function(matmul)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.matmul(x.reshape(-1, x.shape[-1]), self.qweight, self.scale)
@@ -64,34 +98,6 @@ class Int8Embedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return (self.qweight[ids].to(self.dtype) * self.scale[ids].unsqueeze(-1)).to(self.dtype)
-
-
-def choose_matmul(device: torch.device, dtype: torch.dtype, in_features: int, out_features: int) -> str:
-    """Time both int8 paths on one layer shape, at a decode-sized and a prefill-sized batch; keep
-    the faster one that runs (torch's int8pack kernel is fast on some CPUs and slow on others)."""
-    q, scale = quantize_absmax(torch.randn(out_features, in_features, device=device))
-    scale = scale.to(dtype)
-    batches = [torch.randn(m, in_features, device=device, dtype=dtype) for m in (32, 256)]
-    timings = {}
-    for name, fn in MATMULS.items():
-        try:
-            fn(batches[0], q, scale)
-        except (RuntimeError, NotImplementedError):
-            continue   # e.g. no int8pack kernel for this device or dtype
-        timings[name] = sum(_time(lambda: fn(x, q, scale), device) for x in batches)
-    return min(timings, key=timings.get)
-
-
-def _time(fn, device: torch.device, repeats: int = 10) -> float:
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 @torch.no_grad()
