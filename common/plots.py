@@ -144,7 +144,11 @@ def _lesson_charts(results: list[dict], out_dir: Path, subtitle: str) -> list[Pa
     steps = [by_engine[e] for e in ("cycle1_naive", "cycle2_kvcache") if e in by_engine]
     if steps and all(r.get("stats", {}).get("step_times") for r in steps):
         paths.append(_step_time_chart(out_dir / "step_time.png", steps, subtitle))
-    timeline = [by_engine[e] for e in ("cycle3_paged", "cycle4_batching") if e in by_engine]
+    online = {}   # an online sweep: each engine's row at the last finite rate (inf has no arrivals to show)
+    for r in results:
+        if r["engine"] not in online or math.isfinite(r.get("request_rate") or 0):
+            online[r["engine"]] = r
+    timeline = [online[e] for e in ("cycle3_paged", "cycle4_batching") if e in online]
     if timeline:
         paths.append(_timeline_chart(out_dir / "timeline.png", timeline, subtitle))
     return paths

@@ -199,3 +199,16 @@ def test_a_dropped_stream_is_aborted_and_frees_its_blocks(server, client):
     assert after["generation_tokens_total"] - before["generation_tokens_total"] < max_tokens  # cut short
     out = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=5, temperature=0)
     assert out.usage.completion_tokens >= 1
+
+
+def test_http_benchmark_client_times_every_token(server):
+    from common.http_bench import run_http
+    from common.online import serving_metrics
+    from common.workloads import Request
+
+    requests = [Request([5, 6, 7], 6, True, [5, 6, 7]), Request([8, 9], 3, True, [8, 9])]
+    records = asyncio.run(asyncio.wait_for(run_http(server["base"] + "/v1", MODEL, requests, [0.0, 0.05]), TIMEOUT_S))
+    assert [r.num_output_tokens for r in records] == [6, 3]
+    assert [len(r.token_times_s) for r in records] == [6, 3]   # one chunk per token
+    assert records[1].token_times_s[0] >= 0.05
+    assert serving_metrics(records, 10, 10)["completed"] == 2
