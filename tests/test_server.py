@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from conftest import CYCLES, cycle, save_tiny_checkpoint
+from conftest import CYCLES, cycle
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -36,19 +36,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_chars")
-    save_tiny_checkpoint(path, "qwen3", vocab_size=98)
-    return str(path)
-
-
 @pytest.fixture(scope="module", params=SERVER_CYCLES)
-def server(request, checkpoint):
+def server(request, char_checkpoint):
     name = request.param
-    llm = cycle(name).LLM(checkpoint, device="cpu")
+    llm = cycle(name).LLM(char_checkpoint, device="cpu")
     llm.tokenizer.chat_template = TEMPLATE
-    reference = cycle(name).LLM(checkpoint, device="cpu")   # offline generate() on the same weights
+    reference = cycle(name).LLM(char_checkpoint, device="cpu")   # offline generate() on the same weights
     reference.tokenizer.chat_template = TEMPLATE
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(build_app(llm, cycle(name), MODEL), host="127.0.0.1", port=port,
