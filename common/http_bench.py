@@ -87,3 +87,24 @@ def main_http(args) -> int:
     print(format_online_table(results))
     print(f"results: {out_dir / 'results.json'}")
     return 0 if all(r["failed"] == 0 for r in results) else 1
+
+
+def wait_healthy(base_url: str, timeout_s: float) -> bool:
+    """Poll BASE/health until it answers 200 (a server still loading refuses connections)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(base_url.rstrip("/") + "/health", timeout=5).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    return False
+
+
+if __name__ == "__main__":   # python -m common.http_bench wait http://127.0.0.1:8000 90 (scripts)
+    if len(sys.argv) != 4 or sys.argv[1] != "wait":
+        raise SystemExit("usage: python -m common.http_bench wait SERVER_URL TIMEOUT_S")
+    sys.exit(0 if wait_healthy(sys.argv[2], float(sys.argv[3])) else 1)

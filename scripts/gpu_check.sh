@@ -31,3 +31,5 @@ run 30 quick python3 compare.py --device cuda --quick --cycles 1 --no-hf --out /
 run 300 throughput64 python3 compare.py --device cuda --num-requests 64 --cycles 2,3,4,5,6,7 --out /tmp/gpu/throughput64
 run 45 shared_prefix python3 compare.py --device cuda --workload shared_prefix --cycles 4,5 --no-hf --out /tmp/gpu/shared_prefix
 run 60 long_context python3 compare.py --device cuda --workload long_context --cycles 5,6 --no-hf --out /tmp/gpu/long_context
+run 150 online python3 compare.py --device cuda --workload online --cycles 3,4 --out /tmp/gpu/online
+run 150 serve_online bash -c 'python3 -m cycle7_int8.serve Qwen/Qwen3-0.6B --device cuda --port 8123 & s=$!; python3 -m common.http_bench wait http://127.0.0.1:8123 90 && python3 compare.py --device cuda --workload online --base-url http://127.0.0.1:8123/v1 --model Qwen/Qwen3-0.6B --out /tmp/gpu/serve_online; kill $s'
