@@ -82,7 +82,8 @@ def _wait_until(start: float, t: float, clock, sleep) -> None:
 
 def drive_steps(llm, prompts: list[list[int]], params: list, arrivals: list[float],
                 clock=time.perf_counter, sleep=time.sleep) -> list[RequestRecord]:
-    """Replay the arrivals against an engine with add_request()/step() (cycles 4 on)."""
+    """Replay the arrivals against an engine with add_request()/step() (cycles 4 on). Requests
+    added this way are detokenized every step, as a streaming server's are: that cost is measured."""
     order = sorted(range(len(prompts)), key=lambda i: arrivals[i])
     records = [RequestRecord(arrivals[i]) for i in range(len(prompts))]
     by_id, nxt = {}, 0

@@ -22,7 +22,7 @@ import uuid
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
@@ -65,6 +65,7 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
+    chat_template_kwargs: dict[str, Any] | None = None   # vLLM's extension, e.g. {"enable_thinking": false}
 
 
 class APIError(Exception):
@@ -143,7 +144,7 @@ def build_app(llm, engine_module, served_model_name: str) -> FastAPI:
             raise APIError(400, str(error))
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    async def completions(body: CompletionRequest):
         params = sampling_params(body, body.max_tokens)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
@@ -162,7 +163,7 @@ def build_app(llm, engine_module, served_model_name: str) -> FastAPI:
         return await _collect(engine, request_id, prompt_tokens, outputs, response)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
+    async def chat_completions(body: ChatCompletionRequest):
         if not body.messages:
             raise APIError(400, "messages is empty")
         messages = [m.model_dump() for m in body.messages]
@@ -170,7 +171,7 @@ def build_app(llm, engine_module, served_model_name: str) -> FastAPI:
         params = sampling_params(body, max_tokens if max_tokens is not None else 1)  # checked now
 
         def build(llm):
-            ids = chat_prompt_ids(llm.tokenizer, messages, has_template)
+            ids = chat_prompt_ids(llm.tokenizer, messages, has_template, body.chat_template_kwargs or {})
             if max_tokens is not None:
                 return ids, params
             # As vLLM: what is left of the context (and of the KV pool, which must hold it all).
@@ -186,11 +187,11 @@ def build_app(llm, engine_module, served_model_name: str) -> FastAPI:
     return app
 
 
-def chat_prompt_ids(tokenizer, messages: list[dict], has_template: bool) -> list[int]:
+def chat_prompt_ids(tokenizer, messages: list[dict], has_template: bool, template_kwargs: dict | None = None) -> list[int]:
     """The chat rendered with the tokenizer's template, encoded without adding special tokens again
     (the template has its own). Without a template the contents are joined as plain text."""
     if has_template:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **(template_kwargs or {}))
         return tokenizer(text, add_special_tokens=False).input_ids
     return tokenizer("\n\n".join(m["content"] for m in messages) + "\n").input_ids
 
