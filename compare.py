@@ -3,6 +3,8 @@
     python compare.py                                   # all cycles + HF, throughput workload
     python compare.py --cycles 1,4,5 --workload shared_prefix --plot
     python compare.py --quick --cycles 1 --out /tmp/smoke  # a smoke test in seconds
+    python compare.py --workload online --cycles 3,4 --request-rate 0.5,1,2 --plot  # requests arriving over time
+    python compare.py --workload online --base-url http://127.0.0.1:8000/v1 --model NAME  # any OpenAI-compatible server
 
 Each engine runs in its own subprocess (python -m common.bench) one after another, so engines never
 share memory, caches or a warmed-up allocator. Results go to DIR/results.json (and DIR/*.png with
@@ -22,6 +24,7 @@ from common.bench import HF_ENGINES, REFERENCE_CYCLE, machine_info
 from common.cli import parse_options
 from common.device import default_model, resolve_device
 from common.metrics import PEAK_WITH_LOADING
+from common.online import format_online_table, parse_rates
 from common.workloads import WORKLOADS
 
 ROOT = Path(__file__).resolve().parent
@@ -70,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-hf", action="store_true", help="skip the HuggingFace baselines")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="engine option passed to every engine that takes it, e.g. max_num_seqs=8 (repeatable)")
+    online = p.add_argument_group("--workload online (defaults per device in common/online.py)")
+    online.add_argument("--request-rate", default=None, help="requests/s; inf: all at once; a comma list sweeps")
+    online.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the arrival gaps (1: Poisson)")
+    online.add_argument("--slo-ttft", type=float, default=None, help="goodput's time-to-first-token target, s")
+    online.add_argument("--slo-tpot", type=float, default=None, help="goodput's time-per-output-token target, s")
+    online.add_argument("--base-url", default=None, help="benchmark this OpenAI-compatible server (e.g. "
+                        "http://127.0.0.1:8000/v1) instead of the cycles; --model names its model")
     return p
 
 
@@ -86,6 +96,11 @@ def bench_command(engine: str, args, device: str, model: str, dtype: str | None,
         cmd += ["--dtype", dtype]
     for option in args.option:
         cmd += ["--option", option]
+    if args.workload == "online":
+        cmd += ["--burstiness", str(args.burstiness)]
+        for flag, value in (("--slo-ttft", args.slo_ttft), ("--slo-tpot", args.slo_tpot)):
+            if value is not None:
+                cmd += [flag, str(value)]
     return cmd
 
 
@@ -154,9 +169,29 @@ def resolve_once(model: str, weights: str):
     return source
 
 
+DEFAULT_RATE = None   # an online run at the size's default rate (common/online.py)
+
+
+def _online_rates(args) -> list:
+    """The request rates to run each engine at: one None (not online, or the default rate) or the sweep."""
+    if args.workload != "online" or not args.request_rate:
+        return [DEFAULT_RATE]
+    try:
+        return parse_rates(args.request_rate)
+    except ValueError as error:
+        raise SystemExit(f"--request-rate: {error}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     parse_options(args.option)  # a malformed --option fails now, not in every subprocess
+    if args.base_url or args.request_rate:
+        if args.workload != "online":
+            raise SystemExit("--request-rate and --base-url go with --workload online")
+    if args.base_url:
+        from common.http_bench import main_http
+
+        return main_http(args)
     device = resolve_device(args.device)
     model = args.model or default_model(device)
     cycles = select_cycles(args.cycles, find_cycles())
@@ -167,15 +202,19 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         raise SystemExit(f"error: {error}")
 
-    hf_engines = [] if args.no_hf else list(HF_ENGINES)
+    hf_engines = [] if args.no_hf or args.workload == "online" else list(HF_ENGINES)  # online: cycles only
+    rates = _online_rates(args)
     results, failures = [], []
     started = time.strftime("%Y-%m-%d %H:%M:%S")
-    bar = tqdm(cycles + hf_engines, desc="engines", unit="engine")
-    for engine in bar:
-        bar.set_postfix_str(engine)
+    bar = tqdm([(e, r) for e in cycles + hf_engines for r in rates], desc="engines", unit="run")
+    for engine, rate in bar:
+        bar.set_postfix_str(engine if rate is None else f"{engine} @ {rate:g} req/s")
         dtype = hf_dtype(results, args.dtype) if engine in HF_ENGINES else args.dtype
-        out_path = out_dir / f"{engine}.json"
-        result, error = run_one(bench_command(engine, args, str(device), model, dtype, out_path), out_path)
+        out_path = out_dir / (f"{engine}.json" if rate is None else f"{engine}-rate{rate:g}.json")
+        cmd = bench_command(engine, args, str(device), model, dtype, out_path)
+        if rate is not None and rate != DEFAULT_RATE:
+            cmd += ["--request-rate", str(rate)]
+        result, error = run_one(cmd, out_path)
         if result is None:
             failures.append({"engine": engine, "error": error})
             tqdm.write(f"FAILED {engine}: {error}")
@@ -190,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                 "weights_note": source.fallback_reason, "device": str(device), "workload": args.workload, "quick": args.quick, "num_requests": args.num_requests, "prompt_len": args.prompt_len, "options": args.option,
                 "engines": cycles + hf_engines, "started": started, "argv": sys.argv}
     reference = next((r for r in results if r["engine"] == REFERENCE_CYCLE), None)
+    run_info["request_rates"] = rates if args.workload == "online" else None
     for r in results:
         r["same_tokens_as_c1"] = same_tokens_as_c1(r, reference)
     (out_dir / "results.json").write_text(json.dumps({"run": run_info, "results": results, "failures": failures},
@@ -197,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     if results:
-        print(format_table(results))
+        print(format_online_table(results) if args.workload == "online" else format_table(results))
     size = f" ({results[0]['workload_size']} size, {results[0]['num_requests']} requests)" if results else ""
     print(f"\nmachine: {machine['name']} ({machine['cpu_count']} CPUs), model: {source.name}, "
           f"weights: {source.weights}, device: {device}, workload: {args.workload}{size}")
@@ -208,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
 
         for path in plot_results(results, out_dir):
             print(f"plot: {path}")
+        if args.workload == "online":
+            from common.plots import plot_online
+
+            for path in plot_online(results, out_dir):
+                print(f"plot: {path}")
     print(f"results: {out_dir / 'results.json'}")
     if failures:
         print(f"{len(failures)} engine(s) failed: {', '.join(f['engine'] for f in failures)}")

@@ -79,7 +79,7 @@ def _greedy_params(cycle, requests) -> list:
 
 
 def _run_cycle(engine: str, workload: str, device, model: str, weights: str, quick: bool, dtype,
-               options: dict, size: dict) -> dict:
+               options: dict, size: dict, online: dict | None = None) -> dict:
     cycle = importlib.import_module(engine)
     accepted, ignored = _accepted_options(cycle.LLM, options)
     start = time.perf_counter()
@@ -93,6 +93,8 @@ def _run_cycle(engine: str, workload: str, device, model: str, weights: str, qui
     llm.generate([warm.prompt_token_ids], _greedy_params(cycle, [warm]))
     peak_scope = PEAK_GENERATION if reset_peak_memory(device) else PEAK_WITH_LOADING
 
+    if workload == "online":   # requests arrive over time (common/online.py)
+        return _run_cycle_online(llm, cycle, work, online or {}, load_s, peak_scope, ignored)
     start = time.perf_counter()
     outputs = llm.generate([r.prompt_token_ids for r in work.requests], _greedy_params(cycle, work.requests))
     wall_s = time.perf_counter() - start
@@ -106,6 +108,24 @@ def _run_cycle(engine: str, workload: str, device, model: str, weights: str, qui
         "weight_bytes": stats.get("weight_bytes"),
         "kv_cache_peak_bytes": stats.get("kv_cache_peak_bytes"),
         "stats": stats, "ignored_options": ignored,
+    }
+
+
+def _run_cycle_online(llm, cycle, work, online: dict, load_s: float, peak_scope: str, ignored: list) -> dict:
+    from common.online import online_row, online_settings, run_online_engine
+
+    settings = online_settings(work.device_size, **online)
+    start = time.perf_counter()
+    records = run_online_engine(llm, cycle, work, settings)
+    wall_s = time.perf_counter() - start
+    return {
+        "source": llm.source, "dtype": llm.dtype, "work": work, "wall_s": wall_s, "load_s": load_s,
+        "token_ids": [r.token_ids for r in records],
+        "ttft_s": [r.token_times_s[0] - r.arrival_s for r in records],   # from each request's arrival
+        "latency_s": [r.finish_s - r.arrival_s for r in records],
+        "peak_memory_bytes": peak_memory_bytes(llm.device), "peak_memory_scope": peak_scope,
+        "weight_bytes": llm.stats.get("weight_bytes"), "kv_cache_peak_bytes": llm.stats.get("kv_cache_peak_bytes"),
+        "stats": {}, "ignored_options": ignored, "online": online_row(records, settings),
     }
 
 
@@ -154,15 +174,19 @@ def _run_hf(engine: str, workload: str, device, model: str, weights: str, quick:
 
 def run_engine(engine: str, workload: str, device=None, model: str | None = None, weights: str = "auto",
                quick: bool = False, dtype=None, options: dict | None = None,
-               num_requests: int | None = None, prompt_len: int | None = None) -> dict:
-    """Run one engine on one workload in this process and return the result dict (see module doc)."""
+               num_requests: int | None = None, prompt_len: int | None = None, online: dict | None = None) -> dict:
+    """Run one engine on one workload in this process and return the result dict (see module doc).
+    `online`: request_rate, burstiness, slo_ttft_s, slo_tpot_s of the online workload (None: defaults)."""
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}: choose one of {', '.join(WORKLOADS)}")
+    if workload == "online" and engine in HF_ENGINES:
+        raise ValueError("the online workload needs a cycle (HF generate has no server loop)")
     device = resolve_device(device)
     model = model or default_model(device)
     runner = _run_hf if engine in HF_ENGINES else _run_cycle
     size = {"num_requests": num_requests, "prompt_len": prompt_len}   # overrides of the workload's size
-    run = runner(engine, workload, device, model, weights, quick, dtype, options or {}, size)
+    extra = {"online": online} if workload == "online" else {}
+    run = runner(engine, workload, device, model, weights, quick, dtype, options or {}, size, **extra)
 
     source, work = run["source"], run["work"]
     output_tokens = sum(len(ids) for ids in run["token_ids"])
@@ -191,6 +215,7 @@ def run_engine(engine: str, workload: str, device=None, model: str | None = None
         "stats": run["stats"],
         "machine": machine_info(device),
         "token_ids": run["token_ids"],
+        **run.get("online", {}),
     }
 
 
@@ -208,13 +233,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="an engine option, e.g. --option max_num_seqs=8 (repeatable)")
     p.add_argument("--out", default=None, help="write the JSON here (default: print it)")
+    # --workload online only (common/online.py); unset: the size's defaults there
+    p.add_argument("--request-rate", type=float, default=None, help="online: requests per second (inf: all at once)")
+    p.add_argument("--burstiness", type=float, default=1.0, help="online: gamma shape of the arrival gaps (1: Poisson)")
+    p.add_argument("--slo-ttft", type=float, default=None, help="online: goodput's TTFT target, seconds")
+    p.add_argument("--slo-tpot", type=float, default=None, help="online: goodput's TPOT target, seconds")
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     result = run_engine(args.engine, args.workload, args.device, args.model, args.weights, args.quick,
-                        args.dtype, parse_options(args.option), args.num_requests, args.prompt_len)
+                        args.dtype, parse_options(args.option), args.num_requests, args.prompt_len,
+                        online={"request_rate": args.request_rate, "burstiness": args.burstiness,
+                                "slo_ttft_s": args.slo_ttft, "slo_tpot_s": args.slo_tpot})
     # default=str: engines may put non-JSON values (a torch.dtype, a device) into their stats.
     text = json.dumps(result, indent=1, default=str)
     if args.out is None:

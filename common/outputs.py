@@ -1,4 +1,4 @@
-"""What generate() returns, the same in every cycle (modelled on vLLM's RequestOutput)."""
+"""What generate() and step() return, the same in every cycle (modelled on vLLM's RequestOutput)."""
 
 from dataclasses import dataclass, field
 
@@ -16,5 +16,11 @@ class RequestOutput:
     prompt_token_ids: list[int]
     token_ids: list[int]            # generated tokens, including a final EOS if one was produced
     text: str
-    finish_reason: str              # "stop" (EOS) or "length" (max_tokens)
+    finish_reason: str | None       # "stop" (EOS or a stop string), "length" (max_tokens), "abort"; None while running
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    # Streaming (step(), cycle 4 on): what this step added. An output of a request still running
+    # carries only these (vLLM's DELTA kind: prompt_token_ids, token_ids and text stay empty); the
+    # finished one also carries the whole generation, as generate() returns it.
+    finished: bool = True
+    new_token_ids: list[int] = field(default_factory=list)
+    delta_text: str = ""

@@ -144,7 +144,11 @@ def _lesson_charts(results: list[dict], out_dir: Path, subtitle: str) -> list[Pa
     steps = [by_engine[e] for e in ("cycle1_naive", "cycle2_kvcache") if e in by_engine]
     if steps and all(r.get("stats", {}).get("step_times") for r in steps):
         paths.append(_step_time_chart(out_dir / "step_time.png", steps, subtitle))
-    timeline = [by_engine[e] for e in ("cycle3_paged", "cycle4_batching") if e in by_engine]
+    online = {}   # an online sweep: each engine's row at the last finite rate (inf has no arrivals to show)
+    for r in results:
+        if r["engine"] not in online or math.isfinite(r.get("request_rate") or 0):
+            online[r["engine"]] = r
+    timeline = [online[e] for e in ("cycle3_paged", "cycle4_batching") if e in online]
     if timeline:
         paths.append(_timeline_chart(out_dir / "timeline.png", timeline, subtitle))
     return paths
@@ -167,18 +171,68 @@ def _step_time_chart(path: Path, results: list[dict], subtitle: str) -> Path:
 
 def _timeline_chart(path: Path, results: list[dict], subtitle: str) -> Path:
     """One bar per request from its first token to its last: static batches start together and
-    wait for the slowest; continuous batching starts a request as soon as a slot frees."""
+    wait for the slowest; continuous batching starts a request as soon as a slot frees. An online
+    result (requests arriving over time) has arrival times: each grey line starts at its arrival."""
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), sharex=True, squeeze=False)
     for ax, r in zip(axes[0], results):
-        for i, (first, last) in enumerate(zip(r["ttft_s"], r["latency_s"])):
+        arrivals = r.get("arrival_s") or [0.0] * len(r["ttft_s"])
+        for i, (arrival, ttft, latency) in enumerate(zip(arrivals, r["ttft_s"], r["latency_s"])):
+            first, last = arrival + ttft, arrival + latency
             ax.barh(i, last - first, left=first, height=0.8, color="tab:blue")
-            ax.plot([0, first], [i, i], color="0.8", linewidth=1)   # waiting for the first token
-        ax.set_title(short_name(r["engine"]), fontsize=10)
-        ax.set_xlabel("seconds since all requests arrived")
+            ax.plot([arrival, first], [i, i], color="0.6", linewidth=1)   # waiting for the first token
+        rate = f" @ {r['request_rate']:g} req/s" if r.get("request_rate") is not None else ""
+        ax.set_title(short_name(r["engine"]) + rate, fontsize=10)
+        ax.set_xlabel("seconds since the first arrival" if r.get("arrival_s") else "seconds since all requests arrived")
         ax.invert_yaxis()
     axes[0][0].set_ylabel("request")
     fig.suptitle(f"Which request runs when (grey: waiting, blue: generating)\n{subtitle}", fontsize=9)
     return _save(fig, path)
+
+
+def plot_online(results: list[dict], out_dir) -> list[Path]:
+    """Online workload sweeps (several request rates per engine): latency and goodput against the
+    request rate, one line per engine. One rate only: nothing to draw against, no chart."""
+    by_engine: dict[str, list[dict]] = {}
+    for r in results:
+        if r.get("request_rate") is not None:
+            by_engine.setdefault(r["engine"], []).append(r)
+    if not any(len(rows) > 1 for rows in by_engine.values()):
+        return []
+    out_dir = Path(out_dir)
+    subtitle = _subtitle(results)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    panels = [("ttft_p99_s", "p99 time to first token (s)"), ("tpot_mean_s", "mean time per output token (s)"),
+              ("e2el_p99_s", "p99 end-to-end latency (s)")]
+    for ax, (key, label) in zip(axes, panels):
+        for engine, rows in sorted(by_engine.items()):
+            rows = sorted(rows, key=lambda r: r["request_rate"])
+            ax.plot([_rate_x(r) for r in rows], [r.get(key) or math.nan for r in rows], marker="o", label=short_name(engine))
+        ax.set_xlabel("request rate (req/s)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Latency under load (lower is better)\n{subtitle}", fontsize=9)
+    paths = [_save(fig, out_dir / "online_latency.png")]
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for engine, rows in sorted(by_engine.items()):
+        rows = sorted(rows, key=lambda r: r["request_rate"])
+        ax.plot([_rate_x(r) for r in rows], [r.get("goodput") or 0 for r in rows], marker="o", label=short_name(engine))
+        ax.plot([_rate_x(r) for r in rows], [r.get("request_throughput") or 0 for r in rows], linestyle=":",
+                color=ax.lines[-1].get_color())
+    slo = results[0]
+    ax.set_xlabel("request rate (req/s)")
+    ax.set_ylabel("requests / s")
+    ax.set_title(f"Goodput (solid: TTFT <= {slo['slo_ttft_s']:g} s and TPOT <= {slo['slo_tpot_s']:g} s; "
+                 f"dotted: all requests)\n{subtitle}", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return paths + [_save(fig, out_dir / "goodput.png")]
+
+
+def _rate_x(r: dict) -> float:
+    """An infinite rate (everything at once) has no place on a rate axis: it is left out of the lines."""
+    return r["request_rate"] if math.isfinite(r["request_rate"]) else math.nan
 
 
 def plot_memory_vs_context(results: list[dict], path) -> Path:

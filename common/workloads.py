@@ -47,6 +47,13 @@ SIZES: dict[str, dict[str, Size]] = {
         "cpu": Size(2, prompt_len=(1024, 2048), output_len=(16, 16)),
         "quick": Size(1, prompt_len=(256, 256), output_len=(4, 4)),
     },
+    # Requests arriving over time (common/online.py, where the rate and SLOs are set). Mixed output
+    # lengths: a static batch waits for its slowest member, continuous batching does not.
+    "online": {
+        "cuda": Size(200, prompt_len=(64, 512), output_len=(32, 512)),
+        "cpu": Size(32, prompt_len=(16, 64), output_len=(16, 128)),
+        "quick": Size(4, prompt_len=(8, 16), output_len=(4, 12)),
+    },
 }
 
 WORKLOADS = list(SIZES)
@@ -56,6 +63,7 @@ DESCRIPTIONS = {
     "shared_prefix": "one long system prompt shared by every request + short unique questions: prefix caching",
     "chat": "real English questions with the chat template, stop at EOS: what a user sees",
     "long_context": "a few prompts of thousands of random tokens: attention cost and KV cache size",
+    "online": "random token-id prompts arriving over time (--request-rate, --burstiness): serving latency and goodput",
 }
 
 # Random prompt ids come from here: above the first 100 ids (bytes and special tokens in most
@@ -230,7 +238,7 @@ def make_workload(name: str, tokenizer, device: str, quick: bool = False, seed: 
             raise ValueError(f"prompt_len must be >= 1, got {prompt_len}")
         size = dataclasses.replace(size, prompt_len=(prompt_len, prompt_len))
     rng = random.Random(seed)
-    if name in ("throughput", "long_context"):
+    if name in ("throughput", "long_context", "online"):
         requests = _random_id_requests(tokenizer, size, rng, max_model_len)
     elif name == "shared_prefix":
         requests = _shared_prefix_requests(tokenizer, size, rng)

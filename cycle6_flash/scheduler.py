@@ -92,6 +92,17 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
+    def abort(self, seq_id: int) -> Sequence | None:
+        """Take a request out, waiting or running, and free its blocks now; None if it is not here."""
+        for queue in (self.waiting, self.running):
+            for seq in queue:
+                if seq.seq_id == seq_id:
+                    queue.remove(seq)
+                    self.block_manager.free(seq)
+                    seq.status = SequenceStatus.FINISHED
+                    return seq
+        return None
+
     def finish(self, seq: Sequence) -> None:
         """A finished sequence leaves the batch now and its blocks go back to the pool."""
         seq.status = SequenceStatus.FINISHED

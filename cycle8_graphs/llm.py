@@ -4,6 +4,8 @@ The LLM is an engine loop in vLLM's vocabulary: add_request() puts a Sequence in
 waiting queue, step() asks the scheduler what to run (a prefill of newly admitted sequences, or one
 decode token for every running one), runs it through the ModelRunner and appends the sampled
 tokens; finished sequences leave at once. generate() adds every prompt and steps until all finish.
+step() returns the new token of every request that ran, so a server can stream them as they come,
+and abort_request() drops a request (a client that went away) and frees its blocks at once.
 The batch is re-formed every step, so a short request never waits for a long one. After each
 step, every block that became full of computed K/V is hashed into the prefix cache. The float
 checkpoint is quantized to int8 (AbsMax, per output channel) when the engine starts.
@@ -18,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from common.device import resolve_device, resolve_dtype
+from common.detokenizer import IncrementalDetokenizer
 from common.inputs import prepare_requests
 from common.memory import weight_bytes
 from common.metrics import peak_memory_bytes, reset_peak_memory
@@ -150,15 +153,22 @@ class LLM:
     # --- the engine loop, in vLLM's LLMEngine vocabulary ---------------------------------------
 
     def add_request(self, prompt, sampling_params: SamplingParams | None = None) -> int:
-        """Validate one prompt and queue it; returns its request id."""
+        """Validate one prompt and queue it; returns its request id. Its text is detokenized as it
+        is generated, so every step() output carries the new text (delta_text) to stream."""
         return self._add(prepare_requests([prompt], sampling_params, self.tokenizer, self.config.vocab_size,
-                                          self.config.max_position_embeddings, SamplingParams))[0]
+                                          self.config.max_position_embeddings, SamplingParams), stream=True)[0]
+
+    def abort_request(self, request_id: int) -> bool:
+        """Remove a request, waiting or running, and free its KV blocks now. False if there is no
+        such unfinished request (it finished already, or was never added)."""
+        return self.scheduler.abort(request_id) is not None
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled step; returns the requests that finished in it."""
+        """Run one scheduled step; returns one output per request that got a token in it (every
+        scheduled one), with `finished` set on those that ended."""
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             raise RuntimeError("the scheduler found nothing to run although requests are unfinished")
@@ -171,8 +181,7 @@ class LLM:
         started = time.perf_counter()
         next_tokens = self.model_runner.run(seqs, is_prefill)
         self._step_times.append([max(len(s) for s in seqs), time.perf_counter() - started])
-        finished = self._postprocess(seqs, next_tokens)
-        return [self._output(seq) for seq in finished]
+        return self._postprocess(seqs, next_tokens)
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = False) -> list[RequestOutput]:
         if self.has_unfinished_requests():
@@ -188,19 +197,24 @@ class LLM:
         with tqdm(total=len(ids), disable=not use_tqdm, desc="requests") as bar:
             while self.has_unfinished_requests():
                 for out in self.step():
-                    outputs[out.request_id] = out
-                    bar.update(1)
+                    if out.finished:
+                        outputs[out.request_id] = out
+                        bar.update(1)
         self.stats = self._stats(outputs.values(), time.perf_counter() - start)
         return [outputs[i] for i in ids]
 
     # --- helpers -------------------------------------------------------------------------------
 
-    def _add(self, requests, arrival: float | None = None) -> list[int]:
+    def _add(self, requests, arrival: float | None = None, stream: bool = False) -> list[int]:
         seqs = []
         for r in requests:
             seq = Sequence(self._next_id, r.prompt, r.prompt_token_ids, r.sampling_params,
                            _request_generator(r.sampling_params.seed, self.device),
                            arrival if arrival is not None else time.perf_counter())
+            # Only streamed requests (and stop strings) pay for detokenizing every step; generate()
+            # decodes each request once, at the end.
+            if stream or r.sampling_params.stop:
+                seq.detokenizer = IncrementalDetokenizer(self.tokenizer, r.prompt_token_ids, r.sampling_params.stop)
             self._next_id += 1
             seqs.append(seq)
         self._check_fits_pool(seqs)          # all checks pass before any request is queued
@@ -216,20 +230,28 @@ class LLM:
                                  f"(prompt + max_tokens), the whole pool has {bm.num_blocks}: "
                                  f"lower max_tokens or give the cache more blocks (num_kv_blocks)")
 
-    def _postprocess(self, seqs: list[Sequence], next_tokens: list[int]) -> list[Sequence]:
+    def _postprocess(self, seqs: list[Sequence], next_tokens: list[int]) -> list[RequestOutput]:
         now = time.perf_counter()
-        finished = []
+        outputs = []
         for seq, token in zip(seqs, next_tokens):
             self.block_manager.cache_full_blocks(seq, num_computed_tokens=len(seq))
             seq.token_ids.append(token)
             if seq.first_token_time is None:
                 seq.first_token_time = now - seq.arrival_time
             reason = self._finish_reason(seq.output_token_ids, seq.sampling_params)
+            delta = ""
+            if seq.detokenizer is not None:
+                delta = seq.detokenizer.update(token, finishing=reason is not None)
+                if seq.detokenizer.stopped:
+                    reason = "stop"
             if reason:
                 seq.finish_reason, seq.finish_time = reason, now - seq.arrival_time
                 self.scheduler.finish(seq)
-                finished.append(seq)
-        return finished
+                outputs.append(self._output(seq, token, delta))
+            else:  # a delta only: copying the whole generation every step would cost O(length)
+                outputs.append(RequestOutput(seq.seq_id, None, [], [], "", None, finished=False,
+                                             new_token_ids=[token], delta_text=delta))
+        return outputs
 
     def _finish_reason(self, token_ids: list[int], params: SamplingParams) -> str | None:
         if not params.ignore_eos and token_ids[-1] in self.eos_token_ids:
@@ -293,11 +315,12 @@ class LLM:
             "max_num_batched_tokens": self.scheduler.max_num_batched_tokens,
         }
 
-    def _output(self, seq: Sequence) -> RequestOutput:
+    def _output(self, seq: Sequence, token: int, delta: str) -> RequestOutput:
         tokens = seq.output_token_ids
-        return RequestOutput(seq.seq_id, seq.prompt, seq.token_ids[:seq.num_prompt_tokens], tokens,
-                             self.tokenizer.decode(tokens, skip_special_tokens=True), seq.finish_reason,
-                             RequestMetrics(seq.first_token_time, seq.finish_time))
+        text = seq.detokenizer.text if seq.detokenizer else self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return RequestOutput(seq.seq_id, seq.prompt, seq.token_ids[:seq.num_prompt_tokens], tokens, text,
+                             seq.finish_reason, RequestMetrics(seq.first_token_time, seq.finish_time),
+                             finished=True, new_token_ids=[token], delta_text=delta)
 
 
 def _build_model(config, source, device, dtype, attention_backend: str) -> CausalLM:

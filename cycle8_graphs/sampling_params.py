@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass
 
+from common.detokenizer import normalize_stop
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -11,6 +13,7 @@ class SamplingParams:
     max_tokens: int = 64
     ignore_eos: bool = False
     seed: int | None = None    # per-request seed: the same seed gives the same tokens
+    stop: tuple[str, ...] = () # stop strings: the text ends before the first one (finish_reason "stop")
 
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -23,6 +26,7 @@ class SamplingParams:
             raise ValueError(f"top_k must be -1, 0 (both: disabled) or a positive int, got {self.top_k!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        object.__setattr__(self, "stop", normalize_stop(self.stop))  # frozen: set once, normalized
 
     @property
     def greedy(self) -> bool:

@@ -28,6 +28,7 @@ class Sequence:
         self.first_token_time: float | None = None  # seconds after arrival
         self.finish_time: float | None = None
         self.finish_reason: str | None = None
+        self.detokenizer = None                     # an IncrementalDetokenizer when streamed or with stop strings
 
     def __len__(self) -> int:
         return len(self.token_ids)

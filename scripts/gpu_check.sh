@@ -38,3 +38,5 @@ run 240 bench_step python3 scripts/bench_step.py --device cuda --profile /tmp/gp
 # After the merge, once compare.py has the nano_vllm_bench workload and the cycles take quantization=None:
 # run 300 nano_vllm_bench python3 compare.py --device cuda --workload nano_vllm_bench --cycles 7,8 --no-hf --out /tmp/gpu/nano_vllm_bench
 # run 300 nano_vllm_bench_fp python3 compare.py --device cuda --workload nano_vllm_bench --cycles 7,8 --no-hf --option quantization=None --out /tmp/gpu/nano_vllm_bench_fp
+run 150 online python3 compare.py --device cuda --workload online --cycles 3,4 --out /tmp/gpu/online
+run 150 serve_online bash -c 'python3 -m cycle7_int8.serve Qwen/Qwen3-0.6B --device cuda --port 8123 & s=$!; python3 -m common.http_bench wait http://127.0.0.1:8123 90 && python3 compare.py --device cuda --workload online --base-url http://127.0.0.1:8123/v1 --model Qwen/Qwen3-0.6B --out /tmp/gpu/serve_online; kill $s'

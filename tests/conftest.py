@@ -128,3 +128,12 @@ def smollm2_hf():
     source = resolve_model(SMOLLM2)
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
     return source, model
+
+
+@pytest.fixture(scope="session")
+def char_checkpoint(tmp_path_factory):
+    """A tiny Qwen3 checkpoint whose vocabulary is exactly the character tokenizer's (98 ids): every
+    generated token decodes to a character, so text comparisons (streaming, stop strings) mean something."""
+    path = tmp_path_factory.mktemp("tiny_chars")
+    save_tiny_checkpoint(path, "qwen3", vocab_size=98)
+    return str(path)

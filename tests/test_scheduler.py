@@ -21,7 +21,8 @@ def test_requests_leave_independently(name, tiny_llms):
     while llm.has_unfinished_requests():
         step += 1
         for out in llm.step():
-            finished_at[out.request_id] = step
+            if out.finished:
+                finished_at[out.request_id] = step
     # step 1 is the prefill (first token of all three); each later step adds one token
     assert [finished_at[i] for i in ids] == [2, 5, 9]
 
@@ -32,7 +33,7 @@ def test_a_waiting_request_joins_as_soon_as_a_slot_frees(name, tiny_llms):
     ids = [llm.add_request([9, 10, 11], greedy(name, n)) for n in (2, 8, 3)]
     log = []
     while llm.has_unfinished_requests():
-        done = llm.step()
+        done = [o for o in llm.step() if o.finished]
         log.append(([s.seq_id for s in llm.scheduler.running], [o.request_id for o in done]))
     # request 0 finishes at step 2; request 2 is admitted (prefilled) at step 3, next to request 1
     assert log[1][1] == [ids[0]]
@@ -81,7 +82,7 @@ def test_generate_refuses_a_busy_engine_and_loses_nothing(name, tiny_llms):
         llm.generate([[1, 2]], greedy(name, 2))
     done = []
     while llm.has_unfinished_requests():
-        done += llm.step()
+        done += [o for o in llm.step() if o.finished]
     assert [o.request_id for o in done] == [rid] and len(done[0].token_ids) == 3
 
 

@@ -1,0 +1,70 @@
+"""Incremental detokenization: the text a stream may show after each new token.
+
+Decoding one token at a time is wrong for two reasons: a byte-level tokenizer (SmolLM2, Qwen3)
+may split one multi-byte character (an emoji, a CJK character) over several tokens, and a token
+decoded alone can lose the space its neighbours would give it. So, as vLLM does, we decode a small
+window twice: the tokens already shown (`prefix_offset:read_offset`) and the same window plus the
+new ones, and emit only the difference. While the window ends in U+FFFD (a character whose bytes
+have not all arrived) nothing is emitted; the next token completes it.
+
+Stop strings live here too (the engine only sees tokens): the text is cut before the first stop
+string, and while one could still be forming, its possible start is held back from the stream.
+"""
+
+REPLACEMENT_CHAR = "\ufffd"
+CONTEXT_TOKENS = 5   # prompt tokens decoded with the first output tokens, for correct spacing
+
+
+def normalize_stop(stop) -> tuple[str, ...]:
+    """None, one string, or a list of strings -> a tuple of non-empty strings (ValueError otherwise)."""
+    if stop is None:
+        return ()
+    stops = (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, (list, tuple)) else None
+    if stops is None or not all(isinstance(s, str) and s for s in stops):
+        raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+    return stops
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, prompt_token_ids: list[int], stop: tuple[str, ...] = ()):
+        self.tokenizer = tokenizer
+        context = list(prompt_token_ids[-CONTEXT_TOKENS:])
+        self.token_ids = context            # context, then every generated token
+        self.prefix_offset = 0              # start of the decode window
+        self.read_offset = len(context)     # tokens before this are already in `text`
+        self.text = ""                      # all generated text so far (cut at a stop string)
+        self.stop = stop
+        self.holdback = max((len(s) for s in stop), default=1) - 1
+        self.emitted = 0                    # characters of `text` already returned
+        self.stopped = False                # a stop string was found: the request must finish
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def update(self, token_id: int, finishing: bool = False) -> str:
+        """Add one generated token; return the text that became safe to show (maybe "").
+        `finishing`: this is the request's last token, so everything left is flushed."""
+        self.token_ids.append(token_id)
+        if not self.stopped:
+            shown = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
+            window = self._decode(self.token_ids[self.prefix_offset:])
+            complete = not window.endswith(REPLACEMENT_CHAR)
+            if (complete or finishing) and len(window) > len(shown):
+                old_len = len(self.text)
+                self.text += window[len(shown):]
+                self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
+                self._find_stop(old_len)
+        end = len(self.text) if finishing or self.stopped else len(self.text) - self.holdback
+        delta = self.text[self.emitted:end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        return delta
+
+    def _find_stop(self, old_len: int) -> None:
+        """Only a stop string that ends in the new text can be new: search from there on."""
+        if not self.stop:
+            return
+        start = max(0, old_len - self.holdback)
+        found = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if found:
+            self.text = self.text[:min(found)]
+            self.stopped = True
