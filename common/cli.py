@@ -30,7 +30,7 @@ def build_parser(package: str) -> argparse.ArgumentParser:
 
 
 def parse_options(pairs: list[str]) -> dict:
-    """'key=value' strings to a dict; values become int, float or bool when they look like one."""
+    """'key=value' strings to a dict; values become int, float, bool or None when they look like one."""
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -43,6 +43,8 @@ def parse_options(pairs: list[str]) -> dict:
 def _literal(value: str):
     if value.lower() in ("true", "false"):
         return value.lower() == "true"
+    if value.lower() == "none":          # e.g. quantization=None
+        return None
     for cast in (int, float):
         try:
             return cast(value)

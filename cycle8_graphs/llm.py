@@ -54,7 +54,8 @@ class LLM:
                  kv_cache_memory_bytes: int | None = None,
                  gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION,
                  enable_prefix_caching: bool = True, attention_backend: str | None = None,
-                 int8_matmul: str | None = None, seed: int | None = None, trace: bool = False,
+                 quantization: str | None = "int8", int8_matmul: str | None = None,
+                 seed: int | None = None, trace: bool = False,
                  enforce_eager: bool = False, compile: bool | None = None):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -64,8 +65,14 @@ class LLM:
         check_block_size(self.attention_backend, block_size)
         if self.attention_backend_note:   # a fallback nobody asked for: said once, and kept in stats
             print(f"vllm-learn: {self.attention_backend_note}", file=sys.stderr, flush=True)
+        # quantization=None keeps the float checkpoint: the same engine without int8, to compare with.
+        if quantization not in ("int8", None) or (quantization is None and int8_matmul is not None):
+            raise ValueError(f"quantization={quantization!r}, int8_matmul={int8_matmul!r}: quantization is "
+                             "'int8' (default) or None, and int8_matmul applies to 'int8' only")
+        self.quantization = quantization
         # The int8 path: a fixed table by device (quantization.DEFAULT_MATMUL) unless int8_matmul names one.
-        self.int8_matmul, self.int8_matmul_note = choose_matmul(self.device, self.dtype, int8_matmul)
+        self.int8_matmul, self.int8_matmul_note = (choose_matmul(self.device, self.dtype, int8_matmul)
+                                                   if quantization else (None, None))
         if self.int8_matmul_note:
             print(f"vllm-learn: {self.int8_matmul_note}", file=sys.stderr, flush=True)
         defaults = DEFAULTS["cuda" if self.device.type == "cuda" else "cpu"]
@@ -79,7 +86,7 @@ class LLM:
         self.tokenizer = load_tokenizer(self.source)
         self.eos_token_ids = set(eos_token_ids(self.source, self.tokenizer))
         self.model = _build_model(self.config, self.source, self.device, self.dtype, self.attention_backend)
-        self.quantize_s = self._quantize()
+        self.quantize_s = self._quantize() if quantization else 0.0
         # Compiled small ops pay on a GPU; on a CPU they did not (compiled_ops.py): off unless asked.
         self.compile = self.device.type == "cuda" if compile is None else bool(compile)
         self.compile_s = compile_small_ops(self.model, self.device, self.dtype) if self.compile else 0.0
@@ -305,6 +312,7 @@ class LLM:
             "prefill_tokens": self._prefill_tokens,
             "attention_backend": self.attention_backend,
             "attention_backend_note": self.attention_backend_note,   # why a fallback ran, or None
+            "quantization": self.quantization,
             "int8_matmul": self.int8_matmul,
             "int8_matmul_note": self.int8_matmul_note,               # why a fallback ran, or None
             "quantize_s": self.quantize_s,

@@ -145,3 +145,23 @@ def test_triton_int8_engine_gives_the_cast_paths_tokens(name, tiny_llms):
     kernel = importlib.import_module(f"{name}.triton_int8").int8_matmul
     assert triton.model.lm_head.matmul is kernel                                   # the tied lm_head too
     assert triton.model.lm_head.qweight is triton.model.model.embed_tokens.qweight
+
+
+@pytest.mark.parametrize("name", INT8)
+def test_quantization_none_is_cycle_6_again(name, tiny_llms):
+    """quantization=None keeps the float checkpoint: the same tokens and weight bytes as cycle 6,
+    and the int8 engine's weights are smaller; a bad combination is refused before loading."""
+    prompts = [[5, 6, 7, 8, 9], [11, 3, 4]]
+    params = lambda c: cycle(c).SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    float_llm = tiny_llms(name, quantization=None)
+    reference = tiny_llms("cycle6_flash")
+    got = [o.token_ids for o in float_llm.generate(prompts, params(name))]
+    assert got == [o.token_ids for o in reference.generate(prompts, params("cycle6_flash"))]
+    assert float_llm.stats["quantization"] is None and float_llm.stats["int8_matmul"] is None
+    assert float_llm.stats["weight_bytes"] == reference.stats["weight_bytes"]
+    int8 = tiny_llms(name)
+    int8.generate(prompts, params(name))
+    assert int8.stats["quantization"] == "int8" and int8.stats["weight_bytes"] < reference.stats["weight_bytes"]
+    for bad in (dict(quantization="int4"), dict(quantization=None, int8_matmul="cast")):
+        with pytest.raises(ValueError, match="quantization"):
+            cycle(name).LLM("/nonexistent/model", device="cpu", **bad)
