@@ -233,8 +233,9 @@ def format_table(results: list[dict], failures: list[dict] = ()) -> str:
              r.get("same_tokens", {}).get("cell", "-")] for r in results]
     widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-             for row in [header] + rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+             for row in [header] + rows] if rows else []
+    if rows:
+        lines.insert(1, "  ".join("-" * w for w in widths))
     if any(r.get("peak_memory_scope") == PEAK_WITH_LOADING for r in results):
         lines.append("* peak memory includes model loading (it could not be reset after loading)")
     if failures:

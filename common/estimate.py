@@ -97,21 +97,28 @@ class NaiveCost:
     seconds: float = 0.0
 
 
+def naive_steps(requests, max_num_seqs: int):
+    """(batch, tokens per sequence) of every forward cycle 1 runs: each group of max_num_seqs,
+    left-padded to its longest prompt, grows by one token per step until its largest max_tokens."""
+    for batch, longest, largest in static_groups(requests, max_num_seqs):
+        for step in range(largest):
+            yield batch, longest + step
+
+
 def naive_cost(config, requests, max_num_seqs: int, dtype: torch.dtype, speed: GpuSpeed) -> NaiveCost:
     """Cycle 1's cost: every step reruns the whole padded group."""
     cost = NaiveCost()
     H, D, L = config.num_attention_heads, _head_dim(config), config.num_hidden_layers
     per_score = score_traffic_per_element(dtype)
+    for batch, T in naive_steps(requests, max_num_seqs):
+        flops = 2 * linear_params(config) * batch * T + 2 * config.hidden_size * config.vocab_size * batch
+        flops += 4 * batch * H * T * T * D * L
+        moved = batch * H * T * T * per_score * L
+        cost.steps += 1
+        cost.flops += flops
+        cost.score_bytes += moved
+        cost.seconds += speed.step_s + flops / speed.flops + moved / speed.bytes_per_s
     for batch, longest, largest in static_groups(requests, max_num_seqs):
-        for step in range(largest):
-            T = longest + step
-            flops = 2 * linear_params(config) * batch * T + 2 * config.hidden_size * config.vocab_size * batch
-            flops += 4 * batch * H * T * T * D * L
-            moved = batch * H * T * T * per_score * L
-            cost.steps += 1
-            cost.flops += flops
-            cost.score_bytes += moved
-            cost.seconds += speed.step_s + flops / speed.flops + moved / speed.bytes_per_s
         last = static_batch_bytes(config, batch, longest + largest - 1, dtype)["total"]
         cost.peak_bytes = max(cost.peak_bytes, last)
     return cost
@@ -123,22 +130,29 @@ def kvcache_peak_bytes(config, requests, max_num_seqs: int, dtype: torch.dtype) 
                for b, longest, largest in static_groups(requests, max_num_seqs))
 
 
-def batched_seconds(config, requests, max_num_seqs: int, max_num_batched_tokens: int, dtype: torch.dtype,
-                    speed: GpuSpeed) -> tuple[int, float]:
-    """Cycles 2-7 and HF (steps, seconds): one fixed-cost step per decode token of the batch (the
-    slowest member of each group of max_num_seqs), prefill steps of at most max_num_batched_tokens
-    tokens, and each decode step reads the KV cache of every live sequence KV_PASSES times."""
-    per_token = kv_cache_bytes(config, 1, 1, dtype)
-    steps, seconds = 0, 0.0
+def batched_steps(requests, max_num_seqs: int, max_num_batched_tokens: int) -> list[tuple[int, int, list]]:
+    """(prefill steps, decode steps, requests) per group of max_num_seqs: prefill in steps of at
+    most max_num_batched_tokens prompt tokens (it yields each request's first token), then one
+    decode step per further token of the group's largest max_tokens. Exact for cycle 4 when the
+    requests fit its limits; cycles 2-3 prefill a whole group in one step."""
+    groups = []
     for first in range(0, len(requests), max_num_seqs):
         group = requests[first:first + max_num_seqs]
-        prompt = sum(len(r.prompt_token_ids) for r in group)
-        prefill = math.ceil(prompt / max_num_batched_tokens)
-        decode = max(r.max_tokens for r in group)
+        prefill = math.ceil(sum(len(r.prompt_token_ids) for r in group) / max_num_batched_tokens)
+        groups.append((prefill, max(r.max_tokens for r in group) - 1, group))
+    return groups
+
+
+def batched_seconds(config, requests, max_num_seqs: int, max_num_batched_tokens: int, dtype: torch.dtype,
+                    speed: GpuSpeed) -> tuple[int, float]:
+    """Cycles 2-7 and HF (steps, seconds): a fixed-cost step each (batched_steps), and each decode
+    step reads the KV cache of every live sequence KV_PASSES times."""
+    per_token = kv_cache_bytes(config, 1, 1, dtype)
+    steps, seconds = 0, 0.0
+    for prefill, decode, group in batched_steps(requests, max_num_seqs, max_num_batched_tokens):
         kv_read = 0.0
-        for step in range(decode):
-            live = [r for r in group if r.max_tokens > step]
-            kv_read += sum(len(r.prompt_token_ids) + step for r in live) * per_token * KV_PASSES
+        for step in range(1, decode + 1):
+            kv_read += sum(len(r.prompt_token_ids) + step for r in group if r.max_tokens > step) * per_token * KV_PASSES
         steps += prefill + decode
         seconds += (prefill + decode) * speed.step_s + kv_read / speed.bytes_per_s
     return steps, seconds
@@ -199,6 +213,11 @@ def main() -> None:
     rows = [estimate_workload(name, source, tokenizer, speed) for name in ("throughput", "nano_vllm_bench")]
     print("Qwen3-0.6B, bf16, max_num_seqs 256, max_num_batched_tokens 16384, CUDA sizes of common/workloads.py")
     print(format_table(rows, speed))
+    # The one observation to hold the estimate against (issue 10): on an H200 (139 GiB usable),
+    # cycle 1 on nano_vllm_bench's sizes ran ~40 minutes and ran out of memory near T = 1,850.
+    at_oom = static_batch_bytes(source.config, 256, 1850, torch.bfloat16)["total"] / GIB
+    print(f"\ncheck: cycle 1, 256 sequences at T = 1,850 tokens: est. {at_oom:.0f} GiB beside the weights "
+          "(it ran out of memory there on an H200)")
 
 
 if __name__ == "__main__":
