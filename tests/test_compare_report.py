@@ -239,3 +239,17 @@ def test_cycle1_times_out_and_cycle2_is_kept(tmp_path):
     assert [f["engine"] for f in data["failures"]] == ["cycle1_naive"] and data["failures"][0]["kind"] == "timeout"
     assert [r["engine"] for r in data["results"]] == ["cycle2_kvcache"]
     assert "timed out after 25 s" in proc.stdout and (tmp_path / "throughput.png").exists()
+
+
+def test_results_name_each_engines_attention_and_int8_path(tiny_checkpoints):
+    from common.bench import run_engine
+
+    path, _ = tiny_checkpoints["llama"]
+    rows = {e: run_engine(e, "throughput", "cpu", path, quick=True)
+            for e in ("cycle1_naive", "cycle6_flash", "cycle7_int8")}
+    assert rows["cycle1_naive"]["attention_backend"] == "explicit" and rows["cycle1_naive"]["int8_path"] is None
+    assert rows["cycle6_flash"]["attention_backend"] == rows["cycle6_flash"]["stats"]["attention_backend"]
+    assert rows["cycle6_flash"]["int8_path"] is None
+    assert rows["cycle7_int8"]["int8_path"] == rows["cycle7_int8"]["stats"]["int8_matmul"] is not None
+    table = compare.format_table(list(rows.values()))
+    assert rows["cycle7_int8"]["int8_path"] in table.splitlines()[4]
