@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
-# The one prepared GPU check: CUDA tests, then the compare.py runs the guide's CUDA tables come from.
+# The one prepared GPU check: the CUDA tests, then the compare.py runs behind the guide's CUDA tables.
 # Run on a CUDA machine from the repository root; results land in $OUT (default: results/gpu).
-# Sized for about ten minutes of GPU time (one session's lease is 15 minutes, start-up included): every step has its own time limit so one slow step cannot
-# take the others down, and each step's log and results.json join one archive as soon as it ends.
+#
+# Budget: at most 9 minutes on one H100/H200 (machine start-up not counted): BUDGET_S below. Every
+# step has its own time limit, cut further so that the whole script ends within the budget, and
+# each step's log and per-engine JSON join one archive as soon as it ends, so a step stopped by its
+# limit keeps the engines it finished. $OUT receives 3 files: env.txt, steps.txt (one line per step:
+# exit status and seconds) and gpu_results.tar.gz (logs, results.json, per-engine JSON, charts; a
+# plain gpu_results.tar when the script itself was cut off before its end).
+# Exit status of a compare.py step: 0 all measured, 1 an engine failed, 3 an engine timed out or
+# was refused for memory (its row is missing); 124 the step hit its time limit.
 set -u
 OUT=$(realpath -m "${OUT:-results/gpu}")
 mkdir -p "$OUT" /tmp/gpu
@@ -10,24 +17,47 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 if ls .whl/*.whl >/dev/null 2>&1; then   # wheels carried to a machine without a package index
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 fi
+BUDGET_S=${BUDGET_S:-540}   # 9 minutes
+EXTRA_S=${EXTRA_S:-0}       # seconds kept for the steps in the marked spot at the end (add yours)
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
     python3 -c "import importlib.util as u; print('flash_attn installed:', u.find_spec('flash_attn') is not None)"
 } 2>&1 | tee /tmp/gpu/env.txt
-run() {  # run LIMIT_SECONDS NAME COMMAND...
+cp /tmp/gpu/env.txt "$OUT/env.txt"
+: > "$OUT/steps.txt"
+
+run() {  # run LIMIT_SECONDS NAME COMMAND...   (LIMIT is cut to what the budget has left)
     local limit=$1 name=$2; shift 2
-    echo "=== $name: $*"
+    local left=$((BUDGET_S - EXTRA_S - SECONDS))
+    (( limit > left )) && limit=$left
+    if (( limit < 20 )); then
+        echo "=== $name: skipped, ${left}s left of the ${BUDGET_S}s budget" | tee -a "$OUT/steps.txt"
+        return
+    fi
+    echo "=== $name (limit ${limit}s): $*"
     local start=$SECONDS
     timeout "$limit" "$@" > "/tmp/gpu/$name.log" 2>&1
-    echo "=== $name: exit $? after $((SECONDS - start)) s"
-    grep -v "it/s\]$" "/tmp/gpu/$name.log" | tail -25
-    # every engine's own JSON too: a step cut off by its time limit keeps the engines it finished
-    (cd /tmp/gpu && tar rf "$OUT/gpu_results.tar" "$name.log" $(ls "$name"/*.json 2>/dev/null))
+    local status=$?
+    echo "$name: exit $status after $((SECONDS - start))s (limit ${limit}s)" | tee -a "$OUT/steps.txt"
+    grep -v "it/s\]$" "/tmp/gpu/$name.log" | tail -30
+    # every engine's own JSON and the charts too: a step cut off by its time limit keeps the engines it finished
+    (cd /tmp/gpu && tar rf "$OUT/gpu_results.tar" "$name.log" $(ls "$name"/*.json "$name"/*.png 2>/dev/null))
 }
-cp /tmp/gpu/env.txt "$OUT/env.txt"
-run 120 pytest python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py tests/test_attention.py
-run 30 quick python3 compare.py --device cuda --quick --cycles 1 --no-hf --out /tmp/gpu/quick
-run 300 throughput64 python3 compare.py --device cuda --num-requests 64 --cycles 2,3,4,5,6,7 --out /tmp/gpu/throughput64
-run 45 shared_prefix python3 compare.py --device cuda --workload shared_prefix --cycles 4,5 --no-hf --out /tmp/gpu/shared_prefix
-run 60 long_context python3 compare.py --device cuda --workload long_context --cycles 5,6 --no-hf --out /tmp/gpu/long_context
+
+# Engines run one after another; --timeout stops one engine, the step's limit the whole step.
+run 75 pytest python3 -m pytest -q -m cuda -p no:cacheprovider tests/
+# the default comparison: all seven cycles and both HF baselines (estimate: ~3 minutes, python -m common.estimate)
+run 270 throughput python3 compare.py --device cuda --cycles 1-7 --plot --timeout 90 --out /tmp/gpu/throughput
+run 45 shared_prefix python3 compare.py --device cuda --workload shared_prefix --cycles 4,5 --no-hf --timeout 40 --out /tmp/gpu/shared_prefix
+run 75 long_context python3 compare.py --device cuda --workload long_context --cycles 5-7 --no-hf --timeout 60 --out /tmp/gpu/long_context
+# nano-vllm's benchmark (estimate: ~60 s per engine): the budget may stop it after two or three engines
+run 300 nano_vllm_bench python3 compare.py --device cuda --workload nano_vllm_bench --cycles 4-7 --no-hf --timeout 90 --out /tmp/gpu/nano_vllm_bench
+
+EXTRA_S=0   # from here on the reserve belongs to the steps below
+# ---- other checks: one line each, `run LIMIT NAME COMMAND...`, and add LIMIT to EXTRA_S's default above ----
+# (kernel microbenchmarks, a serving run, cycle 8 ...). Files written under /tmp/gpu/NAME/ (*.json, *.png) are archived.
+# ---- end of other checks ----
+
+echo "=== done after ${SECONDS}s of the ${BUDGET_S}s budget" | tee -a "$OUT/steps.txt"
+gzip -f "$OUT/gpu_results.tar"   # the JSON holds every token id: compressed it stays far below 16 MiB
