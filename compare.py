@@ -152,7 +152,8 @@ def failure_summary(failure: dict) -> str:
         return f"out of memory (est. {estimate / GIB:.1f} GiB)" if estimate else "out of memory"
     if failure["kind"] == "skipped":
         return f"skipped: {failure['error']}"
-    return "failed: " + failure["error"].splitlines()[0]
+    lines = failure["error"].splitlines()
+    return f"failed ({lines[0]}): {lines[-1][:160]}" if len(lines) > 1 else f"failed: {lines[0]}"
 
 
 def exit_status(failures: list[dict]) -> int:

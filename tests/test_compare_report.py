@@ -125,7 +125,8 @@ def test_out_of_memory_shows_the_estimate_and_a_crash_fails_the_run(tmp_path, mo
             return None, {"kind": "out_of_memory", "seconds": 2.0, "error": "refused",
                           "estimate_bytes": 116 * 2**30, "limit_bytes": 10 * 2**30}
         if engine == "cycle2_kvcache":
-            return None, {"kind": "error", "seconds": 2.0, "error": "exit code 1\nTraceback ..."}
+            return None, {"kind": "error", "seconds": 2.0,
+                          "error": "exit code 1\nTraceback ...\ntorch.OutOfMemoryError: CUDA out of memory."}
         return _full_result(engine, [[1, 2]]), None
 
     _fake_compare(monkeypatch, outcome)
@@ -133,7 +134,7 @@ def test_out_of_memory_shows_the_estimate_and_a_crash_fails_the_run(tmp_path, mo
     out = capsys.readouterr().out
     assert status == compare.EXIT_FAILED
     assert "cycle1_naive    out of memory (est. 116.0 GiB)" in out
-    assert "cycle2_kvcache  failed: exit code 1" in out
+    assert "cycle2_kvcache  failed (exit code 1): torch.OutOfMemoryError: CUDA out of memory." in out
 
 
 def test_exit_status():
