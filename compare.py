@@ -129,7 +129,10 @@ def run_one(cmd: list[str], out_path: Path, timeout: float) -> tuple[dict | None
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # it ended on its own in between
         proc.communicate()
         return None, {"kind": "timeout", "seconds": timeout, "error": f"timed out after {timeout:g} s"}
     seconds = time.perf_counter() - start
@@ -261,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parse_options(args.option)  # a malformed --option fails now, not in every subprocess
     device = resolve_device(args.device)
     model = args.model or default_model(device)
+    if args.timeout is not None and args.timeout <= 0:
+        raise SystemExit(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
     timeout = args.timeout or DEFAULT_TIMEOUT_S["cuda" if device.type == "cuda" else "cpu"]
     cycles = select_cycles(args.cycles, find_cycles())
     if args.cycles:  # named explicitly: a cycle that cannot run this workload is a usage error

@@ -254,3 +254,8 @@ def test_results_name_each_engines_attention_and_int8_path(tiny_checkpoints):
     assert rows["cycle7_int8"]["int8_path"] == rows["cycle7_int8"]["stats"]["int8_matmul"] is not None
     table = compare.format_table(list(rows.values()))
     assert rows["cycle7_int8"]["int8_path"] in table.splitlines()[4]
+
+
+def test_timeout_must_be_positive():
+    with pytest.raises(SystemExit, match="--timeout must be a positive"):
+        compare.main(["--timeout", "0", "--device", "cpu"])
