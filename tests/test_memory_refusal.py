@@ -86,13 +86,14 @@ def test_estimate_grows_with_the_square_of_the_sequence_and_counts_the_cache():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_explicit_attention_peak_is_within_the_estimate(dtype):
     """What grouped_attention really holds at once (CUDA's allocator peak) is covered by the
-    estimate's attention term, and not by a wide margin (the estimate sizes the default workload)."""
+    estimate, and not by a wide margin (the estimate sizes the default workload)."""
     from cycle1_naive.model import grouped_attention
 
     B, H, KVH, T, D = 4, 16, 8, 512, 128
     q = torch.randn(B, H, T, D, dtype=dtype, device="cuda")
     k, v = (torch.randn(B, KVH, T, D, dtype=dtype, device="cuda") for _ in range(2))
     mask = torch.ones(B, T, T, dtype=torch.bool, device="cuda").tril()
+    grouped_attention(q, k, v, mask, D ** -0.5)   # cuBLAS allocates its workspace once, here
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -100,5 +101,7 @@ def test_explicit_attention_peak_is_within_the_estimate(dtype):
     torch.cuda.synchronize()
     measured = torch.cuda.max_memory_allocated() - before
     config = tiny_config("qwen3", num_attention_heads=H, num_key_value_heads=KVH, head_dim=D)
-    estimate = static_batch_bytes(config, B, T, dtype)["attention"]
+    # the scores are the estimate's attention term; grouped_attention's copy of q and its output
+    # are activations
+    estimate = static_batch_bytes(config, B, T, dtype)["total"]
     assert measured <= estimate <= 1.5 * measured
