@@ -36,7 +36,6 @@ MEASURED_STEP_RUN = RESULTS / "throughput64-cycle4_batching.json"   # 64 request
 # the cache is read, the copy written and read again.
 KV_PASSES = 3
 MARGIN = 2.0
-BUDGET_S = 600
 
 
 @dataclass(frozen=True)
