@@ -22,15 +22,28 @@ import torch
 
 from common.cli import parse_options
 from common.device import default_model, resolve_device, resolve_dtype
+from common.memory import MemoryEstimateError
 from common.metrics import (PEAK_GENERATION, PEAK_WITH_LOADING, peak_memory_bytes, peak_rss_bytes,
                             reset_peak_memory, summarize)
-from common.workloads import WORKLOADS, make_workload, warmup_request
+from common.workloads import WORKLOADS, check_supported, make_workload, warmup_request
 
 HF_ENGINES = ("hf_generate", "hf_generate_batch")
 
 # The HF baseline needs the same weights as the cycles; with random weights only a cycle can make
 # them (the model directory holds just a config), and cycle 1 is the reference every cycle matches.
 REFERENCE_CYCLE = "cycle1_naive"
+
+# The HF baselines get the batch limits the cycles use on the device: max_num_seqs, and for
+# continuous batching the token budget of one step. The first continuous-batching cycle has both.
+BATCH_LIMITS_CYCLE = "cycle4_batching"
+HF_LIMITS = {"hf_generate": ("max_num_seqs",), "hf_generate_batch": ("max_num_seqs", "max_num_batched_tokens")}
+
+# Exit status of `python -m common.bench` when the engine refused the workload for memory (its
+# estimate is over the limit): the --out JSON then holds "refused" instead of a result.
+EXIT_OUT_OF_MEMORY = 3
+
+# Cycles 1-5 spell attention out as torch ops (QK^T, mask, softmax, V) and report no backend.
+EXPLICIT_ATTENTION = "explicit"
 
 
 def _dtype_name(dtype) -> str:
@@ -107,6 +120,8 @@ def _run_cycle(engine: str, workload: str, device, model: str, weights: str, qui
         "peak_memory_bytes": peak_memory_bytes(device), "peak_memory_scope": peak_scope,
         "weight_bytes": stats.get("weight_bytes"),
         "kv_cache_peak_bytes": stats.get("kv_cache_peak_bytes"),
+        "attention_backend": stats.get("attention_backend", EXPLICIT_ATTENTION),
+        "int8_path": stats.get("int8_matmul"),
         "stats": stats, "ignored_options": ignored,
     }
 
@@ -125,8 +140,16 @@ def _run_cycle_online(llm, cycle, work, online: dict, load_s: float, peak_scope:
         "latency_s": [r.finish_s - r.arrival_s for r in records],
         "peak_memory_bytes": peak_memory_bytes(llm.device), "peak_memory_scope": peak_scope,
         "weight_bytes": llm.stats.get("weight_bytes"), "kv_cache_peak_bytes": llm.stats.get("kv_cache_peak_bytes"),
+        "attention_backend": getattr(llm, "attention_backend", EXPLICIT_ATTENTION),
+        "int8_path": getattr(llm, "int8_matmul", None),
         "stats": {}, "ignored_options": ignored, "online": online_row(records, settings),
     }
+
+
+def hf_batch_limits(engine: str, device, options: dict) -> dict:
+    """The cycles' default limits on this device for what `engine` can take, overridden by options."""
+    defaults = importlib.import_module(f"{BATCH_LIMITS_CYCLE}.llm").DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
+    return {key: options.get(key, defaults[key]) for key in HF_LIMITS[engine]}
 
 
 def _run_hf(engine: str, workload: str, device, model: str, weights: str, quick: bool, dtype,
@@ -150,10 +173,11 @@ def _run_hf(engine: str, workload: str, device, model: str, weights: str, quick:
                          max_model_len=source.config.max_position_embeddings, **size)
     prepared_s = time.perf_counter() - start
 
-    max_num_seqs = options.get("max_num_seqs", 64)
+    limits = hf_batch_limits(engine, device, options)
+    budget = {"max_batch_tokens": limits["max_num_batched_tokens"]} if "max_num_batched_tokens" in limits else {}
     call_start = time.perf_counter()
     run = run_hf(source.path, work.requests, str(device), dtype, engine.removeprefix("hf_"),
-                 max_num_seqs=max_num_seqs, state_dict=state_dict)
+                 max_num_seqs=limits["max_num_seqs"], state_dict=state_dict, **budget)
     call_s = time.perf_counter() - call_start
     per_request = ("token_ids", "ttft_s", "latency_s")
     return {
@@ -167,8 +191,12 @@ def _run_hf(engine: str, workload: str, device, model: str, weights: str, quick:
         "peak_memory_scope": PEAK_GENERATION if run["peak_memory_bytes"] is not None else PEAK_WITH_LOADING,
         "weight_bytes": run["weight_bytes"],
         "kv_cache_peak_bytes": None,  # transformers does not report it
-        "stats": {k: v for k, v in run.items() if k not in per_request} | {"max_num_seqs": max_num_seqs},
-        "ignored_options": sorted(set(options) - {"max_num_seqs"}),
+        "attention_backend": run["attn_implementation"],
+        "int8_path": None,
+        "stats": {k: v for k, v in run.items() if k not in per_request} | limits,
+        # Options HF cannot take, and settings this transformers release has no field for: reported.
+        "ignored_options": sorted(set(options) - set(limits)) + [f"{name} (not in this transformers)"
+                                                                 for name in run["unsupported_settings"]],
     }
 
 
@@ -181,6 +209,7 @@ def run_engine(engine: str, workload: str, device=None, model: str | None = None
         raise ValueError(f"unknown workload {workload!r}: choose one of {', '.join(WORKLOADS)}")
     if workload == "online" and engine in HF_ENGINES:
         raise ValueError("the online workload needs a cycle (HF generate has no server loop)")
+    check_supported(engine, workload)
     device = resolve_device(device)
     model = model or default_model(device)
     runner = _run_hf if engine in HF_ENGINES else _run_cycle
@@ -209,6 +238,8 @@ def run_engine(engine: str, workload: str, device=None, model: str | None = None
         "peak_memory_scope": run["peak_memory_scope"],
         "weight_bytes": run["weight_bytes"],
         "kv_cache_peak_bytes": run["kv_cache_peak_bytes"],
+        "attention_backend": run["attention_backend"],
+        "int8_path": run["int8_path"],
         "load_s": run["load_s"],
         "options": options or {},
         "ignored_options": run["ignored_options"],
@@ -241,22 +272,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    result = run_engine(args.engine, args.workload, args.device, args.model, args.weights, args.quick,
-                        args.dtype, parse_options(args.option), args.num_requests, args.prompt_len,
-                        online={"request_rate": args.request_rate, "burstiness": args.burstiness,
-                                "slo_ttft_s": args.slo_ttft, "slo_tpot_s": args.slo_tpot})
-    # default=str: engines may put non-JSON values (a torch.dtype, a device) into their stats.
-    text = json.dumps(result, indent=1, default=str)
-    if args.out is None:
+def refusal(engine: str, error: Exception) -> dict:
+    """What the --out JSON holds when the engine refused the workload for memory."""
+    return {"engine": engine, "refused": "out_of_memory", "message": str(error),
+            "estimate_bytes": getattr(error, "estimate_bytes", None), "limit_bytes": getattr(error, "limit_bytes", None)}
+
+
+def _write(text: str, out: str | None) -> None:
+    if out is None:
         print(text)
         return
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(f"{args.engine}: {result['output_tokens']} tokens in {result['wall_s']:.2f}s = "
-          f"{result['throughput_tok_s']:.1f} tok/s -> {args.out}", file=sys.stderr)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = run_engine(args.engine, args.workload, args.device, args.model, args.weights, args.quick,
+                            args.dtype, parse_options(args.option), args.num_requests, args.prompt_len,
+                            online={"request_rate": args.request_rate, "burstiness": args.burstiness,
+                                    "slo_ttft_s": args.slo_ttft, "slo_tpot_s": args.slo_tpot})
+    except MemoryEstimateError as error:
+        # Cycles 1-2 refusing a static batch that cannot fit: an expected outcome, told apart from a
+        # crash. A CUDA out-of-memory error that no estimate foresaw stays a crash: something to fix.
+        _write(json.dumps(refusal(args.engine, error), indent=1), args.out)
+        print(f"{args.engine}: out of memory: {error}", file=sys.stderr)
+        return EXIT_OUT_OF_MEMORY
+    # default=str: engines may put non-JSON values (a torch.dtype, a device) into their stats.
+    _write(json.dumps(result, indent=1, default=str), args.out)
+    if args.out is not None:
+        print(f"{args.engine}: {result['output_tokens']} tokens in {result['wall_s']:.2f}s = "
+              f"{result['throughput_tok_s']:.1f} tok/s -> {args.out}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

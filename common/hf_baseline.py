@@ -14,25 +14,37 @@ Both modes decode greedily. Timings start after the model is loaded and a one-re
 requests arrive at t=0, so TTFT and latency are measured from the start of the run.
 """
 
+import dataclasses
 import inspect
 import math
+import sys
 import time
 
 import torch
+import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
-from transformers.generation.continuous_batching.utils import WorkloadHints
 from transformers.generation.streamers import BaseStreamer
+
+from common.memory import weight_bytes
+
+try:  # sizing hints for continuous batching; a release without them sizes from its defaults
+    from transformers.generation.continuous_batching.utils import WorkloadHints
+except ImportError:
+    WorkloadHints = None
 
 # Plain SDPA: the default for `generate`, and in transformers 5.x also the paged-cache-aware implementation that
 # continuous batching accepts on CPU ("paged|sdpa"/"sdpa_paged" are deprecated spellings of it). On CUDA with
 # flash-attn installed, the continuous batching manager switches itself to flash attention; we report what it used.
 ATTN_IMPLEMENTATION = "sdpa"
 
-# Continuous batching cache geometry. The page size is transformers' default. The default max_batch_tokens (8192)
-# is sized for GPUs: on CPU, the eager/SDPA path pre-allocates a [max_batch_tokens, cache_tokens + max_batch_tokens]
-# attention mask, so we use a smaller token budget per forward pass.
+# Continuous batching cache geometry. The page size is transformers' default. The token budget per forward pass is
+# the caller's (bench.py passes the cycles' max_num_batched_tokens for the device); this default only serves direct
+# calls: on CPU the eager/SDPA path pre-allocates a [max_batch_tokens, cache_tokens + max_batch_tokens] mask.
 CB_PAGE_SIZE = 256
 CB_MAX_BATCH_TOKENS = 512
+# Fields that transformers renamed: our (newest) name -> the name older releases take. transformers 5.17 (on our GPU
+# machine) calls the page size `block_size`; later releases call it `page_size` and deprecate `block_size`.
+CB_FIELD_RENAMES = {"page_size": "block_size"}
 # The FIFO scheduler stops admitting prefills when fewer than 15% of the blocks are free (its default safety
 # margin); we size the cache so that this never throttles a workload that fits.
 CB_SAFETY_MARGIN = 0.15
@@ -55,6 +67,7 @@ def run_hf(
     max_num_seqs: int = 64,
     state_dict: dict | None = None,
     *,
+    max_batch_tokens: int = CB_MAX_BATCH_TOKENS,
     cb_overrides: dict | None = None,
 ) -> dict:
     """Runs `requests` through HuggingFace transformers and returns timings, outputs and memory.
@@ -67,8 +80,12 @@ def run_hf(
         mode: "generate" (static batching) or "generate_batch" (transformers' continuous batching).
         max_num_seqs: static batch size, or max requests per forward pass for continuous batching.
         state_dict: HF-named weights to use instead of the directory's safetensors (random-weight runs).
-        cb_overrides: extra `ContinuousBatchingConfig` fields for "generate_batch" (e.g. page_size,
-            max_batch_tokens, num_blocks), for tuning experiments.
+        max_batch_tokens: "generate_batch" only: the token budget of one forward pass.
+        cb_overrides: extra `ContinuousBatchingConfig` fields for "generate_batch" (e.g. page_size, num_blocks), for
+            tuning experiments.
+
+    The result's `cb_settings` holds what the continuous batching config was given (under this release's field
+    names) and `unsupported_settings` what this transformers release could not take: reported, never dropped silently.
     """
     if mode not in _RUNNERS:
         raise ValueError(f"unknown mode {mode!r}; expected one of {sorted(_RUNNERS)}")
@@ -78,10 +95,13 @@ def run_hf(
     model = load_model(model_path, device, dtype, state_dict)
     runner = _RUNNERS[mode]
     if mode == "generate_batch":
-        run = runner(model, requests, max_num_seqs, cb_overrides or {})
+        run = runner(model, requests, max_num_seqs, {"max_batch_tokens": max_batch_tokens} | (cb_overrides or {}))
     else:
         run = runner(model, requests, max_num_seqs)
 
+    if run.get("unsupported_settings"):
+        print(f"note: transformers {transformers.__version__} cannot take {', '.join(run['unsupported_settings'])} "
+              "for continuous batching: it used its own defaults there", file=sys.stderr, flush=True)
     output_tokens = sum(len(ids) for ids in run["token_ids"])
     return {
         "engine": f"hf_{mode}",
@@ -92,8 +112,10 @@ def run_hf(
         "latency_s": run["latency_s"],
         "token_ids": run["token_ids"],
         "peak_memory_bytes": run["peak_memory_bytes"],
-        "weight_bytes": weight_bytes(model),
+        "weight_bytes": weight_bytes(model),   # the cycles' helper: parameters and buffers, a tied tensor once
         "attn_implementation": run["attn_implementation"],
+        "cb_settings": run.get("cb_settings", {}),
+        "unsupported_settings": run.get("unsupported_settings", []),
     }
 
 
@@ -121,11 +143,6 @@ def _load_hf_state_dict(model, state_dict: dict) -> None:
     really_missing = [name for name in missing if name not in tied_names]
     if really_missing or unexpected:
         raise ValueError(f"state_dict does not match the model: missing={really_missing}, unexpected={unexpected}")
-
-
-def weight_bytes(model) -> int:
-    """Bytes held by the parameters; `parameters()` yields a tied weight once, so it is counted once."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def _eos_token_ids(model) -> list[int]:
@@ -296,7 +313,7 @@ def _timings(wall_s, token_ids, ttft, latency, device, attn_implementation) -> d
             "peak_memory_bytes": _peak_memory(device), "attn_implementation": attn_implementation}
 
 
-def _cb_config(requests: list, max_num_seqs: int, overrides: dict) -> ContinuousBatchingConfig:
+def _cb_config(requests: list, max_num_seqs: int, overrides: dict) -> tuple[ContinuousBatchingConfig, dict, list[str]]:
     """Continuous batching config sized for this workload.
 
     `num_blocks` must be set explicitly on CPU: left to None, transformers sizes the cache at 60% of free system RAM.
@@ -317,10 +334,32 @@ def _cb_config(requests: list, max_num_seqs: int, overrides: dict) -> Continuous
         "allow_block_sharing": False,
     }
     settings.update(overrides)
-    # Older transformers releases (5.17 on our GPU machine) lack some of these fields (page_size):
-    # pass only what this release's config takes, and let it use its defaults for the rest.
-    accepted = inspect.signature(ContinuousBatchingConfig).parameters
-    return ContinuousBatchingConfig(**{k: v for k, v in settings.items() if k in accepted})
+    passed, unsupported = cb_field_names(settings, {f.name for f in dataclasses.fields(ContinuousBatchingConfig)})
+    return ContinuousBatchingConfig(**passed), passed, unsupported
+
+
+def cb_field_names(settings: dict, accepted: set[str]) -> tuple[dict, list[str]]:
+    """Settings under the names this transformers release takes (page_size is block_size in 5.17), and the names of
+    those it has no field for at all: the caller reports them."""
+    passed, unsupported = {}, []
+    for key, value in settings.items():
+        name = key if key in accepted else CB_FIELD_RENAMES.get(key)
+        if name in accepted:
+            passed[name] = value
+        else:
+            unsupported.append(key)
+    return passed, unsupported
+
+
+def _workload_hints(model, requests: list) -> tuple[dict, list[str]]:
+    """The hints generate_batch derives from its inputs (they size e.g. the flash decode block table), as keyword
+    arguments for the context manager; where this release takes none, no keyword and the name to report."""
+    takes = "workload_hints" in inspect.signature(model.continuous_batching_context_manager).parameters
+    if WorkloadHints is None or not takes:
+        return {}, ["workload_hints"]
+    hints = WorkloadHints(max_prompt_length=max(len(r.prompt_token_ids) for r in requests),
+                          max_generated_length=max(r.max_tokens for r in requests), num_requests=len(requests))
+    return {"workload_hints": hints}, []
 
 
 def _cb_generation_config(eos_ids: list[int], pad_id: int) -> GenerationConfig:
@@ -362,15 +401,12 @@ def _run_generate_batch(model, requests: list, max_num_seqs: int, overrides: dic
     pad_id = _pad_token_id(model, eos_ids)
     device = model.device
 
+    cb_config, cb_settings, unsupported = _cb_config(requests, max_num_seqs, overrides)
+    hints, no_hints = _workload_hints(model, requests)
     context = model.continuous_batching_context_manager(
         generation_config=_cb_generation_config(eos_ids, pad_id),
-        continuous_batching_config=_cb_config(requests, max_num_seqs, overrides),
-        # The same hints generate_batch derives from its inputs; they size e.g. the flash decode block table.
-        workload_hints=WorkloadHints(
-            max_prompt_length=max(len(r.prompt_token_ids) for r in requests),
-            max_generated_length=max(r.max_tokens for r in requests),
-            num_requests=len(requests),
-        ),
+        continuous_batching_config=cb_config,
+        **hints,
         block=True,
         # `warmup` here captures CUDA graphs where they are used; it also allocates the paged cache before we time.
         warmup=True,
@@ -401,7 +437,8 @@ def _run_generate_batch(model, requests: list, max_num_seqs: int, overrides: dic
         ttft.append(stamps[0] - start)
         latency.append(stamps[max(len(useful), 1) - 1] - start)
 
-    return _timings(wall_s, token_ids, ttft, latency, device, attn_implementation)
+    return _timings(wall_s, token_ids, ttft, latency, device, attn_implementation) | {
+        "cb_settings": cb_settings, "unsupported_settings": unsupported + no_hints}
 
 
 _RUNNERS = {"generate": _run_generate, "generate_batch": _run_generate_batch}

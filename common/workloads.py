@@ -4,9 +4,10 @@ Each workload is seeded (the same seed gives the same requests) and hands engine
 never text: text prompts are tokenized here, once, so every engine sees identical ids and
 tokenizer differences can never show up as engine differences.
 
-Every workload has three sizes: "cuda" (a GPU benchmark), "cpu" (small enough that even the naive
-cycle 1, which reruns the whole sequence every step, finishes on 2 cores) and "quick" (a smoke
-test: seconds per cycle). All sizes live in the SIZES table right below, the one place to tune them.
+Every workload has three sizes: "cuda" (a GPU benchmark: on one H100/H200 every engine, the naive
+cycle 1 included, finishes it; common/estimate.py), "cpu" (small enough that even cycle 1, which
+reruns the whole sequence every step, finishes on 2 cores) and "quick" (a smoke test: seconds per
+cycle). All sizes live in the SIZES table right below, the one place to tune them.
 """
 
 import dataclasses
@@ -23,9 +24,11 @@ class Size:
 
 
 SIZES: dict[str, dict[str, Size]] = {
-    # Random ids, lengths as in nano-vllm's benchmark on CUDA.
+    # Random ids. The CUDA size is what cycle 1 can afford: `python -m common.estimate` shows that
+    # compare.py runs all engines on it in ~3 minutes on an H200 (nano-vllm's sizes would take cycle 1
+    # over an hour; they are the nano_vllm_bench workload below).
     "throughput": {
-        "cuda": Size(256, prompt_len=(100, 1024), output_len=(100, 1024)),
+        "cuda": Size(256, prompt_len=(32, 128), output_len=(32, 128)),
         "cpu": Size(16, prompt_len=(16, 64), output_len=(16, 64)),
         "quick": Size(4, prompt_len=(8, 16), output_len=(4, 8)),
     },
@@ -54,9 +57,27 @@ SIZES: dict[str, dict[str, Size]] = {
         "cpu": Size(32, prompt_len=(16, 64), output_len=(16, 128)),
         "quick": Size(4, prompt_len=(8, 16), output_len=(4, 12)),
     },
+    # nano-vllm's bench.py: 256 requests, prompt and output lengths uniform in 100-1024, ignore_eos.
+    # The same on every device (it is that benchmark or it is not); only cycles with a block pool
+    # can run it (see UNSUPPORTED below).
+    "nano_vllm_bench": {
+        "cuda": Size(256, prompt_len=(100, 1024), output_len=(100, 1024)),
+        "cpu": Size(256, prompt_len=(100, 1024), output_len=(100, 1024)),
+        "quick": Size(4, prompt_len=(100, 128), output_len=(4, 8)),
+    },
 }
 
 WORKLOADS = list(SIZES)
+
+# Engines that cannot run a workload at all, by cycle number, and why: compare.py skips them and
+# common.bench refuses them. `python -m common.estimate` prints the figures behind the reasons.
+UNSUPPORTED = {
+    "nano_vllm_bench": {
+        1: "cycle 1 reruns every sequence in full at each of ~1,000 steps: by `python -m common.estimate` "
+           "over an hour on an H200, and a peak (a [256, 16, 2048, 2048] score tensor per layer) larger "
+           "than any single GPU's memory",
+    },
+}
 
 DESCRIPTIONS = {
     "throughput": "random token-id prompts, random lengths, ignore_eos: pure generation throughput",
@@ -64,6 +85,7 @@ DESCRIPTIONS = {
     "chat": "real English questions with the chat template, stop at EOS: what a user sees",
     "long_context": "a few prompts of thousands of random tokens: attention cost and KV cache size",
     "online": "random token-id prompts arriving over time (--request-rate, --burstiness): serving latency and goodput",
+    "nano_vllm_bench": "nano-vllm's benchmark: 256 random prompts, lengths 100-1024 in and out, ignore_eos",
 }
 
 # Random prompt ids come from here: above the first 100 ids (bytes and special tokens in most
@@ -122,6 +144,18 @@ class Workload:
     description: str
     requests: list[Request]
     device_size: str                     # "cuda", "cpu" or "quick": which row of SIZES was used
+
+
+def unsupported_reason(engine: str, workload: str) -> str | None:
+    """Why `engine` (a package name such as cycle1_naive) cannot run `workload`; None if it can."""
+    prefix = engine.partition("_")[0].removeprefix("cycle")
+    return UNSUPPORTED.get(workload, {}).get(int(prefix)) if prefix.isdigit() else None
+
+
+def check_supported(engine: str, workload: str) -> None:
+    reason = unsupported_reason(engine, workload)
+    if reason:
+        raise ValueError(f"{engine} cannot run the {workload} workload: {reason}")
 
 
 def size_key(device: str, quick: bool) -> str:
@@ -238,7 +272,7 @@ def make_workload(name: str, tokenizer, device: str, quick: bool = False, seed: 
             raise ValueError(f"prompt_len must be >= 1, got {prompt_len}")
         size = dataclasses.replace(size, prompt_len=(prompt_len, prompt_len))
     rng = random.Random(seed)
-    if name in ("throughput", "long_context", "online"):
+    if name in ("throughput", "long_context", "online", "nano_vllm_bench"):
         requests = _random_id_requests(tokenizer, size, rng, max_model_len)
     elif name == "shared_prefix":
         requests = _shared_prefix_requests(tokenizer, size, rng)

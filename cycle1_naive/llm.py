@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from common.device import resolve_device, resolve_dtype
 from common.inputs import prepare_requests
-from common.memory import weight_bytes
+from common.memory import check_static_batch, static_batch_bytes, weight_bytes
 from common.metrics import peak_memory_bytes, reset_peak_memory
 from common.model_source import eos_token_ids, load_tokenizer, load_weights, resolve_model
 from common.outputs import RequestOutput
@@ -46,6 +46,7 @@ class LLM:
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = False) -> list[RequestOutput]:
         requests = prepare_requests(prompts, sampling_params, self.tokenizer, self.config.vocab_size,
                                     self.config.max_position_embeddings, SamplingParams)
+        memory = self._check_memory(requests)  # before any work: a refusal leaves the engine as it was
         reset_peak_memory(self.device)
         start = time.perf_counter()
         self._step_times = []
@@ -65,8 +66,29 @@ class LLM:
             "wall_s": wall,
             "max_num_seqs": self.max_num_seqs,
             "step_times": self._step_times,  # [tokens per sequence in the step, seconds], per step
+            **memory,
         }
         return outputs
+
+    def _check_memory(self, requests) -> dict:
+        """Estimate the peak of the largest static group and refuse the call if it cannot fit.
+
+        No block pool bounds a static batch: its longest sequence decides what it allocates. The
+        batch size is this engine's lesson, so a batch that does not fit is refused, never shrunk.
+        """
+        worst = None
+        for first in range(0, len(requests), self.max_num_seqs):
+            group = requests[first:first + self.max_num_seqs]
+            longest = max(len(r.prompt_token_ids) for r in group)
+            largest = max(r.sampling_params.max_tokens for r in group)
+            seq_len, kv_tokens = longest + largest - 1, 0   # the last step reruns every token; no cache
+            need = static_batch_bytes(self.config, len(group), seq_len, self.dtype, kv_tokens)
+            if worst is None or need["total"] > worst[0]["total"]:
+                worst = (need, dict(batch=len(group), seq_len=seq_len, longest_prompt=longest,
+                                    largest_max_tokens=largest))
+        need, shape = worst
+        return check_static_batch(need, weight_bytes(self.model), self.device,
+                                  max_num_seqs=self.max_num_seqs, **shape)
 
     @torch.inference_mode()
     def _run_group(self, first_id: int, group, start: float) -> list[RequestOutput]:

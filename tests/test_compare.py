@@ -204,22 +204,11 @@ def test_memory_plot_and_table_star_peaks_that_include_loading(tmp_path):
     results = [_fake_result("cycle1_naive", 5.0, 0), _fake_result("hf_generate", 40.0, None)]
     results[1]["peak_memory_scope"] = PEAK_WITH_LOADING
     for r, same in zip(results, ["yes", "-"]):
-        r.update(weights="real", same_tokens_as_c1=same)
+        r.update(weights="real", same_tokens={"cell": same, "reference": "cycle1_naive"})
     assert len(plot_results(results, tmp_path)) == 4
     table = compare.format_table(results).splitlines()
     assert "900*" in table[3] and "900*" not in table[2] and table[-1].startswith("* peak memory includes")
     assert table[2].rstrip().endswith("yes")
-
-
-def test_same_tokens_only_judged_for_exact_cycles():
-    import compare
-
-    c1 = {"engine": "cycle1_naive", "token_ids": [[1, 2]]}
-    assert compare.same_tokens_as_c1({"engine": "cycle4_batching", "token_ids": [[1, 2]]}, c1) == "yes"
-    assert compare.same_tokens_as_c1({"engine": "cycle6_flash", "token_ids": [[1, 3]]}, c1) == "no"
-    assert compare.same_tokens_as_c1({"engine": "cycle7_int8", "token_ids": [[1, 3]]}, c1) == "-"
-    assert compare.same_tokens_as_c1({"engine": "hf_generate", "token_ids": [[1, 2]]}, c1) == "-"
-    assert compare.same_tokens_as_c1({"engine": "cycle4_batching", "token_ids": [[1, 2]]}, None) == "-"
 
 
 def test_select_cycles():

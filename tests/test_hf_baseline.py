@@ -20,6 +20,8 @@ RESULT_KEYS = {
     "peak_memory_bytes",
     "weight_bytes",
     "attn_implementation",
+    "cb_settings",
+    "unsupported_settings",
 }
 
 
@@ -145,3 +147,68 @@ def test_useful_tokens_stops_at_eos_unless_ignored():
 def test_unknown_mode():
     with pytest.raises(ValueError, match="unknown mode"):
         run_hf("unused", _requests(), "cpu", torch.float32, "vllm")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Fair settings: the cycles' limits, the names each transformers release takes, one weight count
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_cb_settings_take_the_name_this_release_uses_and_report_the_rest():
+    from common.hf_baseline import cb_field_names
+
+    settings = {"page_size": 256, "num_blocks": 9, "max_batch_tokens": 512, "no_such_field": 1}
+    # transformers 5.17 calls the page size block_size
+    passed, unsupported = cb_field_names(settings, {"block_size", "num_blocks", "max_batch_tokens"})
+    assert passed == {"block_size": 256, "num_blocks": 9, "max_batch_tokens": 512}
+    assert unsupported == ["no_such_field"]
+    passed, _ = cb_field_names(settings, {"page_size", "block_size", "num_blocks"})
+    assert passed["page_size"] == 256 and "block_size" not in passed
+
+
+def test_cb_config_of_the_installed_release_takes_every_setting():
+    from common.hf_baseline import _cb_config
+
+    requests = _requests()
+    config, passed, unsupported = _cb_config(requests, 2, {"max_batch_tokens": 96})
+    assert unsupported == [] and config.max_batch_tokens == 96 and config.max_requests_per_batch == 2
+    assert passed["max_batch_tokens"] == 96
+
+
+def test_missing_workload_hints_are_reported(tiny_model_dir, monkeypatch):
+    import common.hf_baseline as hf
+
+    monkeypatch.setattr(hf, "WorkloadHints", None)
+    result = run_hf(tiny_model_dir, _requests(), "cpu", torch.float32, "generate_batch", max_num_seqs=2)
+    assert result["unsupported_settings"] == ["workload_hints"]
+    assert [len(t) for t in result["token_ids"]] == [r.max_tokens for r in _requests()]
+
+
+@pytest.mark.parametrize("ckpt", ["qwen3", "qwen3_untied"])
+def test_weight_bytes_mean_the_same_as_the_cycles(tiny_checkpoints, tiny_llms, ckpt):
+    from cycle1_naive import SamplingParams
+
+    path, _ = tiny_checkpoints[ckpt]
+    result = run_hf(path, _requests(), "cpu", torch.float32, "generate")
+    llm = tiny_llms("cycle1_naive", ckpt)
+    llm.generate([[5, 6, 7]], SamplingParams(max_tokens=1))
+    assert result["weight_bytes"] == llm.stats["weight_bytes"]
+
+
+def test_bench_gives_hf_the_cycles_limits_and_reports_what_it_cannot_take(tiny_checkpoints):
+    from common.bench import run_engine
+    from cycle4_batching.llm import DEFAULTS
+
+    path, _ = tiny_checkpoints["llama"]
+    batch = run_engine("hf_generate_batch", "throughput", "cpu", path, quick=True,
+                       options={"max_num_batched_tokens": 64})
+    assert batch["stats"]["max_num_seqs"] == DEFAULTS["cpu"]["max_num_seqs"]
+    assert batch["stats"]["cb_settings"]["max_batch_tokens"] == 64
+    assert batch["stats"]["cb_settings"]["max_requests_per_batch"] == DEFAULTS["cpu"]["max_num_seqs"]
+    assert batch["ignored_options"] == [] and batch["attention_backend"] and batch["int8_path"] is None
+
+    static = run_engine("hf_generate", "throughput", "cpu", path, quick=True,
+                        options={"max_num_batched_tokens": 64, "max_num_seqs": 2})
+    assert static["ignored_options"] == ["max_num_batched_tokens"]   # static generate has no token budget
+    assert static["stats"]["max_num_seqs"] == 2
+    assert static["token_ids"] == batch["token_ids"]
