@@ -96,7 +96,7 @@ def _fake_compare(monkeypatch, outcome):
     from types import SimpleNamespace
 
     monkeypatch.setattr(compare, "resolve_once",
-                        lambda model, weights: SimpleNamespace(name="tiny", weights="real", origin="local"))
+                        lambda model, weights: SimpleNamespace(name="tiny", weights="real", origin="local", fallback_reason=None))
     monkeypatch.setattr(compare, "run_one", lambda cmd, out_path, timeout: outcome(cmd[cmd.index("--engine") + 1]))
 
 
