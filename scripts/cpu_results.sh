@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The CPU runs behind the guide's CPU tables that issues 10-13 added, one after another on an idle
+# machine (any other torch process on 2 cores distorts every figure): results land in docs/results/.
+# About 45 minutes on a 2-core machine. STEPS="online throughput" runs just those.
+set -u
+cd "$(dirname "$0")/.."
+steps=${STEPS:-"online timeout throughput bench_step http slots int8 sweep c56 paired compile"}
+has() { [[ " $steps " == *" $1 "* ]]; }
+has online && python compare.py --workload online --cycles 3,4 --plot --out docs/results/cpu-online
+has timeout && python compare.py --cycles 1,2 --num-requests 8 --timeout 25 --plot --out docs/results/cpu-timeout
+has throughput && python compare.py --plot --out docs/results/cpu-throughput-all
+has bench_step && python scripts/bench_step.py --device cpu --profile docs/results/cpu-bench-step | tee docs/results/cpu-bench-step.txt
+if has http; then
+    python -m cycle8_graphs.serve HuggingFaceTB/SmolLM2-135M-Instruct --port 8011 > /tmp/serve.log 2>&1 & server=$!
+    python -m common.http_bench wait http://127.0.0.1:8011 120 && python compare.py --workload online \
+        --base-url http://127.0.0.1:8011/v1 --model HuggingFaceTB/SmolLM2-135M-Instruct --out docs/results/cpu-online-http
+    kill $server
+fi
+if has slots; then
+    for n in 16 32 64; do
+        python compare.py --cycles 4 --num-requests 64 --no-hf --option max_num_seqs=$n --out docs/results/cpu-throughput-64-seqs$n
+    done
+fi
+has int8 && python scripts/int8_matmul_cpu.py > docs/results/cpu-int8-matmul.txt
+has sweep && python compare.py --workload online --cycles 3,4 --request-rate 0.5,1,2,4 --plot --out docs/results/cpu-online-sweep
+if has c56; then   # cycles 5 and 6 again: their difference is within this machine's run-to-run spread
+    for out in cpu-throughput-c56-repeat cpu-throughput-c56-repeat2 cpu-throughput-c56-repeat3; do
+        python compare.py --cycles 5,6 --no-hf --out docs/results/$out
+    done
+fi
+if has paired; then   # cycles 7 and 8 alternately, three times each
+    for i in 1 2 3; do
+        for e in cycle7_int8 cycle8_graphs; do
+            python -m common.bench --engine $e --device cpu --out docs/results/cpu-c78-paired/alt-$e-$i.json
+        done
+    done
+fi
+has compile && python scripts/bench_step.py --device cpu --cycles cycle8_graphs --compile > docs/results/cpu-bench-step-compile.txt 2>&1
