@@ -38,6 +38,26 @@ def tile_sizes(q: torch.Tensor) -> tuple[int, int]:
 
 
 @triton.jit
+def _load_kv_tile(k_cache_ptr, v_cache_ptr, table, start, context_len, kv_head, dims,
+                  stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head,
+                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """K and V [BLOCK_N, HEAD_DIM] of one sequence's keys start .. start + BLOCK_N - 1 and one KV
+    head, read from the pool through the sequence's block table (`table`). Both kernels' tile."""
+    keys = start + tl.arange(0, BLOCK_N)          # positions of this tile's keys
+    key_ok = keys < context_len                   # the last tile is cut at the context length
+    # Where each key lives: its block from the table, its slot inside the block. Block ids are
+    # int32; widen before multiplying by the block stride, which can exceed 2^31 elements.
+    block = tl.load(table + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
+    slot = keys % BLOCK_SIZE
+    k_off = block * stride_k_block + slot * stride_k_slot + kv_head * stride_k_head
+    v_off = block * stride_v_block + slot * stride_v_slot + kv_head * stride_v_head
+    # Masked keys load 0, so a never-written slot of the pool (even NaN) cannot reach the sums.
+    k = tl.load(k_cache_ptr + k_off[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
+    v = tl.load(v_cache_ptr + v_off[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
+    return keys, key_ok, k, v
+
+
+@triton.jit
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, scale,
                    stride_q_tok, stride_q_head, stride_k_block, stride_k_slot, stride_k_head,
                    stride_v_block, stride_v_slot, stride_v_head, stride_table, stride_o_tok, stride_o_head,
@@ -63,17 +83,9 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_le
 
     table = block_tables_ptr + seq * stride_table
     for start in range(0, context_len, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)          # positions of this tile's keys
-        key_ok = keys < context_len                   # the last tile is cut at the context length
-        # Where each key lives: its block from the table, its slot inside the block. Block ids are
-        # int32; widen before multiplying by the block stride, which can exceed 2^31 elements.
-        block = tl.load(table + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
-        slot = keys % BLOCK_SIZE
-        k_off = block * stride_k_block + slot * stride_k_slot + kv_head * stride_k_head
-        v_off = block * stride_v_block + slot * stride_v_slot + kv_head * stride_v_head
-        # Masked keys load 0, so a never-written slot of the pool (even NaN) cannot reach the sums.
-        k = tl.load(k_cache_ptr + k_off[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + v_off[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
+        keys, key_ok, k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table, start, context_len, kv_head, dims,
+                                           stride_k_block, stride_k_slot, stride_k_head, stride_v_block,
+                                           stride_v_slot, stride_v_head, BLOCK_SIZE, BLOCK_N)
 
         # Scores of every query head of the group against the tile: [GROUP_PAD, BLOCK_N]. "ieee"
         # keeps fp32 inputs in fp32 (the default, tf32, would drop mantissa bits and break the
@@ -147,14 +159,9 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlen
     # Causal: no query of this tile looks past its last position, so the walk stops there.
     last_key = tl.minimum(context_len, first_position + (tile + 1) * BLOCK_M)
     for start in range(0, last_key, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)
-        key_ok = keys < context_len
-        block = tl.load(table + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
-        slot = keys % BLOCK_SIZE
-        k_off = block * stride_k_block + slot * stride_k_slot + kv_head * stride_k_head
-        v_off = block * stride_v_block + slot * stride_v_slot + kv_head * stride_v_head
-        k = tl.load(k_cache_ptr + k_off[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + v_off[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
+        keys, key_ok, k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table, start, context_len, kv_head, dims,
+                                           stride_k_block, stride_k_slot, stride_k_head, stride_v_block,
+                                           stride_v_slot, stride_v_head, BLOCK_SIZE, BLOCK_N)
 
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale       # [BLOCK_M, BLOCK_N]
         visible = key_ok[None, :] & (keys[None, :] <= positions[:, None])  # the causal mask
