@@ -158,8 +158,9 @@ def test_cpu_peak_memory_is_process_rss():
     if not status.is_file():
         pytest.skip("no /proc/self/status on this system")
     hwm = lambda: int(next(l for l in status.read_text().splitlines() if l.startswith("VmHWM:")).split()[1]) * 1024
-    low, peak, high = hwm(), peak_memory_bytes("cpu"), hwm()   # reading /proc itself may add a page
-    assert low <= peak <= high
+    # The kernel syncs its per-CPU RSS counters lazily, so getrusage and /proc can differ by a few
+    # pages at any moment: equal within 4 MiB (a unit slip, KiB for bytes, would be off by 1024x).
+    assert abs(peak_memory_bytes("cpu") - hwm()) <= 4 * 2**20
     if not reset_peak_memory("cpu"):
         pytest.skip("this system cannot reset a process's peak RSS (/proc/self/clear_refs)")
     before = peak_memory_bytes("cpu")
