@@ -4,7 +4,7 @@
 # About 45 minutes on a 2-core machine. STEPS="online throughput" runs just those.
 set -u
 cd "$(dirname "$0")/.."
-steps=${STEPS:-"online timeout throughput bench_step http slots int8 sweep c56 paired compile"}
+steps=${STEPS:-"online timeout throughput bench_step http slots int8 sweep c56 paired compile decode2"}
 has() { [[ " $steps " == *" $1 "* ]]; }
 has online && python compare.py --workload online --cycles 3,4 --plot --out docs/results/cpu-online
 has timeout && python compare.py --cycles 1,2 --num-requests 8 --timeout 25 --plot --out docs/results/cpu-timeout
@@ -36,3 +36,8 @@ if has paired; then   # cycles 7 and 8 alternately, three times each
     done
 fi
 has compile && python scripts/bench_step.py --device cpu --cycles cycle8_graphs --compile > docs/results/cpu-bench-step-compile.txt 2>&1
+if has decode2; then   # one decode step at 2 running sequences, cycles 7 and 8, with a profile
+    for e in cycle7_int8 cycle8_graphs; do
+        python scripts/decode_step_cpu.py $e 2>/dev/null | grep -v USDT > docs/results/cpu-decode-2seqs-$e.txt
+    done
+fi
