@@ -137,3 +137,13 @@ def char_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_chars")
     save_tiny_checkpoint(path, "qwen3", vocab_size=98)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from more threads, and lose a lot when the cores are busy: a test
+    module that runs many of them asks for this (pytestmark = pytest.mark.usefixtures(...))."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

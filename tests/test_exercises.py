@@ -54,13 +54,7 @@ def block_manager(name, num_blocks, block_size):
     return importlib.import_module(f"{name}.block_manager").BlockManager(num_blocks, block_size)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from more threads, and lose a lot when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny models run on one thread
 
 
 # --- chapter 1: naive -------------------------------------------------------------------------

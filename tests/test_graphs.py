@@ -30,12 +30,7 @@ def tokens(llm, name, prompts=PROMPTS, params=None):
     return [o.token_ids for o in llm.generate(prompts, params or mixed_params(name, len(prompts)))]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny models run on one thread
 
 
 # --- buckets ----------------------------------------------------------------------------------
