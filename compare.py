@@ -6,7 +6,7 @@
     python compare.py --workload online --cycles 3,4 --request-rate 0.5,1,2 --plot  # requests arriving over time
     python compare.py --workload online --base-url http://127.0.0.1:8000/v1 --model NAME  # any OpenAI-compatible server
 
-Each engine runs in its own subprocess (python -m common.bench) one after another, so engines never
+Each engine runs in its own subprocess (python -m common.benchmark.bench) one after another, so engines never
 share memory, caches or a warmed-up allocator. Results go to DIR/results.json (and DIR/*.png with
 --plot); a table is printed at the end, and under it the engines that were not measured and why
 (timed out, refused for memory, failed, or unable to run the workload at all).
@@ -23,20 +23,20 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from common.bench import EXIT_OUT_OF_MEMORY, HF_ENGINES, machine_info
-from common.cli import parse_options
-from common.device import default_model, resolve_device
-from common.memory import GIB
-from common.metrics import PEAK_WITH_LOADING
-from common.online import format_online_table, parse_rates
-from common.workloads import WORKLOADS, unsupported_reason
+from common.benchmark.bench import EXIT_OUT_OF_MEMORY, HF_ENGINES, machine_info
+from common.engine.cli import parse_options
+from common.engine.device import default_model, resolve_device
+from common.engine.memory import GIB
+from common.engine.metrics import PEAK_WITH_LOADING
+from common.benchmark.online import format_online_table, parse_rates
+from common.benchmark.workloads import WORKLOADS, unsupported_reason
 
 ROOT = Path(__file__).resolve().parent
 STDERR_TAIL_LINES = 25
 MIB = 2**20
 
 # Seconds one engine may take, start-up included, before it is stopped. On CUDA every engine
-# finishes the default workload in well under a minute (python -m common.estimate); on 2 CPU cores
+# finishes the default workload in well under a minute (python -m common.benchmark.estimate); on 2 CPU cores
 # cycle 1 takes a few minutes on the cpu sizes.
 DEFAULT_TIMEOUT_S = {"cuda": 300, "cpu": 1800}
 
@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help=f"stop an engine that runs longer than this, start-up included, and go on with the next "
                         f"(default: {DEFAULT_TIMEOUT_S['cuda']} on CUDA, {DEFAULT_TIMEOUT_S['cpu']} on CPU)")
-    online = p.add_argument_group("--workload online (defaults per device in common/online.py)")
+    online = p.add_argument_group("--workload online (defaults per device in common/benchmark/online.py)")
     online.add_argument("--request-rate", default=None, help="requests/s; inf: all at once; a comma list sweeps")
     online.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the arrival gaps (1: Poisson)")
     online.add_argument("--slo-ttft", type=float, default=None, help="goodput's time-to-first-token target, s")
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def bench_command(engine: str, args, device: str, model: str, dtype: str | None, out_path: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "common.bench", "--engine", engine, "--workload", args.workload,
+    cmd = [sys.executable, "-m", "common.benchmark.bench", "--engine", engine, "--workload", args.workload,
            "--device", device, "--model", model, "--weights", args.weights, "--out", str(out_path)]
     if args.quick:
         cmd.append("--quick")
@@ -266,7 +266,7 @@ def format_table(results: list[dict], failures: list[dict] = ()) -> str:
 def resolve_once(model: str, weights: str):
     """Resolve the model in this process first, so a one-time download or GGUF conversion happens
     once, visibly, instead of racing or repeating inside every subprocess."""
-    from common.model_source import resolve_model
+    from common.engine.model_source import resolve_model
 
     print(f"Resolving model {model} (weights: {weights}); a first use may convert a GGUF file once ...", flush=True)
     source = resolve_model(model, weights)
@@ -276,7 +276,7 @@ def resolve_once(model: str, weights: str):
     return source
 
 
-DEFAULT_RATE = None   # an online run at the size's default rate (common/online.py)
+DEFAULT_RATE = None   # an online run at the size's default rate (common/benchmark/online.py)
 
 
 def _online_rates(args) -> list:
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.workload != "online":
             raise SystemExit("--request-rate and --base-url go with --workload online")
     if args.base_url:
-        from common.http_bench import main_http
+        from common.benchmark.http_bench import main_http
 
         return main_http(args)
     device = resolve_device(args.device)
@@ -370,12 +370,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"WARNING: in fp32 some cycles' greedy tokens differ from {reference['engine']}'s: "
               "one of them computes something else.")
     if args.plot and results:
-        from common.plots import plot_results
+        from common.benchmark.plots import plot_results
 
         for path in plot_results(results, out_dir):
             print(f"plot: {path}")
         if args.workload == "online":
-            from common.plots import plot_online
+            from common.benchmark.plots import plot_online
 
             for path in plot_online(results, out_dir):
                 print(f"plot: {path}")

@@ -11,12 +11,12 @@ import time
 import torch
 from tqdm import tqdm
 
-from common.device import resolve_device, resolve_dtype
-from common.inputs import prepare_requests
-from common.memory import check_static_batch, static_batch_bytes, weight_bytes
-from common.metrics import peak_memory_bytes, reset_peak_memory
-from common.model_source import eos_token_ids, load_tokenizer, load_weights, resolve_model
-from common.outputs import RequestOutput
+from common.engine.device import resolve_device, resolve_dtype
+from common.engine.inputs import prepare_requests
+from common.engine.memory import check_static_batch, static_batch_bytes, weight_bytes
+from common.engine.metrics import peak_memory_bytes, reset_peak_memory
+from common.engine.model_source import eos_token_ids, load_tokenizer, load_weights, resolve_model
+from common.engine.outputs import RequestOutput
 
 from .kv_cache import ContiguousKVCache
 from .model import CausalLM

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from common.detokenizer import normalize_stop
+from common.engine.detokenizer import normalize_stop
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,13 @@ import time
 import torch
 from tqdm import tqdm
 
-from common.device import resolve_device, resolve_dtype
-from common.detokenizer import IncrementalDetokenizer
-from common.inputs import prepare_requests
-from common.memory import weight_bytes
-from common.metrics import peak_memory_bytes, reset_peak_memory
-from common.model_source import eos_token_ids, load_tokenizer, load_weights, resolve_model
-from common.outputs import RequestMetrics, RequestOutput
+from common.engine.device import resolve_device, resolve_dtype
+from common.engine.detokenizer import IncrementalDetokenizer
+from common.engine.inputs import prepare_requests
+from common.engine.memory import weight_bytes
+from common.engine.metrics import peak_memory_bytes, reset_peak_memory
+from common.engine.model_source import eos_token_ids, load_tokenizer, load_weights, resolve_model
+from common.engine.outputs import RequestMetrics, RequestOutput
 
 from .attention import DEFAULT_BLOCK_SIZE, DENSE_LAYOUT, check_block_size, select_backend
 from .block_manager import BlockManager

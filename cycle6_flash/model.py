@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from common.model_source import rope_theta
+from common.engine.model_source import rope_theta
 
 from .attention import ATTENTION
 

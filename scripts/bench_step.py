@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from common.cli import parse_options  # noqa: E402
-from common.device import resolve_device  # noqa: E402
-from common.model_source import resolve_model  # noqa: E402
+from common.engine.cli import parse_options  # noqa: E402
+from common.engine.device import resolve_device  # noqa: E402
+from common.engine.model_source import resolve_model  # noqa: E402
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
             vocab_size=4096)   # a small lm_head too: the step is all launches and Python

@@ -12,7 +12,7 @@ has throughput && python compare.py --plot --out docs/results/cpu-throughput-all
 has bench_step && python scripts/bench_step.py --device cpu --profile docs/results/cpu-bench-step | tee docs/results/cpu-bench-step.txt
 if has http; then
     python -m cycle8_graphs.serve HuggingFaceTB/SmolLM2-135M-Instruct --port 8011 > /tmp/serve.log 2>&1 & server=$!
-    python -m common.http_bench wait http://127.0.0.1:8011 120 && python compare.py --workload online \
+    python -m common.benchmark.http_bench wait http://127.0.0.1:8011 120 && python compare.py --workload online \
         --base-url http://127.0.0.1:8011/v1 --model HuggingFaceTB/SmolLM2-135M-Instruct --out docs/results/cpu-online-http
     kill $server
 fi
@@ -31,7 +31,7 @@ fi
 if has paired; then   # cycles 7 and 8 alternately, three times each
     for i in 1 2 3; do
         for e in cycle7_int8 cycle8_graphs; do
-            python -m common.bench --engine $e --device cpu --out docs/results/cpu-c78-paired/alt-$e-$i.json
+            python -m common.benchmark.bench --engine $e --device cpu --out docs/results/cpu-c78-paired/alt-$e-$i.json
         done
     done
 fi

@@ -52,7 +52,7 @@ run() {  # run LIMIT_SECONDS NAME COMMAND...   (LIMIT is cut to what the budget 
 run 90 pytest python3 -m pytest -q -m cuda -p no:cacheprovider tests/
 # 2. Our kernels alone (chapters 6 and 7): decode attention bandwidth, int8 matmul against bf16.
 run 60 bench_kernels python3 scripts/bench_kernels.py --out /tmp/gpu/bench_kernels/kernels.json
-# 3. The default comparison: all seven cycles and both HF baselines (estimate ~3 min: python -m common.estimate).
+# 3. The default comparison: all seven cycles and both HF baselines (estimate ~3 min: python -m common.benchmark.estimate).
 run 270 throughput python3 compare.py --device cuda --cycles 1-7 --plot --timeout 90 --out /tmp/gpu/throughput
 # 4. Cycle 8 against 7 on nano-vllm's benchmark (chapter 10's target), then its decode step profiled.
 run 150 nano_c78 python3 compare.py --device cuda --workload nano_vllm_bench --cycles 7,8 --no-hf --timeout 70 --out /tmp/gpu/nano_c78
@@ -63,7 +63,7 @@ run 75 long_context python3 compare.py --device cuda --workload long_context --c
 run 150 nano_fp python3 compare.py --device cuda --workload nano_vllm_bench --cycles 7,8 --no-hf --option quantization=None --timeout 70 --out /tmp/gpu/nano_fp
 run 300 nano_vllm_bench python3 compare.py --device cuda --workload nano_vllm_bench --cycles 4-6 --no-hf --timeout 90 --out /tmp/gpu/nano_vllm_bench
 run 150 online python3 compare.py --device cuda --workload online --cycles 3,4 --timeout 70 --out /tmp/gpu/online
-run 150 serve_online bash -c 'python3 -m cycle8_graphs.serve Qwen/Qwen3-0.6B --device cuda --port 8123 & s=$!; python3 -m common.http_bench wait http://127.0.0.1:8123 90 && python3 compare.py --device cuda --workload online --base-url http://127.0.0.1:8123/v1 --model Qwen/Qwen3-0.6B --out /tmp/gpu/serve_online; kill $s'
+run 150 serve_online bash -c 'python3 -m cycle8_graphs.serve Qwen/Qwen3-0.6B --device cuda --port 8123 & s=$!; python3 -m common.benchmark.http_bench wait http://127.0.0.1:8123 90 && python3 compare.py --device cuda --workload online --base-url http://127.0.0.1:8123/v1 --model Qwen/Qwen3-0.6B --out /tmp/gpu/serve_online; kill $s'
 
 echo "=== done after ${SECONDS}s of the ${BUDGET_S}s budget" | tee -a "$OUT/steps.txt"
 gzip -f "$OUT/gpu_results.tar"   # the JSON holds every token id: compressed it stays far below 16 MiB

@@ -123,7 +123,7 @@ def tiny_llms(tiny_checkpoints):
 def smollm2_hf():
     """HF transformers' own SmolLM2 model on the same real weights our engines load."""
     from transformers import AutoModelForCausalLM
-    from common.model_source import resolve_model
+    from common.engine.model_source import resolve_model
 
     source = resolve_model(SMOLLM2)
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()

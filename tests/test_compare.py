@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from common.metrics import PEAK_WITH_LOADING, peak_memory_bytes, percentile, reset_peak_memory, summarize
-from common.plots import plot_results, short_name
-from common.workloads import SIZES, WORKLOADS, make_workload, safe_token_ids, warmup_request
+from common.engine.metrics import PEAK_WITH_LOADING, peak_memory_bytes, percentile, reset_peak_memory, summarize
+from common.benchmark.plots import plot_results, short_name
+from common.benchmark.workloads import SIZES, WORKLOADS, make_workload, safe_token_ids, warmup_request
 
 ROOT = Path(__file__).resolve().parent.parent
 PLOTS = {"latency.png", "throughput.png", "ttft.png", "memory.png"}
@@ -124,7 +124,7 @@ def test_size_overrides_keep_the_rest(tokenizer):
 
 
 def test_memory_against_context_chart(tmp_path):
-    from common.plots import plot_memory_vs_context
+    from common.benchmark.plots import plot_memory_vs_context
     results = [_fake_result(engine, 100.0, 0) | {"prompt_tokens": n, "num_requests": 1, "peak_memory_bytes": peak * 2**20}
                for engine, n, peak in [("cycle5_prefix", 256, 900), ("cycle5_prefix", 1024, 1400),
                                        ("cycle6_flash", 256, 890), ("cycle6_flash", 1024, 1000)]]
@@ -258,7 +258,7 @@ def test_compare_smoke_tiny_checkpoint(tmp_path, tiny_checkpoints):
 @pytest.mark.slow
 def test_compare_smoke_default_model(tmp_path):
     """The command the README gives: default model, cycle 1 and the HF baselines."""
-    from common.model_source import resolve_model
+    from common.engine.model_source import resolve_model
 
     try:
         resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")

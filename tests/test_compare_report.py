@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import compare
-from common.bench import EXIT_OUT_OF_MEMORY
+from common.benchmark.bench import EXIT_OUT_OF_MEMORY
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -226,7 +226,7 @@ def test_a_memory_refusal_is_told_apart_from_a_crash(tmp_path):
 def test_cycle1_times_out_and_cycle2_is_kept(tmp_path):
     """`compare.py --cycles 1,2 --num-requests 8 --timeout 25` on the CPU: cycle 1 reruns whole
     sequences and cannot finish 8 requests in 25 s on 2 cores; cycle 2 can, and keeps its charts."""
-    from common.model_source import resolve_model
+    from common.engine.model_source import resolve_model
 
     try:
         resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -243,7 +243,7 @@ def test_cycle1_times_out_and_cycle2_is_kept(tmp_path):
 
 
 def test_results_name_each_engines_attention_and_int8_path(tiny_checkpoints):
-    from common.bench import run_engine
+    from common.benchmark.bench import run_engine
 
     path, _ = tiny_checkpoints["llama"]
     rows = {e: run_engine(e, "throughput", "cpu", path, quick=True)

@@ -141,7 +141,7 @@ CHAT = ["What is the capital of France?", "Name three primary colors.",
 def smollm2_reference(smollm2_hf):
     """HF generate's greedy tokens on real SmolLM2 weights, stopping at EOS like our engines."""
     source, model = smollm2_hf
-    from common.model_source import eos_token_ids, load_tokenizer
+    from common.engine.model_source import eos_token_ids, load_tokenizer
     tok = load_tokenizer(source)
     eos = eos_token_ids(source, tok)
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)

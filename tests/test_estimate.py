@@ -1,4 +1,4 @@
-"""common/estimate.py: the cost model the CUDA workload sizes were chosen by. Its step structure
+"""common/benchmark/estimate.py: the cost model the CUDA workload sizes were chosen by. Its step structure
 must be what the engines really run, and the guide must quote its output as it is."""
 
 import subprocess
@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from common import estimate
+from common.benchmark import estimate
 from conftest import cycle
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,7 +65,7 @@ def test_linear_params_are_the_models_own(tiny_llms):
 
 
 def test_the_guide_quotes_the_estimate_as_printed():
-    out = subprocess.run([sys.executable, "-m", "common.estimate"], cwd=ROOT, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "common.benchmark.estimate"], cwd=ROOT, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     guide = (ROOT / "docs" / "CYCLE_GUIDE.md").read_text()

@@ -1,4 +1,4 @@
-"""Tests for the HuggingFace transformers baseline (common/hf_baseline.py), on a tiny random Llama."""
+"""Tests for the HuggingFace transformers baseline (common/benchmark/hf_baseline.py), on a tiny random Llama."""
 
 from types import SimpleNamespace
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from common.hf_baseline import _useful_tokens, run_hf
+from common.benchmark.hf_baseline import _useful_tokens, run_hf
 
 EOS = 3
 RESULT_KEYS = {
@@ -155,7 +155,7 @@ def test_unknown_mode():
 
 
 def test_cb_settings_take_the_name_this_release_uses_and_report_the_rest():
-    from common.hf_baseline import cb_field_names
+    from common.benchmark.hf_baseline import cb_field_names
 
     settings = {"page_size": 256, "num_blocks": 9, "max_batch_tokens": 512, "no_such_field": 1}
     # transformers 5.17 calls the page size block_size
@@ -167,7 +167,7 @@ def test_cb_settings_take_the_name_this_release_uses_and_report_the_rest():
 
 
 def test_cb_config_of_the_installed_release_takes_every_setting():
-    from common.hf_baseline import _cb_config
+    from common.benchmark.hf_baseline import _cb_config
 
     requests = _requests()
     config, passed, unsupported = _cb_config(requests, 2, {"max_batch_tokens": 96})
@@ -176,7 +176,7 @@ def test_cb_config_of_the_installed_release_takes_every_setting():
 
 
 def test_missing_workload_hints_are_reported(tiny_model_dir, monkeypatch):
-    import common.hf_baseline as hf
+    import common.benchmark.hf_baseline as hf
 
     monkeypatch.setattr(hf, "WorkloadHints", None)
     result = run_hf(tiny_model_dir, _requests(), "cpu", torch.float32, "generate_batch", max_num_seqs=2)
@@ -196,7 +196,7 @@ def test_weight_bytes_mean_the_same_as_the_cycles(tiny_checkpoints, tiny_llms, c
 
 
 def test_bench_gives_hf_the_cycles_limits_and_reports_what_it_cannot_take(tiny_checkpoints):
-    from common.bench import run_engine
+    from common.benchmark.bench import run_engine
     from cycle4_batching.llm import DEFAULTS
 
     path, _ = tiny_checkpoints["llama"]

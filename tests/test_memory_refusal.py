@@ -4,8 +4,8 @@ refuse, with a ValueError naming the memory, a batch that cannot fit; the engine
 import pytest
 import torch
 
-import common.memory as memory
-from common.memory import MemoryEstimateError, static_batch_bytes
+import common.engine.memory as memory
+from common.engine.memory import MemoryEstimateError, static_batch_bytes
 from conftest import cycle, save_tiny_checkpoint, tiny_config
 
 STATIC_CYCLES = ["cycle1_naive", "cycle2_kvcache"]

@@ -1,4 +1,4 @@
-"""Tests for common/model_source.py: finding models online or offline and loading their weights."""
+"""Tests for common/engine/model_source.py: finding models online or offline and loading their weights."""
 import json
 import time
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
-from common import model_source
-from common.model_source import (ModelSource, cache_dir, eos_token_ids, load_tokenizer, load_weights,
+from common.engine import model_source
+from common.engine.model_source import (ModelSource, cache_dir, eos_token_ids, load_tokenizer, load_weights,
                                  resolve_model, rope_theta)
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

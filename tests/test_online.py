@@ -1,13 +1,13 @@
-"""The online workload (common/online.py): arrivals, the serving metrics, and both drivers."""
+"""The online workload (common/benchmark/online.py): arrivals, the serving metrics, and both drivers."""
 
 import math
 import statistics
 
 import pytest
 
-from common.online import (RequestRecord, arrival_times, drive_static, drive_steps, format_online_table,
+from common.benchmark.online import (RequestRecord, arrival_times, drive_static, drive_steps, format_online_table,
                            online_row, online_settings, parse_rates, serving_metrics)
-from common.outputs import RequestMetrics, RequestOutput
+from common.engine.outputs import RequestMetrics, RequestOutput
 from conftest import cycle
 
 
@@ -164,7 +164,7 @@ def test_compare_online_smoke_tiny_checkpoint(tmp_path, tiny_checkpoints):
 
 
 def test_sweep_charts(tmp_path):
-    from common.plots import plot_online
+    from common.benchmark.plots import plot_online
 
     def row(engine, rate, ttft):
         return {"engine": engine, "request_rate": rate, "ttft_p99_s": ttft, "tpot_mean_s": 0.1, "e2el_p99_s": 2 * ttft,

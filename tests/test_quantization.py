@@ -125,7 +125,7 @@ def test_weights_are_int8_and_take_a_quarter_of_fp32(name, tiny_checkpoints):
 @pytest.mark.parametrize("name", INT8)
 def test_quality_against_cycle6_on_real_smollm2(name):
     """Teacher-forced next-token agreement and perplexity against the float engine."""
-    from common.quality import compare
+    from common.benchmark.quality import compare
     result = compare(cycle("cycle6_flash").LLM(SMOLLM2, device="cpu"), cycle(name).LLM(SMOLLM2, device="cpu"))
     assert result["next_token_agreement"] >= 0.9, result
     assert result["perplexity_candidate"] < result["perplexity_reference"] * 1.1, result

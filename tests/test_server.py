@@ -1,4 +1,4 @@
-"""The OpenAI-compatible server (common/server.py) with the real `openai` client, on a real port.
+"""The OpenAI-compatible server (common/serving/server.py) with the real `openai` client, on a real port.
 
 Each engine listed in SERVER_CYCLES gets one server (uvicorn in a thread, on a free localhost port)
 on a tiny Qwen3 checkpoint whose vocabulary is exactly the character tokenizer's (98 ids), so every
@@ -20,7 +20,7 @@ from conftest import CYCLES, cycle
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from common.server import build_app, parse_metrics  # noqa: E402
+from common.serving.server import build_app, parse_metrics  # noqa: E402
 
 SERVER_CYCLES = sorted({"cycle4_batching", CYCLES[-1]})
 MODEL = "tiny"
@@ -67,7 +67,7 @@ def offline(server, prompt, max_tokens, chat=False):
     """What generate() gives for the same prompt on another engine of the same checkpoint."""
     llm, name = server["reference"], server["name"]
     if chat:
-        from common.server import chat_prompt_ids
+        from common.serving.server import chat_prompt_ids
         prompt = chat_prompt_ids(llm.tokenizer, [{"role": "user", "content": prompt}], True)
     params = cycle(name).SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     return llm.generate([prompt], params)[0]
@@ -195,9 +195,9 @@ def test_a_dropped_stream_is_aborted_and_frees_its_blocks(server, client):
 
 
 def test_http_benchmark_client_times_every_token(server):
-    from common.http_bench import run_http
-    from common.online import serving_metrics
-    from common.workloads import Request
+    from common.benchmark.http_bench import run_http
+    from common.benchmark.online import serving_metrics
+    from common.benchmark.workloads import Request
 
     requests = [Request([5, 6, 7], 6, True, [5, 6, 7]), Request([8, 9], 3, True, [8, 9])]
     records = asyncio.run(asyncio.wait_for(run_http(server["base"] + "/v1", MODEL, requests, [0.0, 0.05]), TIMEOUT_S))

@@ -2,7 +2,7 @@
 
 import pytest
 
-from common.detokenizer import IncrementalDetokenizer, normalize_stop
+from common.engine.detokenizer import IncrementalDetokenizer, normalize_stop
 from conftest import CYCLES, SMOLLM2, cycle
 
 STREAMING = [c for c in CYCLES if int(c[5]) >= 4]
@@ -51,7 +51,7 @@ def test_step_streams_every_token_and_the_deltas_make_the_text(name, char_llms):
 
 
 def test_detokenizer_never_splits_a_multibyte_character():
-    from common.model_source import load_tokenizer, resolve_model
+    from common.engine.model_source import load_tokenizer, resolve_model
 
     try:
         tokenizer = load_tokenizer(resolve_model(SMOLLM2))

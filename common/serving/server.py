@@ -5,7 +5,7 @@
 Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (with
 `stream`: server-sent events ending in `data: [DONE]`), GET /metrics (Prometheus text).
 
-The handlers never touch the engine: common/engine_loop.py's thread owns it. A handler parses and
+The handlers never touch the engine: common/serving/engine_loop.py's thread owns it. A handler parses and
 checks the JSON (pydantic), builds SamplingParams (their own checks), then hands the engine loop a
 function that tokenizes the prompt and adds it; the engine's own validation runs there, before
 anything is queued, and its ValueError comes back as a 400. Errors are OpenAI-shaped:
@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from common.engine_loop import EngineError, EngineLoop
+from common.serving.engine_loop import EngineError, EngineLoop
 
 DEFAULT_MAX_TOKENS = 16        # OpenAI's default for completions; chat uses what is left of the context
 
@@ -320,7 +320,7 @@ def build_parser(package: str) -> argparse.ArgumentParser:
 def main(package: str, argv: list[str] | None = None) -> None:
     import uvicorn
 
-    from common.cli import parse_options
+    from common.engine.cli import parse_options
 
     args = build_parser(package).parse_args(argv)
     module = importlib.import_module(package)

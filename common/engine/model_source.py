@@ -61,7 +61,7 @@ HUB_PROBE_TIMEOUT_S = 5.0
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 QWEN3 = "Qwen/Qwen3-0.6B"
-_CONFIGS_DIR = pathlib.Path(__file__).parent / "configs"
+_CONFIGS_DIR = pathlib.Path(__file__).parent.parent / "configs"
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
-from common.memory import weight_bytes
+from common.engine.memory import weight_bytes
 
 try:  # sizing hints for continuous batching; a release without them sizes from its defaults
     from transformers.generation.continuous_batching.utils import WorkloadHints

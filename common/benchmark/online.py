@@ -21,10 +21,10 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from common.metrics import percentile
+from common.engine.metrics import percentile
 
 # Request rate and latency targets of the default online run, per workload size (the lengths are
-# SIZES["online"] in common/workloads.py). The CPU size is chosen so that the static server
+# SIZES["online"] in common/benchmark/workloads.py). The CPU size is chosen so that the static server
 # (cycle 3) is saturated while continuous batching (cycle 4) is not: outputs of 16..128 tokens
 # make every static batch wait ~128 steps for its slowest member, while at 1 request/s cycle 4
 # holds only a few requests at a time. The SLOs sit between the two.

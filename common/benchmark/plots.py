@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed, works on headless machines and CI
 import matplotlib.pyplot as plt  # noqa: E402  (must follow the backend choice)
 
-from common.metrics import PEAK_WITH_LOADING  # noqa: E402
+from common.engine.metrics import PEAK_WITH_LOADING  # noqa: E402
 
 MIB = 2**20
 
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     import json
 
-    p = argparse.ArgumentParser(prog="python -m common.plots",
+    p = argparse.ArgumentParser(prog="python -m common.benchmark.plots",
                                 description="Peak memory against context length from several compare.py results.json files.")
     p.add_argument("out", help="the PNG to write")
     p.add_argument("results", nargs="+", help="results.json files written by compare.py")

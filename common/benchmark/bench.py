@@ -1,6 +1,6 @@
 """Measure one engine on one workload and write the result as JSON.
 
-    python -m common.bench --engine cycle4_batching --workload throughput --device cpu \
+    python -m common.benchmark.bench --engine cycle4_batching --workload throughput --device cpu \
         --model HuggingFaceTB/SmolLM2-135M-Instruct --quick --out result.json
 
 `--engine` is a cycle package (cycle1_naive ... cycle7_int8) or an HF baseline (hf_generate,
@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from common.cli import parse_options
-from common.device import default_model, resolve_device, resolve_dtype
-from common.memory import MemoryEstimateError
-from common.metrics import (PEAK_GENERATION, PEAK_WITH_LOADING, peak_memory_bytes, peak_rss_bytes,
+from common.engine.cli import parse_options
+from common.engine.device import default_model, resolve_device, resolve_dtype
+from common.engine.memory import MemoryEstimateError
+from common.engine.metrics import (PEAK_GENERATION, PEAK_WITH_LOADING, peak_memory_bytes, peak_rss_bytes,
                             reset_peak_memory, summarize)
-from common.workloads import WORKLOADS, check_supported, make_workload, warmup_request
+from common.benchmark.workloads import WORKLOADS, check_supported, make_workload, warmup_request
 
 HF_ENGINES = ("hf_generate", "hf_generate_batch")
 
@@ -38,7 +38,7 @@ REFERENCE_CYCLE = "cycle1_naive"
 BATCH_LIMITS_CYCLE = "cycle4_batching"
 HF_LIMITS = {"hf_generate": ("max_num_seqs",), "hf_generate_batch": ("max_num_seqs", "max_num_batched_tokens")}
 
-# Exit status of `python -m common.bench` when the engine refused the workload for memory (its
+# Exit status of `python -m common.benchmark.bench` when the engine refused the workload for memory (its
 # estimate is over the limit): the --out JSON then holds "refused" instead of a result.
 EXIT_OUT_OF_MEMORY = 3
 
@@ -106,7 +106,7 @@ def _run_cycle(engine: str, workload: str, device, model: str, weights: str, qui
     llm.generate([warm.prompt_token_ids], _greedy_params(cycle, [warm]))
     peak_scope = PEAK_GENERATION if reset_peak_memory(device) else PEAK_WITH_LOADING
 
-    if workload == "online":   # requests arrive over time (common/online.py)
+    if workload == "online":   # requests arrive over time (common/benchmark/online.py)
         return _run_cycle_online(llm, cycle, work, online or {}, load_s, peak_scope, ignored)
     start = time.perf_counter()
     outputs = llm.generate([r.prompt_token_ids for r in work.requests], _greedy_params(cycle, work.requests))
@@ -127,7 +127,7 @@ def _run_cycle(engine: str, workload: str, device, model: str, weights: str, qui
 
 
 def _run_cycle_online(llm, cycle, work, online: dict, load_s: float, peak_scope: str, ignored: list) -> dict:
-    from common.online import online_row, online_settings, run_online_engine
+    from common.benchmark.online import online_row, online_settings, run_online_engine
 
     settings = online_settings(work.device_size, **online)
     start = time.perf_counter()
@@ -154,8 +154,8 @@ def hf_batch_limits(engine: str, device, options: dict) -> dict:
 
 def _run_hf(engine: str, workload: str, device, model: str, weights: str, quick: bool, dtype,
             options: dict, size: dict) -> dict:
-    from common.hf_baseline import run_hf
-    from common.model_source import load_tokenizer, resolve_model
+    from common.benchmark.hf_baseline import run_hf
+    from common.engine.model_source import load_tokenizer, resolve_model
 
     start = time.perf_counter()
     source = resolve_model(model, weights)
@@ -251,7 +251,7 @@ def run_engine(engine: str, workload: str, device=None, model: str | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m common.bench", description="Benchmark one engine on one workload.")
+    p = argparse.ArgumentParser(prog="python -m common.benchmark.bench", description="Benchmark one engine on one workload.")
     p.add_argument("--engine", required=True, help=f"a cycle package (e.g. cycle4_batching) or one of {', '.join(HF_ENGINES)}")
     p.add_argument("--workload", default="throughput", choices=WORKLOADS)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="an engine option, e.g. --option max_num_seqs=8 (repeatable)")
     p.add_argument("--out", default=None, help="write the JSON here (default: print it)")
-    # --workload online only (common/online.py); unset: the size's defaults there
+    # --workload online only (common/benchmark/online.py); unset: the size's defaults there
     p.add_argument("--request-rate", type=float, default=None, help="online: requests per second (inf: all at once)")
     p.add_argument("--burstiness", type=float, default=1.0, help="online: gamma shape of the arrival gaps (1: Poisson)")
     p.add_argument("--slo-ttft", type=float, default=None, help="online: goodput's TTFT target, seconds")

@@ -14,10 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-from common.device import resolve_device
-from common.online import (RequestRecord, arrival_times, format_online_table, online_row, online_settings,
+from common.engine.device import resolve_device
+from common.benchmark.online import (RequestRecord, arrival_times, format_online_table, online_row, online_settings,
                            parse_rates)
-from common.workloads import make_workload, size_key
+from common.benchmark.workloads import make_workload, size_key
 
 REQUEST_TIMEOUT_S = 600
 
@@ -62,7 +62,7 @@ async def run_http(base_url: str, model: str, requests, arrivals: list[float]) -
 
 def main_http(args) -> int:
     """compare.py --base-url: one row per request rate, for the server at args.base_url."""
-    from common.model_source import load_tokenizer, resolve_model
+    from common.engine.model_source import load_tokenizer, resolve_model
 
     if not args.model:
         raise SystemExit("--base-url needs --model: the name the server serves (and a tokenizer to build prompts)")
@@ -104,7 +104,7 @@ def wait_healthy(base_url: str, timeout_s: float) -> bool:
     return False
 
 
-if __name__ == "__main__":   # python -m common.http_bench wait http://127.0.0.1:8000 90 (scripts)
+if __name__ == "__main__":   # python -m common.benchmark.http_bench wait http://127.0.0.1:8000 90 (scripts)
     if len(sys.argv) != 4 or sys.argv[1] != "wait":
-        raise SystemExit("usage: python -m common.http_bench wait SERVER_URL TIMEOUT_S")
+        raise SystemExit("usage: python -m common.benchmark.http_bench wait SERVER_URL TIMEOUT_S")
     sys.exit(0 if wait_healthy(sys.argv[2], float(sys.argv[3])) else 1)

@@ -1,8 +1,8 @@
 """What a workload will cost each engine on a GPU, estimated before running it.
 
-    python -m common.estimate        # the table chapter 8 of the guide quotes
+    python -m common.benchmark.estimate        # the table chapter 8 of the guide quotes
 
-The CUDA sizes in common/workloads.py were chosen with this: `python compare.py --plot` must run
+The CUDA sizes in common/benchmark/workloads.py were chosen with this: `python compare.py --plot` must run
 all seven cycles and both HF baselines within 10 minutes on one H100/H200, cycle 1 included.
 
 Cycle 1 reruns the whole sequence every step. One step of a static group of B sequences padded to
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from common.memory import GIB, kv_cache_bytes, static_batch_bytes
+from common.engine.memory import GIB, kv_cache_bytes, static_batch_bytes
 
-RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results" / "cuda-h200"
+RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results" / "cuda-h200"
 MEASURED_STEP_RUN = RESULTS / "throughput64-cycle4_batching.json"   # 64 requests, 1,019 steps
 
 # The paged cycles gather each sequence's blocks into a dense K and V per layer every step:
@@ -92,7 +92,7 @@ class NaiveCost:
     steps: int = 0
     flops: float = 0.0
     score_bytes: float = 0.0      # bytes moved over the attention scores
-    peak_bytes: int = 0           # the largest step's estimate (common.memory), weights excluded
+    peak_bytes: int = 0           # the largest step's estimate (common.engine.memory), weights excluded
     seconds: float = 0.0
 
 
@@ -124,7 +124,7 @@ def naive_cost(config, requests, max_num_seqs: int, dtype: torch.dtype, speed: G
 
 
 def kvcache_peak_bytes(config, requests, max_num_seqs: int, dtype: torch.dtype) -> int:
-    """Cycle 2's largest group: the contiguous reservation plus its prefill (common.memory)."""
+    """Cycle 2's largest group: the contiguous reservation plus its prefill (common.engine.memory)."""
     return max(static_batch_bytes(config, b, longest, dtype, kv_tokens=longest + largest)["total"]
                for b, longest, largest in static_groups(requests, max_num_seqs))
 
@@ -160,7 +160,7 @@ def batched_seconds(config, requests, max_num_seqs: int, max_num_batched_tokens:
 def estimate_workload(name: str, source, tokenizer, speed: GpuSpeed, max_num_seqs: int = 256,
                       max_num_batched_tokens: int = 16384, dtype: torch.dtype = torch.bfloat16) -> dict:
     """The figures of one CUDA workload for Qwen3-0.6B: cycle 1, cycle 2's memory, the others."""
-    from common.workloads import make_workload
+    from common.benchmark.workloads import make_workload
 
     config = source.config
     work = make_workload(name, tokenizer, "cuda", max_model_len=config.max_position_embeddings)
@@ -204,13 +204,13 @@ def format_table(rows: list[dict], speed: GpuSpeed) -> str:
 
 
 def main() -> None:
-    from common.model_source import load_tokenizer, resolve_model
+    from common.engine.model_source import load_tokenizer, resolve_model
 
     source = resolve_model("Qwen/Qwen3-0.6B", "random")
     tokenizer = load_tokenizer(source)
     speed = h200_speed()
     rows = [estimate_workload(name, source, tokenizer, speed) for name in ("throughput", "nano_vllm_bench")]
-    print("Qwen3-0.6B, bf16, max_num_seqs 256, max_num_batched_tokens 16384, CUDA sizes of common/workloads.py")
+    print("Qwen3-0.6B, bf16, max_num_seqs 256, max_num_batched_tokens 16384, CUDA sizes of common/benchmark/workloads.py")
     print(format_table(rows, speed))
     # The one observation to hold the estimate against (issue 10): on an H200 (139 GiB usable),
     # cycle 1 on nano_vllm_bench's sizes ran ~40 minutes and ran out of memory near T = 1,850.

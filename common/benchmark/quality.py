@@ -1,7 +1,7 @@
 """Quality of one cycle against another on the same text: teacher-forced next-token agreement
 and perplexity. Used to measure cycle 7 (int8) against cycle 6 (the same engine in float).
 
-    python -m common.quality --cycles 6,7 [--model M] [--device cpu]
+    python -m common.benchmark.quality --cycles 6,7 [--model M] [--device cpu]
 
 Teacher forcing: both engines read the same text and predict every next token from the true
 prefix, so one early disagreement cannot snowball as it does in free generation.
@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from common.device import default_model, resolve_device
+from common.engine.device import default_model, resolve_device
 
 TEXT = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
@@ -64,7 +64,7 @@ def compare(reference, candidate, text: str = TEXT) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m common.quality", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m common.benchmark.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--cycles", default="6,7", help="reference,candidate (cycle 4 onward)")
     p.add_argument("--model", default=None)
     p.add_argument("--device", default=None)

@@ -6,7 +6,7 @@ import inspect
 import sys
 import time
 
-from common.device import default_model, resolve_device
+from common.engine.device import default_model, resolve_device
 
 
 def build_parser(package: str) -> argparse.ArgumentParser:

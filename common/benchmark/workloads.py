@@ -5,7 +5,7 @@ never text: text prompts are tokenized here, once, so every engine sees identica
 tokenizer differences can never show up as engine differences.
 
 Every workload has three sizes: "cuda" (a GPU benchmark: on one H100/H200 every engine, the naive
-cycle 1 included, finishes it; common/estimate.py), "cpu" (small enough that even cycle 1, which
+cycle 1 included, finishes it; common/benchmark/estimate.py), "cpu" (small enough that even cycle 1, which
 reruns the whole sequence every step, finishes on 2 cores) and "quick" (a smoke test: seconds per
 cycle). All sizes live in the SIZES table right below, the one place to tune them.
 """
@@ -24,7 +24,7 @@ class Size:
 
 
 SIZES: dict[str, dict[str, Size]] = {
-    # Random ids. The CUDA size is what cycle 1 can afford: `python -m common.estimate` shows that
+    # Random ids. The CUDA size is what cycle 1 can afford: `python -m common.benchmark.estimate` shows that
     # compare.py runs all engines on it in ~3 minutes on an H200 (nano-vllm's sizes would take cycle 1
     # over an hour; they are the nano_vllm_bench workload below).
     "throughput": {
@@ -50,7 +50,7 @@ SIZES: dict[str, dict[str, Size]] = {
         "cpu": Size(2, prompt_len=(1024, 2048), output_len=(16, 16)),
         "quick": Size(1, prompt_len=(256, 256), output_len=(4, 4)),
     },
-    # Requests arriving over time (common/online.py, where the rate and SLOs are set). Mixed output
+    # Requests arriving over time (common/benchmark/online.py, where the rate and SLOs are set). Mixed output
     # lengths: a static batch waits for its slowest member, continuous batching does not.
     "online": {
         "cuda": Size(200, prompt_len=(64, 512), output_len=(32, 512)),
@@ -70,10 +70,10 @@ SIZES: dict[str, dict[str, Size]] = {
 WORKLOADS = list(SIZES)
 
 # Engines that cannot run a workload at all, by cycle number, and why: compare.py skips them and
-# common.bench refuses them. `python -m common.estimate` prints the figures behind the reasons.
+# common.benchmark.bench refuses them. `python -m common.benchmark.estimate` prints the figures behind the reasons.
 UNSUPPORTED = {
     "nano_vllm_bench": {
-        1: "cycle 1 reruns every sequence in full at each of ~1,000 steps: by `python -m common.estimate` "
+        1: "cycle 1 reruns every sequence in full at each of ~1,000 steps: by `python -m common.benchmark.estimate` "
            "over an hour on an H200, and a peak (a [256, 16, 2048, 2048] score tensor per layer) larger "
            "than any single GPU's memory",
     },

@@ -1,0 +1,1 @@
+"""Serving an engine: the OpenAI-compatible HTTP server and the loop that owns the engine."""
