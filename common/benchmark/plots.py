@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display needed, works on headless machines and CI
 import matplotlib.pyplot as plt  # noqa: E402  (must follow the backend choice)
+import matplotlib.ticker  # noqa: E402
 
 from common.engine.metrics import PEAK_WITH_LOADING  # noqa: E402
 
@@ -250,15 +251,22 @@ def plot_summary(summary: list[dict], run_info: dict, path) -> Path:
         measured = min(gain_factor(r["change"], r["lower_is_better"]), 1e3)   # from 0: off the scale
         expected = gain_factor(r["expected_change"], r["lower_is_better"])
         color = "tab:gray" if r["verdict"] == "GPU only" else ("tab:green" if measured > 1 else "tab:red")
-        ax.barh(y - 0.18, measured, 0.36, left=0, color=color)
+        ax.barh(y - 0.18, measured - 1, 0.36, left=1, color=color)   # from 1x: a regression grows leftwards
         ax.annotate(f"{change_text(r['change'])} {r['label']}" + (" (GPU only)" if r["verdict"] == "GPU only" else ""),
                     (measured, y - 0.18), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
         if expected is not None:
-            ax.barh(y + 0.18, expected, 0.36, left=0, color="tab:blue", alpha=0.45)
+            ax.barh(y + 0.18, expected - 1, 0.36, left=1, color="tab:blue", alpha=0.45)
             ax.annotate(f"{r['expected_change']:+.0%}", (expected, y + 0.18), xytext=(3, 0),
                         textcoords="offset points", va="center", fontsize=8)
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log")
+    factors = [f for r in rows for f in (min(gain_factor(r["change"], r["lower_is_better"]), 1e3),
+                                         gain_factor(r["expected_change"], r["lower_is_better"])) if f]
+    lo, hi = min(factors + [0.5]) / 1.3, max(factors + [2.0]) * 2.5   # room for the labels
+    ax.set_xlim(lo, hi)
+    ax.set_xticks([t for t in (0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000) if lo <= t <= hi])
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_yticks(range(len(rows)), [f"{r['step']} {r['lesson']}\n{r['part']}" for r in rows], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("times better on the home metric (log; 1 = no change, left of 1 = worse)")

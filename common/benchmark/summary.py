@@ -129,9 +129,11 @@ def _value_text(value, metric: str) -> str:
 
 def format_summary(rows: list[dict]) -> str:
     """The summary table printed first, and one line per cycle that costs speed elsewhere."""
-    header = ["step", "lesson", "home workload", "metric", "before", "after", "measured", DESIGN, "verdict"]
+    header = ["step", "lesson", "home workload", "metric", "before", "after", "after/before", "measured",
+              DESIGN, "verdict"]
     table = [[r["step"], r["lesson"], r["part"] or "-", r["label"], _value_text(r["before"], r["metric"]),
-              _value_text(r["after"], r["metric"]), change_text(r["change"]),
+              _value_text(r["after"], r["metric"]), "-" if r["ratio"] is None else f"{r['ratio']:.2f}x",
+              change_text(r["change"]),
               change_text(r["expected_change"]) if r["expected_change"] is not None else "(none stated)",
               r["verdict"]] for r in rows]
     lines = ["What each cycle adds (measured on each lesson's home workload; the design's expectation "
