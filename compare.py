@@ -25,13 +25,13 @@ import time
 from pathlib import Path
 
 from common.benchmark.bench import machine_info
-from common.benchmark.online import format_online_table, parse_rates
+from common.benchmark.online import parse_rates
 from common.benchmark.report import (EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK, cycle_number, exit_status,  # noqa: F401
-                                     format_failures, format_table, mark_same_tokens)
-from common.benchmark.runner import PartRun, run_part, stop_on_signals
+                                     format_part, mark_same_tokens)
+from common.benchmark.runner import Interrupted, PartRun, run_part, stop_on_signals
 from common.benchmark.suite import Part, part_engines, suite
 from common.benchmark.summary import format_summary, summarize
-from common.benchmark.workloads import DESCRIPTIONS, WORKLOADS, unsupported_reason
+from common.benchmark.workloads import WORKLOADS, unsupported_reason
 from common.engine.cli import parse_options
 from common.engine.device import default_model, resolve_device
 
@@ -167,22 +167,6 @@ def part_record(part: Part, run: PartRun, engines: list[str]) -> dict:
                                                 "engine": run.failures[-1]["engine"]}}
 
 
-def format_part(record: dict, title: bool) -> str:
-    """One workload's table: the online table for an online run, the engine table otherwise."""
-    part, results = record["part"], record["results"]
-    lines = []
-    if title:
-        size = f", {results[0]['workload_size']} size, {results[0]['num_requests']} requests" if results else ""
-        lines.append(f"== {part['name']}: {DESCRIPTIONS[part['workload']]}{size}")
-    if part["workload"] == "online" and results:
-        lines += [format_online_table(results)] + format_failures(record["failures"])
-    else:
-        lines.append(format_table(results, record["failures"]))
-    if part["note"]:
-        lines.append(f"note: {part['note']}")
-    return "\n".join(lines)
-
-
 def plot_part(record: dict, out_dir: Path, suite_run: bool) -> None:
     from common.benchmark.plots import plot_online, plot_results
 
@@ -203,9 +187,14 @@ def run_all(parts: list[Part], cycles: list[str], args, device: str, model: str,
         for part in parts:
             part_dir = out_dir / part.name if suite_run else out_dir
             part_dir.mkdir(parents=True, exist_ok=True)
-            engines, skipped = runnable(part, cycles, args)
-            run = run_part(part, engines, args, device, model, part_dir, timeout)
-            run.failures[:0] = skipped
+            engines, run = [], PartRun()
+            try:
+                engines, skipped = runnable(part, cycles, args)
+                run = run_part(part, engines, args, device, model, part_dir, timeout)
+                run.failures[:0] = skipped
+            except Interrupted as stop:   # between two parts: no engine was running
+                run = PartRun(failures=[{"engine": None, "kind": "interrupted", "signal": stop.name,
+                                         "error": f"stopped by {stop.name}"}], interrupted=stop)
             records[part.name] = part_record(part, run, engines)
             if run.interrupted:
                 break

@@ -1,7 +1,9 @@
 """compare.py's verdicts and its per-workload table: which cycle is the reference, whether an engine
 gives the same tokens, what the exit status is, and one line per engine that was not measured."""
 
+from common.benchmark.online import format_online_table
 from common.benchmark.tables import cell, format_columns
+from common.benchmark.workloads import DESCRIPTIONS
 from common.engine.memory import GIB
 from common.engine.metrics import PEAK_WITH_LOADING
 
@@ -126,3 +128,19 @@ def format_failures(failures: list[dict]) -> list[str]:
     names = [f["engine"] or "-" for f in failures]   # None: a signal came between two engines
     width = max(len(n) for n in names)
     return ["not measured:"] + [f"  {n.ljust(width)}  {failure_summary(f)}" for n, f in zip(names, failures)]
+
+
+def format_part(record: dict, title: bool) -> str:
+    """One workload's table: the online table for an online run, the engine table otherwise."""
+    part, results = record["part"], record["results"]
+    lines = []
+    if title:
+        size = f", {results[0]['workload_size']} size, {results[0]['num_requests']} requests" if results else ""
+        lines.append(f"== {part['name']}: {DESCRIPTIONS[part['workload']]}{size}")
+    if part["workload"] == "online" and results:
+        lines += [format_online_table(results)] + format_failures(record["failures"])
+    else:
+        lines.append(format_table(results, record["failures"]))
+    if part["note"]:
+        lines.append(f"note: {part['note']}")
+    return "\n".join(lines)

@@ -117,6 +117,12 @@ def change_text(change: float | None) -> str:
     return f"{change:+.0%}"
 
 
+def _ratio_text(ratio: float | None) -> str:
+    if ratio is None:
+        return "-"
+    return "from 0" if ratio == float("inf") else f"{ratio:.2f}x"
+
+
 def _value_text(value, metric: str) -> str:
     if value is None:
         return "-"
@@ -132,7 +138,7 @@ def format_summary(rows: list[dict]) -> str:
     header = ["step", "lesson", "home workload", "metric", "before", "after", "after/before", "measured",
               DESIGN, "verdict"]
     table = [[r["step"], r["lesson"], r["part"] or "-", r["label"], _value_text(r["before"], r["metric"]),
-              _value_text(r["after"], r["metric"]), "-" if r["ratio"] is None else f"{r['ratio']:.2f}x",
+              _value_text(r["after"], r["metric"]), _ratio_text(r["ratio"]),
               change_text(r["change"]),
               change_text(r["expected_change"]) if r["expected_change"] is not None else "(none stated)",
               r["verdict"]] for r in rows]
