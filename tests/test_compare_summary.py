@@ -141,3 +141,13 @@ def test_the_suite_prints_the_summary_first_then_one_table_per_workload(tmp_path
 def test_suite_refuses_a_size_override():
     with pytest.raises(SystemExit, match="go with --workload NAME"):
         compare.main(["--device", "cpu", "--num-requests", "3"])
+
+
+def test_speed_charts_say_why_a_cycle_costs_speed_where_its_lesson_does_not_pay():
+    from common.benchmark.plots import _speed_costs
+
+    note = _speed_costs([{"engine": e} for e in ("cycle2_kvcache", "cycle3_paged", "cycle5_prefix", "cycle7_int8",
+                                                  "hf_generate")])
+    assert note.splitlines() == [f"c3: {STEPS[1].cost}"]   # c7 without c6 has no step to explain
+    assert "block tables" in note
+    assert _speed_costs([{"engine": "cycle1_naive"}, {"engine": "cycle2_kvcache"}]) is None

@@ -83,8 +83,8 @@ def _bar_chart(path: Path, title: str, subtitle: str, labels: list[str], series:
     if len(series) > 1:  # outside, on the right: inside it would cover bars
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     if footnote:
-        fig.text(0.01, 0.01, footnote, fontsize=8, ha="left", va="bottom")
-    fig.tight_layout(rect=(0, 0.04 if footnote else 0, 1, 1))
+        fig.text(0.01, 0.01, footnote, fontsize=7, ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.01 + 0.03 * len(footnote.splitlines()) if footnote else 0, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -120,18 +120,29 @@ def plot_results(results: list[dict], out_dir, timeline: bool = True) -> list[Pa
     def column(key, convert=lambda v: v):
         return [convert(r.get(key)) for r in results]
 
+    speed_note = _speed_costs(results)
     return [
         _bar_chart(out_dir / "latency.png", "Request latency (lower is better)", subtitle, labels,
-                   {"mean": column("latency_mean_s"), "p90": column("latency_p90_s")}, "seconds"),
+                   {"mean": column("latency_mean_s"), "p90": column("latency_p90_s")}, "seconds", speed_note),
         _bar_chart(out_dir / "throughput.png", "Output throughput (higher is better)", subtitle, labels,
-                   {"throughput": column("throughput_tok_s")}, "tokens / s"),
+                   {"throughput": column("throughput_tok_s")}, "tokens / s", speed_note),
         _bar_chart(out_dir / "ttft.png", "Mean time to first token (lower is better)", subtitle, labels,
-                   {"mean TTFT": column("ttft_mean_s")}, "seconds"),
+                   {"mean TTFT": column("ttft_mean_s")}, "seconds", speed_note),
         _bar_chart(out_dir / "memory.png", "Memory (lower is better)", subtitle, memory_labels,
                    {peak_legend: column("peak_memory_bytes", _mib),
                     "KV cache peak": column("kv_cache_peak_bytes", _mib),
                     "weights": column("weight_bytes", _mib)}, "MiB", footnote),
     ] + _lesson_charts(results, out_dir, subtitle, timeline)
+
+
+def _speed_costs(results: list[dict]) -> str | None:
+    """One line per cycle present (with its predecessor) that may cost speed on a metric its lesson
+    does not target, saying why: a speed chart never shows a lesson going backwards unexplained."""
+    from common.benchmark.summary import STEPS
+
+    engines = {short_name(r["engine"]).split()[0] for r in results}
+    lines = [f"c{s.cycle}: {s.cost}" for s in STEPS if s.cost and {f"c{s.cycle - 1}", f"c{s.cycle}"} <= engines]
+    return "\n".join(lines) or None
 
 
 def _save(fig, path: Path) -> Path:
