@@ -62,7 +62,7 @@ def test_ratio_and_change_against_the_designs_expectation():
     assert rows[8]["verdict"] == "GPU only"     # no graph replays: the CPU's decode step says nothing
     table = format_summary(list(rows.values()))
     assert "c1 -> c2" in table and "-60%" in table and "+400%" in table and "+200%" in table
-    assert "REGRESSED" not in table and "int8's cast on a CPU" in table and "block tables" in table
+    assert "REGRESSED" not in table and "no gain" not in table and "int8's cast on a CPU" in table and "block tables" in table
 
 
 def test_a_cycle_that_regresses_on_its_home_metric_is_flagged():
@@ -70,7 +70,9 @@ def test_a_cycle_that_regresses_on_its_home_metric_is_flagged():
                                        _row("cycle5_prefix", "shared_prefix", ttft_mean_s=1.2)])
     rows = {r["cycle"]: r for r in summarize(parts)}
     assert rows[5]["verdict"] == "REGRESSED" and rows[5]["change"] == pytest.approx(0.2)
-    assert format_summary(list(rows.values())).splitlines()[-1] == "REGRESSED on the home metric: c4 -> c5"
+    assert format_summary(list(rows.values())).splitlines()[-1] == "no gain on the home metric: c4 -> c5 (REGRESSED)"
+    parts["shared_prefix"][1]["ttft_mean_s"] = 1.0       # exactly equal: no gain, not a regression
+    assert {r["cycle"]: r for r in summarize(parts)}[5]["verdict"] == "NO GAIN"
 
 
 def test_graphs_that_replay_are_judged_and_a_missing_part_is_not_measured():

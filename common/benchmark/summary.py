@@ -75,7 +75,8 @@ def _cycle(engine: str) -> int | None:
 def summarize(parts: dict[str, list[dict]]) -> list[dict]:
     """One row per step whose two cycles ran: the home part, the metric before and after, the
     ratio after/before, the change, the design's expected change, and a verdict:
-    'better', 'REGRESSED', 'GPU only' (cycle 8 where no graph replays) or 'not measured'."""
+    'better', 'NO GAIN' (exactly equal), 'REGRESSED', 'GPU only' (cycle 8 where no graph replays) or
+    'not measured'."""
     rows = []
     for step in STEPS:
         part, before = _find(parts, step, step.cycle - 1)
@@ -92,7 +93,7 @@ def summarize(parts: dict[str, list[dict]]) -> list[dict]:
             continue
         ratio = new / old if old else (float("inf") if new else 1.0)
         improved = ratio < 1 if step.lower_is_better else ratio > 1
-        verdict = "better" if improved else "REGRESSED"
+        verdict = "better" if improved else ("NO GAIN" if ratio == 1 else "REGRESSED")
         if step.metric == DECODE_STEP and not (after.get("stats") or {}).get("cuda_graphs"):
             verdict = "GPU only"   # no graph replays here: the step measures nothing of the lesson
         rows.append(row | {"ratio": ratio, "change": ratio - 1, "verdict": verdict})
@@ -147,7 +148,7 @@ def format_summary(rows: list[dict]) -> str:
     notes = [f"  c{r['cycle']}: {r['cost']}" for r in rows if r["cost"]]
     if notes:
         lines += ["where a cycle costs speed on a metric it does not target:"] + notes
-    regressed = [r["step"] for r in rows if r["verdict"] == "REGRESSED"]
-    if regressed:
-        lines.append(f"REGRESSED on the home metric: {', '.join(regressed)}")
+    flagged = [f"{r['step']} ({r['verdict']})" for r in rows if r["verdict"] in ("REGRESSED", "NO GAIN")]
+    if flagged:
+        lines.append(f"no gain on the home metric: {', '.join(flagged)}")
     return "\n".join(lines)
