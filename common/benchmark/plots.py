@@ -264,7 +264,7 @@ def plot_summary(summary: list[dict], run_info: dict, path) -> Path:
         color = "tab:gray" if r["verdict"] == "GPU only" else ("tab:green" if measured > 1 else "tab:red")
         ax.barh(y - 0.18, measured - 1, 0.36, left=1, color=color)   # from 1x: a regression grows leftwards
         ax.annotate(f"{change_text(r['change'])} {r['label']}" + (" (GPU only)" if r["verdict"] == "GPU only" else ""),
-                    (measured, y - 0.18), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+                    (max(measured, 1.0), y - 0.18), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
         if expected is not None:
             ax.barh(y + 0.18, expected - 1, 0.36, left=1, color="tab:blue", alpha=0.45)
             ax.annotate(f"{r['expected_change']:+.0%}", (expected, y + 0.18), xytext=(3, 0),
