@@ -274,27 +274,36 @@ def test_prefix_wait():
 
 # --- chapter 6: fused attention ---------------------------------------------------------------
 
-@pytest.mark.parametrize("num_keys", [1, 3, 7, 64, 200])
+@pytest.mark.parametrize("num_keys", [1, 3, 64, 65, 200])
 def test_online_softmax(num_keys):
-    """Cycle 6's fused attention, whose kernel walks the keys in tiles with a running max and sum,
-    equals the softmax over all keys at once (in float64), for one query over 1 to 200 paged keys,
-    with scores far beyond 88, where exp of an unshifted score overflows fp32."""
-    attention = importlib.import_module("cycle6_flash.attention")
-    ModelRunner = importlib.import_module("cycle6_flash.model_runner").ModelRunner
+    """Cycle 6's own Triton decode kernel (run by Triton's interpreter on a CPU) walks the keys in
+    tiles of BLOCK_N with a running max, sum and output: for one query over 1 to 200 paged keys
+    (up to 4 tiles, blocks scattered in the pool), whose largest score sits in the last tile and
+    is far above 88 (where exp of an unshifted score overflows fp32), it equals the softmax over
+    all keys at once, in float64. A wrong rescaling (exp(m - m_new)) fails here."""
+    kernels = importlib.import_module("cycle6_flash.triton_attention")
     gen = torch.Generator().manual_seed(num_keys)
-    bm = block_manager("cycle6_flash", 16, 16)
-    seq = new_seq("cycle6_flash", 0, range(num_keys))
-    seq.block_table = list(range(15, 15 - bm.blocks_for(num_keys), -1))   # blocks in reverse order
-    _, _, meta = ModelRunner(None, None, bm, None, torch.device("cpu"))._prepare([seq], is_prefill=False)
-    q = torch.randn(1, 2, 8, generator=gen) * 40                          # 2 query heads, 1 KV head
-    k_cache, v_cache = torch.randn(16, 16, 1, 8, generator=gen), torch.randn(16, 16, 1, 8, generator=gen)
-    out = attention.sdpa_attention(q, k_cache, v_cache, meta, 1.0)
-    keys = k_cache[seq.block_table].reshape(-1, 8)[:num_keys].double()
-    values = v_cache[seq.block_table].reshape(-1, 8)[:num_keys].double()
-    scores = q[0].double() @ keys.T                                       # [heads, keys]
-    if num_keys >= 7:
-        assert scores.abs().max() > 88
-    torch.testing.assert_close(out[0].double(), torch.softmax(scores, dim=-1) @ values, atol=1e-5, rtol=1e-5)
+    block_size, num_blocks, D = 16, 16, 16
+    direction = torch.nn.functional.normalize(torch.randn(D, generator=gen), dim=0)
+    q = (direction * 10 + 0.1 * torch.randn(1, 2, D, generator=gen))    # 2 query heads, 1 KV head
+    # Keys along the query's direction, growing with their position: later tiles raise the max.
+    growth = torch.linspace(0.5, 1.0, num_keys).unsqueeze(1)
+    keys = (direction * 12 + 0.01 * torch.randn(num_keys, D, generator=gen)) * growth
+    values = torch.randn(num_keys, D, generator=gen)
+    k_cache, v_cache = torch.zeros(num_blocks, block_size, 1, D), torch.zeros(num_blocks, block_size, 1, D)
+    table = list(range(num_blocks - 1, num_blocks - 1 - -(-num_keys // block_size), -1))   # reverse order
+    for i in range(num_keys):
+        k_cache[table[i // block_size], i % block_size, 0] = keys[i]
+        v_cache[table[i // block_size], i % block_size, 0] = values[i]
+    out = kernels.paged_decode_attention(q, k_cache, v_cache, torch.tensor([table], dtype=torch.int32),
+                                         torch.tensor([num_keys], dtype=torch.int32), 1.0)
+    scores = q[0].double() @ keys.double().T                              # [heads, keys]
+    if num_keys > 1:
+        assert scores.max(dim=1).values.gt(88).all()
+        assert scores.argmax(dim=1).ge((num_keys - 1) // 64 * 64).all()    # the max is in the last tile
+    assert kernels.tile_sizes(q)[1] == 64                                 # 200 keys: 4 tiles
+    torch.testing.assert_close(out[0].double(), torch.softmax(scores, dim=-1) @ values.double(),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_score_bytes(monkeypatch):
@@ -343,15 +352,44 @@ def test_masked_nan():
     assert all((t == 0).all() for t in pool.k + pool.v)
 
 
-def test_backend(tiny_llms):
-    """On a CPU, cycle 6 runs sdpa with 16-token blocks; flash_attn is refused there."""
+BACKEND_CASES = [   # device, dtype, flash-attn importable, asked for -> backend (block size) or error
+    ("cpu", torch.float32, False, None, "sdpa"),
+    ("cpu", torch.float32, False, "triton", "triton"),
+    ("cpu", torch.float32, False, "flash_attn", "CUDA only"),
+    ("cpu", torch.bfloat16, False, "triton", "bf16"),
+    ("cuda", torch.bfloat16, True, None, "flash_attn"),
+    ("cuda", torch.bfloat16, False, None, "triton (note)"),
+    ("cuda", torch.float32, True, None, "triton (note)"),
+    ("cuda", torch.bfloat16, True, "sdpa", "sdpa"),
+    ("cuda", torch.bfloat16, False, "flash_attn", "does not import"),
+]
+
+
+@pytest.mark.parametrize("device, dtype, has_flash, requested, expected", BACKEND_CASES)
+def test_backend(monkeypatch, device, dtype, has_flash, requested, expected):
+    """Which backend cycle 6 picks follows its inputs: the device, the dtype, whether flash-attn
+    imports, and what was asked for; a fallback nobody asked for carries a note, an impossible
+    request is an error; the block size follows the backend. (select_backend reads only the
+    device's type, so the CUDA rows run without a GPU.)"""
     attention = importlib.import_module("cycle6_flash.attention")
-    assert attention.DEFAULT_BLOCK_SIZE["flash_attn"] % 256 == 0
-    with pytest.raises(ValueError, match="flash-attn"):
-        attention.select_backend(torch.device("cpu"), torch.float32, "flash_attn")
-    llm = tiny_llms("cycle6_flash")
-    llm.generate([[1, 2, 3]], greedy("cycle6_flash", 2))
-    assert llm.stats["attention_backend"] == "sdpa" and llm.block_manager.block_size == 16
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    def flash_problem(dev, dt):   # stands in for the import attempt: the rest of the choice is the engine's
+        if dev.type != "cuda":
+            return "flash-attn runs on CUDA only"
+        if dt not in attention.HALF_DTYPES:
+            return "flash-attn takes fp16/bf16 only"
+        return None if has_flash else "flash-attn does not import: ImportError"
+
+    monkeypatch.setattr(attention, "flash_attn_problem", flash_problem)
+    monkeypatch.setitem(attention.PROBLEMS, "flash_attn", flash_problem)
+    if expected in attention.BACKENDS or expected.endswith("(note)"):
+        backend, note = attention.select_backend(torch.device(device), dtype, requested)
+        assert backend == expected.split()[0]
+        assert (note is not None) == expected.endswith("(note)")
+        assert attention.DEFAULT_BLOCK_SIZE[backend] == (256 if backend == "flash_attn" else 16)
+    else:
+        with pytest.raises(ValueError, match=expected):
+            attention.select_backend(torch.device(device), dtype, requested)
 
 
 # --- chapter 7: int8 --------------------------------------------------------------------------
@@ -438,13 +476,25 @@ def graphs_module():
 
 
 def test_graph_buckets():
-    """max_num_seqs=64: steps of 3, 17, 33, 50 replay buckets 4, 32, 48, 64 (1, 15, 15, 14 padding rows)."""
+    """max_num_seqs=64: the buckets are 1, 2, 4, 8, 16, 32, 48, 64."""
     g = graphs_module()
-    buckets = g.batch_buckets(64)
-    assert buckets == [1, 2, 4, 8, 16, 32, 48, 64]
-    chosen = [g.bucket_for(buckets, n) for n in (3, 17, 33, 50)]
-    assert chosen == [4, 32, 48, 64]
-    assert [b - n for b, n in zip(chosen, (3, 17, 33, 50))] == [1, 15, 15, 14]
+    assert g.batch_buckets(64) == [1, 2, 4, 8, 16, 32, 48, 64]
+    assert [g.bucket_for(g.batch_buckets(64), n) for n in (3, 17, 33, 50)] == [4, 32, 48, 64]
+
+
+@pytest.mark.parametrize("n, bucket", [(3, 4), (17, 32)])
+def test_graph_buckets_padding(tiny_llms, n, bucket):
+    """A decode step of n sequences runs its forward over the bucket's rows (3 -> 4, 17 -> 32): the
+    bucket - n padding rows are computed too, on the CPU as on a GPU, and their block tables point
+    at the scratch block, the one block past what the BlockManager hands out."""
+    llm = tiny_llms("cycle8_graphs")
+    assert llm.scheduler.max_num_seqs == 64
+    fed = count_fed_tokens(llm)
+    llm.generate([[10 + i, 11, 12] for i in range(n)], greedy("cycle8_graphs", 2))   # 1 prefill, 1 decode
+    assert fed == [3 * n, bucket]
+    graphs, scratch = llm.model_runner.graphs, llm.block_manager.num_blocks
+    assert (graphs.block_tables[n:bucket] == scratch).all()
+    assert (graphs.block_tables[:n, 0] != scratch).all()
 
 
 def test_graph_rows(tiny_llms):
