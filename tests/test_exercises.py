@@ -469,6 +469,66 @@ def test_int8_stats(tiny_llms):
     assert llm.model.lm_head.qweight is llm.model.model.embed_tokens.qweight
 
 
+# --- chapter 9: serving -----------------------------------------------------------------------
+
+def one_token_per_byte_tokenizer():
+    """A byte-level tokenizer with no merges: every UTF-8 byte is one token, as the rarest
+    characters are in SmolLM2's and Qwen3's tokenizers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    symbol = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}   # GPT-2's byte map
+    tok = Tokenizer(models.BPE(vocab={symbol[b]: b for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def test_stream_emoji():
+    """'a👋b' is 6 byte tokens; the emoji's 4 bytes show nothing until the last one completes it."""
+    from common.engine.detokenizer import IncrementalDetokenizer
+
+    tokenizer = one_token_per_byte_tokenizer()
+    ids = tokenizer.encode("a👋b", add_special_tokens=False)
+    assert ids == [97, 0xF0, 0x9F, 0x91, 0x8B, 98]
+    detok = IncrementalDetokenizer(tokenizer, [])
+    deltas = [detok.update(t, finishing=i == len(ids) - 1) for i, t in enumerate(ids)]
+    assert deltas == ["a", "", "", "", "👋", "b"] and detok.text == "a👋b"
+
+
+def test_stop_holdback():
+    """stop=["END"], one character per token, 'abENxyEND': the stream lags len("END") - 1 = 2
+    characters behind the text; the stop string and what follows it are never shown."""
+    from common.engine.detokenizer import IncrementalDetokenizer
+    from conftest import _byte_tokenizer
+
+    tokenizer = _byte_tokenizer()                       # one token per printable character
+    detok = IncrementalDetokenizer(tokenizer, tokenizer.encode("Say:", add_special_tokens=False), ("END",))
+    deltas = []
+    for token in tokenizer.encode("abENxyEND", add_special_tokens=False):
+        deltas.append(detok.update(token))
+        if detok.stopped:
+            break
+    assert deltas == ["", "", "a", "b", "E", "N", "x", "y", ""]
+    assert detok.stopped and detok.text == "abENxy"
+
+
+def test_serving_metrics():
+    """Arrival 0 s, tokens at 0.4, 0.5, 0.6, 1.0, 1.1 s: TTFT 0.4, E2EL 1.1, TPOT 0.7 / 4 = 0.175,
+    ITLs 0.1, 0.1, 0.4, 0.1; against SLOs of 0.5 s TTFT and 0.15 s TPOT it misses goodput (TPOT)."""
+    online = importlib.import_module("common.benchmark.online")
+    times = [0.4, 0.5, 0.6, 1.0, 1.1]
+    record = online.RequestRecord(0.0, times, finish_s=1.1, num_output_tokens=5)
+    m = online.serving_metrics([record], slo_ttft_s=0.5, slo_tpot_s=0.15)
+    assert m["ttft_mean_s"] == pytest.approx(0.4) and m["e2el_mean_s"] == pytest.approx(1.1)
+    assert m["tpot_mean_s"] == pytest.approx(0.175)
+    assert m["itl_p50_s"] == pytest.approx(0.1) and m["itl_p99_s"] > 0.35
+    assert m["goodput"] == 0
+    assert online.serving_metrics([record], slo_ttft_s=0.5, slo_tpot_s=0.2)["goodput"] == pytest.approx(1 / 1.1)
+
+
 # --- chapter 10: CUDA graphs (bonus) ---------------------------------------------------------
 
 def graphs_module():
