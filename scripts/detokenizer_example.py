@@ -15,6 +15,14 @@ PROMPT = "Say hi with an emoji:"
 TEXT = " Hi 👋!"
 
 
+def token_bytes(tokenizer, token_id: int) -> bytes:
+    """The UTF-8 bytes a byte-level token stands for (GPT-2's byte-to-symbol map, inverted)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    byte_of = {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+    return bytes(byte_of[c] for c in tokenizer.convert_ids_to_tokens(token_id))
+
+
 def main() -> None:
     tokenizer = load_tokenizer(resolve_model(MODEL))
     prompt_ids = tokenizer.encode(PROMPT, add_special_tokens=False)
@@ -23,11 +31,11 @@ def main() -> None:
     print(f"text: {TEXT!r} ({len(TEXT.encode())} UTF-8 bytes) -> {len(ids)} tokens {ids}")
     print(f"prompt (context for the first tokens): {PROMPT!r} -> {prompt_ids}")
     detok = IncrementalDetokenizer(tokenizer, prompt_ids)
-    print(f"{'step':>4}  {'token id':>8}  {'decoded alone':<16}  {'delta shown':<12}  text so far")
+    print(f"{'step':>4}  {'token id':>8}  {'bytes':<9}  {'decoded alone':<14}  {'delta shown':<12}  text so far")
     for step, token in enumerate(ids, 1):
         alone = tokenizer.decode([token])
         delta = detok.update(token, finishing=step == len(ids))
-        print(f"{step:>4}  {token:>8}  {alone!r:<16}  {delta!r:<12}  {detok.text!r}")
+        print(f"{step:>4}  {token:>8}  {token_bytes(tokenizer, token).hex(' '):<9}  {alone!r:<14}  {delta!r:<12}  {detok.text!r}")
     assert detok.text == TEXT, (detok.text, TEXT)
     print(f"each token decoded alone, joined: {''.join(tokenizer.decode([t]) for t in ids)!r}")
     print(f"streamed text == decode(all tokens): {detok.text == tokenizer.decode(ids)}")
