@@ -336,8 +336,7 @@ def _load_real(params: dict[str, torch.nn.Parameter], source: ModelSource) -> No
                 if key == EMBEDDING:
                     embedding_file = file
     if unexpected:
-        raise ValueError(f"checkpoint in {source.path} has tensors the model lacks: {unexpected[:10]}"
-                         + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else ""))
+        raise ValueError(f"checkpoint in {source.path} has tensors the model lacks: {_first_ten(unexpected)}")
 
     tied = bool(getattr(source.config, "tie_word_embeddings", False))
     if LM_HEAD in params and LM_HEAD not in loaded and tied and EMBEDDING in loaded:
@@ -349,8 +348,12 @@ def _load_real(params: dict[str, torch.nn.Parameter], source: ModelSource) -> No
 
     missing = [name for name in params if name not in loaded]
     if missing:
-        raise ValueError(f"checkpoint in {source.path} lacks model parameters: {missing[:10]}"
-                         + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+        raise ValueError(f"checkpoint in {source.path} lacks model parameters: {_first_ten(missing)}")
+
+
+def _first_ten(names: list[str]) -> str:
+    """A list of names for an error message: a long one cut after ten, with how many more."""
+    return f"{names[:10]}" + (f" and {len(names) - 10} more" if len(names) > 10 else "")
 
 
 def _load_random(params: dict[str, torch.nn.Parameter], source: ModelSource) -> None:
