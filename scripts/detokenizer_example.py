@@ -35,7 +35,8 @@ def main() -> None:
     for step, token in enumerate(ids, 1):
         alone = tokenizer.decode([token])
         delta = detok.update(token, finishing=step == len(ids))
-        print(f"{step:>4}  {token:>8}  {token_bytes(tokenizer, token).hex(' '):<9}  {alone!r:<14}  {delta!r:<12}  {detok.text!r}")
+        hex_bytes = token_bytes(tokenizer, token).hex(" ")
+        print(f"{step:>4}  {token:>8}  {hex_bytes:<9}  {alone!r:<14}  {delta!r:<12}  {detok.text!r}")
     assert detok.text == TEXT, (detok.text, TEXT)
     print(f"each token decoded alone, joined: {''.join(tokenizer.decode([t]) for t in ids)!r}")
     print(f"streamed text == decode(all tokens): {detok.text == tokenizer.decode(ids)}")

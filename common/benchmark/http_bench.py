@@ -98,7 +98,8 @@ def main_http(args) -> int:
     # The machine is the client's (the one this runs on); the server may be elsewhere.
     run = {"argv": sys.argv, "base_url": args.base_url, "machine": machine_info(device),
            "server": server_identity(args.base_url)}
-    (out_dir / "results.json").write_text(json.dumps({"run": run, "results": results}, indent=1, default=str))
+    results_json = json.dumps({"run": run, "results": results}, indent=1, default=str)
+    (out_dir / "results.json").write_text(results_json)
     print(format_online_table(results))
     print(f"results: {out_dir / 'results.json'}")
     return 0 if all(r["failed"] == 0 for r in results) else 1
