@@ -32,7 +32,7 @@ from common.benchmark.runner import Interrupted, PartRun, run_part, stop_on_sign
 from common.benchmark.suite import Part, part_engines, suite
 from common.benchmark.summary import format_summary, summarize
 from common.benchmark.workloads import WORKLOADS, unsupported_reason
-from common.engine.cli import parse_options
+from common.engine.args import add_model_args, parse_options
 from common.engine.device import default_model, resolve_device
 
 ROOT = Path(__file__).resolve().parent
@@ -78,10 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Benchmark the cycles and the HF baselines: the course suite, "
                                 "or one workload.", epilog=EPILOG)
     p.add_argument("--cycles", default=None, help="comma-separated numbers or names (default: every cycle present)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--model", default=None, help="default: Qwen/Qwen3-0.6B on CUDA, SmolLM2-135M-Instruct on CPU")
-    p.add_argument("--weights", default="auto", choices=["auto", "real", "random"])
-    p.add_argument("--dtype", default=None, help="default: bf16 on CUDA, fp32 on CPU; HF uses the cycles' dtype")
+    add_model_args(p, option_help="engine option passed to every engine that takes it, e.g. max_num_seqs=8 "
+                                  "(repeatable); the HF baselines run in the cycles' dtype")
     p.add_argument("--workload", default=None, choices=WORKLOADS,
                    help="run this one workload (default: the course suite, each lesson on its home workload)")
     p.add_argument("--quick", action="store_true", help="tiny workload sizes: a smoke test")
@@ -90,8 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", action="store_true", help="also write PNG charts")
     p.add_argument("--out", default=None, help="output folder (default: results/<device>-<workload or suite>)")
     p.add_argument("--no-hf", action="store_true", help="skip the HuggingFace baselines")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="engine option passed to every engine that takes it, e.g. max_num_seqs=8 (repeatable)")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help=f"stop an engine that runs longer than this, start-up included, and go on with the next "
                         f"(default: {DEFAULT_TIMEOUT_S['cuda']} on CUDA, {DEFAULT_TIMEOUT_S['cpu']} on CPU)")
