@@ -1,6 +1,6 @@
 """Running the engines of one compare.py part, each in its own benchmark process, one after another.
 
-Each engine runs as `python -m common.benchmark.bench` in a new session (its own process group), so
+Each engine runs as `python -m common.benchmark.bench` leading its own process group, so
 a time limit, SIGTERM or SIGINT ends it and everything it started (tokenizer or compile workers) at
 once: no engine may outlive compare.py and keep holding the device while the next step starts.
 """
