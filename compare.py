@@ -125,6 +125,18 @@ def single_part(args) -> Part:
                 num_requests=args.num_requests, prompt_len=args.prompt_len, request_rates=rates)
 
 
+def suite_parts(device_kind: str, quick: bool, cycles: list[str]) -> list[Part]:
+    """The suite's parts whose step can be shown with the cycles selected: a home part runs only
+    when both cycles of its step are present (the throughput part always runs)."""
+    parts = []
+    for part in suite(device_kind, quick):
+        if part.hf or len(part_engines(part, cycles, hf_allowed=False)) == len(part.cycles):
+            parts.append(part)
+        else:
+            print(f"skipping the {part.name} part: it compares cycles {' and '.join(map(str, part.cycles))}")
+    return parts
+
+
 def resolve_once(model: str, weights: str):
     """Resolve the model in this process first, so a one-time download or GGUF conversion happens
     once, visibly, instead of racing or repeating inside every subprocess."""
@@ -257,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     timeout = args.timeout or DEFAULT_TIMEOUT_S["cuda" if device.type == "cuda" else "cpu"]
     cycles = select_cycles(args.cycles, find_cycles())
     suite_run = args.workload is None
-    parts = suite(device.type, args.quick) if suite_run else [single_part(args)]
+    parts = suite_parts(device.type, args.quick, cycles) if suite_run else [single_part(args)]
     out_dir = Path(args.out or ROOT / "results" / f"{device.type}-{args.workload or 'suite'}")
     out_dir.mkdir(parents=True, exist_ok=True)
     try:

@@ -153,3 +153,9 @@ def test_speed_charts_say_why_a_cycle_costs_speed_where_its_lesson_does_not_pay(
     assert note.splitlines() == [f"c3: {STEPS[1].cost}"]   # c7 without c6 has no step to explain
     assert "block tables" in note
     assert _speed_costs([{"engine": "cycle1_naive"}, {"engine": "cycle2_kvcache"}]) is None
+
+
+def test_a_home_part_runs_only_with_both_cycles_of_its_step(capsys):
+    chosen = ["cycle4_batching", "cycle5_prefix"]
+    assert [p.name for p in compare.suite_parts("cpu", False, chosen)] == ["throughput", "shared_prefix"]
+    assert "skipping the online part: it compares cycles 3 and 4" in capsys.readouterr().out
