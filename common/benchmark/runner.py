@@ -6,8 +6,8 @@ once: no engine may outlive compare.py and keep holding the device while the nex
 """
 
 import json
-import signal
 import os
+import signal
 import subprocess
 import sys
 import time
