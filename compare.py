@@ -1,4 +1,4 @@
-"""Benchmark every cycle (and the HuggingFace baselines) and show what each cycle adds.
+"""Benchmark every cycle (and the HuggingFace baselines, and vLLM when present) and show what each cycle adds.
 
     python compare.py --plot                            # the course suite: every lesson on its home workload
     python compare.py --cycles 1,4-5 --workload shared_prefix --plot   # one workload
@@ -31,6 +31,7 @@ from common.benchmark.report import (EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK, cycl
 from common.benchmark.runner import Interrupted, PartRun, run_part, stop_on_signals
 from common.benchmark.suite import Part, part_engines, suite
 from common.benchmark.summary import format_summary, summarize
+from common.benchmark.vllm_baseline import choose_vllm_python
 from common.benchmark.workloads import WORKLOADS, unsupported_reason
 from common.engine.args import add_model_args, parse_options
 from common.engine.device import default_model, resolve_device
@@ -88,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", action="store_true", help="also write PNG charts")
     p.add_argument("--out", default=None, help="output folder (default: results/<device>-<workload or suite>)")
     p.add_argument("--no-hf", action="store_true", help="skip the HuggingFace baselines")
+    p.add_argument("--vllm-python", default=None, metavar="PATH", help="add a row for the real vLLM, run by this "
+                   "interpreter (default: this one, if it can import vllm; else no vLLM row)")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help=f"stop an engine that runs longer than this, start-up included, and go on with the next "
                         f"(default: {DEFAULT_TIMEOUT_S['cuda']} on CUDA, {DEFAULT_TIMEOUT_S['cpu']} on CPU)")
@@ -154,7 +157,7 @@ def runnable(part: Part, cycles: list[str], args) -> tuple[list[str], list[dict]
     """The part's engines that can run its workload, and a 'skipped' record for each that cannot.
     A cycle named with --cycles for one workload that cannot run it is a usage error."""
     engines, skipped = [], []
-    for engine in part_engines(part, cycles, hf_allowed=not args.no_hf):
+    for engine in part_engines(part, cycles, hf_allowed=not args.no_hf, vllm_allowed=args.vllm_python is not None):
         reason = unsupported_reason(engine, part.workload)
         if reason and args.workload and args.cycles:
             raise SystemExit(f"error: {engine} cannot run the {part.workload} workload: {reason}")
@@ -276,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         source = resolve_once(model, args.weights)
     except ValueError as error:
         raise SystemExit(f"error: {error}")
+    args.vllm_python, no_vllm = choose_vllm_python(args.vllm_python, source.weights)
+    args.vllm_model_dir = source.path   # the vLLM virtualenv cannot resolve our model names: it gets the directory
+    print(no_vllm or f"vLLM row: {args.vllm_python}")
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     records = run_all(parts, cycles, args, str(device), model, out_dir, timeout, suite_run)
     first = next((r for rec in records.values() for r in rec["results"]), None)

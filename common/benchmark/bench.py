@@ -3,8 +3,9 @@
     python -m common.benchmark.bench --engine cycle4_batching --workload throughput --device cpu \
         --model HuggingFaceTB/SmolLM2-135M-Instruct --quick --out result.json
 
-`--engine` is a cycle package (cycle1_naive ... cycle7_int8) or an HF baseline (hf_generate,
-hf_generate_batch). compare.py runs this once per engine, each in a fresh process, so one engine's
+`--engine` is a cycle package (cycle1_naive ... cycle7_int8), an HF baseline (hf_generate,
+hf_generate_batch) or `vllm`, the real vLLM (common/benchmark/vllm_baseline.py; --model is then a
+local directory). compare.py runs this once per engine, each in a fresh process, so one engine's
 memory, caches and allocator state can never leak into the next one's numbers.
 """
 
@@ -25,6 +26,7 @@ from common.engine.device import default_model, resolve_device, resolve_dtype
 from common.engine.memory import MemoryEstimateError
 from common.engine.metrics import (PEAK_GENERATION, PEAK_WITH_LOADING, peak_memory_bytes, peak_rss_bytes,
                             reset_peak_memory, summarize)
+from common.benchmark.vllm_baseline import VLLM_ENGINE
 from common.benchmark.workloads import WORKLOADS, check_supported, make_workload, warmup_request
 
 HF_ENGINES = ("hf_generate", "hf_generate_batch")
@@ -200,6 +202,56 @@ def _run_hf(engine: str, workload: str, device, model: str, weights: str, quick:
     }
 
 
+def _run_vllm(engine: str, workload: str, device, model: str, weights: str, quick: bool, dtype,
+              options: dict, size: dict, online: dict | None = None) -> dict:
+    """The real vLLM on the same requests (common/benchmark/vllm_baseline.py); `model` must be a
+    local directory with real weights, as the vLLM virtualenv cannot resolve our model names."""
+    from common.benchmark import vllm_baseline as vb
+    from common.engine.model_source import load_tokenizer, resolve_model
+
+    vb.check_device(device)
+    source = resolve_model(model, weights)
+    if source.weights != "real" or not os.path.isdir(source.path):
+        raise ValueError(f"vLLM needs a local directory with real weights; {model!r} resolved to "
+                         f"{source.weights} weights at {source.path}")
+    os.environ.update(vb.vllm_env())
+    dtype = resolve_dtype(dtype, device)
+    settings, ignored = vb.vllm_settings(options, hf_batch_limits("hf_generate", device, options)["max_num_seqs"])
+    tokenizer = load_tokenizer(source)
+    work = make_workload(workload, tokenizer, device.type, quick,
+                         max_model_len=source.config.max_position_embeddings, **size)
+    common = {"source": source, "dtype": dtype, "work": work, "weight_bytes": None, "kv_cache_peak_bytes": None,
+              "attention_backend": "vllm", "int8_path": None, "ignored_options": ignored}
+    stats = settings | {key: os.environ[key] for key in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND")}
+    if workload == "online":
+        return common | _run_vllm_online(source.path, work, _dtype_name(dtype), settings, online or {}) | {"stats": stats}
+    run = vb.run_vllm(source.path, work.requests, warmup_request(tokenizer), _dtype_name(dtype), settings)
+    return common | {
+        "wall_s": run["wall_s"], "load_s": run["load_s"], "token_ids": run["token_ids"],
+        "ttft_s": run["ttft_s"], "latency_s": run["latency_s"], "peak_memory_bytes": run["peak_memory_bytes"],
+        "peak_memory_scope": PEAK_GENERATION if run["peak_reset"] else PEAK_WITH_LOADING,
+        "stats": stats | {"processes": run["processes"]},
+    }
+
+
+def _run_vllm_online(model_dir: str, work, dtype_name: str, settings: dict, online: dict) -> dict:
+    from common.benchmark.online import online_row, online_settings
+    from common.benchmark.vllm_baseline import run_vllm_online
+
+    chosen = online_settings(work.device_size, **online)
+    run = run_vllm_online(model_dir, work.requests, dtype_name, settings, chosen)
+    records = run["records"]
+    return {
+        "wall_s": max((r.finish_s or 0.0 for r in records), default=0.0), "load_s": run["load_s"],
+        "token_ids": None,   # the HTTP driver counts tokens but does not read their ids
+        "output_tokens": sum(r.num_output_tokens for r in records),
+        "ttft_s": [r.token_times_s[0] - r.arrival_s if r.token_times_s else None for r in records],
+        "latency_s": [r.finish_s - r.arrival_s if r.finish_s is not None else None for r in records],
+        "peak_memory_bytes": run["peak_memory_bytes"], "peak_memory_scope": PEAK_WITH_LOADING,
+        "online": online_row(records, chosen),
+    }
+
+
 def run_engine(engine: str, workload: str, device=None, model: str | None = None, weights: str = "auto",
                quick: bool = False, dtype=None, options: dict | None = None,
                num_requests: int | None = None, prompt_len: int | None = None, online: dict | None = None) -> dict:
@@ -208,17 +260,17 @@ def run_engine(engine: str, workload: str, device=None, model: str | None = None
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}: choose one of {', '.join(WORKLOADS)}")
     if workload == "online" and engine in HF_ENGINES:
-        raise ValueError("the online workload needs a cycle (HF generate has no server loop)")
+        raise ValueError("the online workload needs a cycle or vllm (HF generate has no server loop)")
     check_supported(engine, workload)
     device = resolve_device(device)
     model = model or default_model(device)
-    runner = _run_hf if engine in HF_ENGINES else _run_cycle
+    runner = _run_hf if engine in HF_ENGINES else _run_vllm if engine == VLLM_ENGINE else _run_cycle
     size = {"num_requests": num_requests, "prompt_len": prompt_len}   # overrides of the workload's size
     extra = {"online": online} if workload == "online" else {}
     run = runner(engine, workload, device, model, weights, quick, dtype, options or {}, size, **extra)
 
     source, work = run["source"], run["work"]
-    output_tokens = sum(len(ids) for ids in run["token_ids"])
+    output_tokens = run["output_tokens"] if "output_tokens" in run else sum(len(ids) for ids in run["token_ids"])
     return {
         "engine": engine,
         "model": source.name,
@@ -252,7 +304,8 @@ def run_engine(engine: str, workload: str, device=None, model: str | None = None
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m common.benchmark.bench", description="Benchmark one engine on one workload.")
-    p.add_argument("--engine", required=True, help=f"a cycle package (e.g. cycle4_batching) or one of {', '.join(HF_ENGINES)}")
+    p.add_argument("--engine", required=True, help=f"a cycle package (e.g. cycle4_batching), one of {', '.join(HF_ENGINES)}, "
+                                                   f"or {VLLM_ENGINE}")
     p.add_argument("--workload", default="throughput", choices=WORKLOADS)
     add_model_args(p)
     p.add_argument("--quick", action="store_true", help="the tiny smoke-test size of the workload")

@@ -17,6 +17,10 @@ from common.engine.metrics import PEAK_WITH_LOADING  # noqa: E402
 
 MIB = 2**20
 
+# The real vLLM, when compare.py ran it, is drawn in its own colour: the reference the cycles chase.
+VLLM_LABEL = "vLLM"
+VLLM_COLOR = "tab:red"
+
 # A linear axis hides bars more than this many times smaller than the largest (c1's throughput next
 # to c4's on a GPU), so past this spread we switch to log scale and say so in the title.
 LOG_SCALE_SPREAD = 100
@@ -29,6 +33,8 @@ def short_name(engine: str) -> str:
         return f"c{match[1]} {match[2]}"
     if engine.startswith("hf_"):
         return "HF " + engine.removeprefix("hf_")
+    if engine == "vllm":
+        return VLLM_LABEL
     return engine
 
 
@@ -62,10 +68,14 @@ def _bar_chart(path: Path, title: str, subtitle: str, labels: list[str], series:
     log = _needs_log(series)
     fig, ax = plt.subplots(figsize=(max(8.0, 1.2 * len(labels) + 3), 5.2))
     width = 0.8 / len(series)
+    vllm = [j for j, name in enumerate(labels) if name.rstrip("*") == VLLM_LABEL]
     for i, (label, values) in enumerate(series.items()):
         xs = [x + (i - (len(series) - 1) / 2) * width for x in range(len(labels))]
         heights = [v if v is not None and v > 0 else math.nan for v in values]
-        ax.bar(xs, heights, width, label=label)
+        bars = ax.bar(xs, heights, width, label=label)
+        for j in vllm:   # vLLM's bars in its own colour, series told apart by shade
+            bars[j].set_color(VLLM_COLOR)
+            bars[j].set_alpha(1.0 - 0.25 * i)
         for x, v in zip(xs, values):
             text = "n/a" if v is None else _fmt(v)
             if v is not None and v > 0:
@@ -220,7 +230,8 @@ def plot_online(results: list[dict], out_dir) -> list[Path]:
     for ax, (key, label) in zip(axes, panels):
         for engine, rows in sorted(by_engine.items()):
             rows = sorted(rows, key=lambda r: r["request_rate"])
-            ax.plot([_rate_x(r) for r in rows], [r.get(key) or math.nan for r in rows], marker="o", label=short_name(engine))
+            ax.plot([_rate_x(r) for r in rows], [r.get(key) or math.nan for r in rows], marker="o", label=short_name(engine),
+                    **_line_style(engine))
         ax.set_xlabel("request rate (req/s)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -231,7 +242,8 @@ def plot_online(results: list[dict], out_dir) -> list[Path]:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for engine, rows in sorted(by_engine.items()):
         rows = sorted(rows, key=lambda r: r["request_rate"])
-        ax.plot([_rate_x(r) for r in rows], [r.get("goodput") or 0 for r in rows], marker="o", label=short_name(engine))
+        ax.plot([_rate_x(r) for r in rows], [r.get("goodput") or 0 for r in rows], marker="o", label=short_name(engine),
+                **_line_style(engine))
         ax.plot([_rate_x(r) for r in rows], [r.get("request_throughput") or 0 for r in rows], linestyle=":",
                 color=ax.lines[-1].get_color())
     slo = results[0]
@@ -242,6 +254,10 @@ def plot_online(results: list[dict], out_dir) -> list[Path]:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return paths + [_save(fig, out_dir / "goodput.png")]
+
+
+def _line_style(engine: str) -> dict:
+    return {"color": VLLM_COLOR} if short_name(engine) == VLLM_LABEL else {}
 
 
 def _rate_x(r: dict) -> float:

@@ -3,6 +3,7 @@ gives the same tokens, what the exit status is, and one line per engine that was
 
 from common.benchmark.online import format_online_table
 from common.benchmark.tables import cell, format_columns
+from common.benchmark.vllm_baseline import VLLM_ENGINE
 from common.benchmark.workloads import DESCRIPTIONS
 from common.engine.memory import GIB
 from common.engine.metrics import PEAK_WITH_LOADING
@@ -79,7 +80,7 @@ def same_tokens(result: dict, reference: dict | None) -> dict:
     fp32 (engine and reference): exact cycles must match token for token: 'yes' or 'no', and 'no'
     is a bug. Otherwise (bf16/fp16, where kernels that add in another order may flip a near-tie,
     and int8 and HF in any dtype) the share of equal requests and the mean first difference."""
-    if reference is None or len(result["token_ids"]) != len(reference["token_ids"]):
+    if reference is None or result["token_ids"] is None or len(result["token_ids"]) != len(reference["token_ids"]):
         return {"cell": "-", "reference": None}
     share, first_diff = token_agreement(result["token_ids"], reference["token_ids"])
     exact = is_exact(result) and result["dtype"] == reference["dtype"] == "float32"
@@ -92,11 +93,29 @@ def same_tokens(result: dict, reference: dict | None) -> dict:
     return record | {"cell": cell_text}
 
 
+def same_tokens_as_vllm(result: dict, vllm: dict | None) -> dict:
+    """The '= vLLM' verdict: an exact cycle in fp32 must give vLLM's tokens ('yes'; 'no' and the
+    share when not); any other engine or dtype gets the share of equal requests and the mean first
+    difference, as in the 'same tokens' column."""
+    if vllm is None or result is vllm or not result["token_ids"] or not vllm["token_ids"] \
+            or len(result["token_ids"]) != len(vllm["token_ids"]):
+        return {"cell": "-" if result is not vllm else "vLLM"}
+    share, first_diff = token_agreement(result["token_ids"], vllm["token_ids"])
+    text = f"{share:.0%}" + (f" (first diff @ {first_diff:.0f})" if first_diff is not None else "")
+    exact = is_exact(result) and result["dtype"] == vllm["dtype"] == "float32"
+    cell_text = ("yes" if share == 1 else f"no: {text}") if exact else text
+    return {"cell": cell_text, "exact_required": exact, "share": share, "first_diff_mean": first_diff}
+
+
 def mark_same_tokens(results: list[dict]) -> dict | None:
-    """Give every result its verdict against the reference cycle; return the reference."""
+    """Give every result its verdict against the reference cycle, and against vLLM when a vLLM
+    row is there; return the reference."""
     reference = reference_result(results)
+    vllm = next((r for r in results if r["engine"] == VLLM_ENGINE), None)
     for r in results:
         r["same_tokens"] = same_tokens(r, reference)
+        if vllm is not None:
+            r["same_tokens_vllm"] = same_tokens_as_vllm(r, vllm)
     return reference
 
 
@@ -110,14 +129,19 @@ def format_table(results: list[dict], failures: list[dict] = ()) -> str:
     header = ["engine", "mean latency s", "throughput tok/s", "mean TTFT s", "peak mem MiB",
               "KV peak MiB", "weights MiB", "weights", "attention", "int8",
               f"same tokens as c{cycle_number(reference) if reference else 1}"]
+    with_vllm = any("same_tokens_vllm" in r for r in results)
     rows = [[r["engine"], cell(r["latency_mean_s"]), cell(r["throughput_tok_s"], fmt="{:.1f}"),
              cell(r["ttft_mean_s"]), _peak_cell(r),
              cell(r["kv_cache_peak_bytes"], MIB, "{:.1f}"), cell(r["weight_bytes"], MIB, "{:.0f}"),
              r["weights"], r.get("attention_backend") or "-", r.get("int8_path") or "-",
-             r.get("same_tokens", {}).get("cell", "-")] for r in results]
-    lines = format_columns(header, rows)
+             r.get("same_tokens", {}).get("cell", "-")]
+            + ([r.get("same_tokens_vllm", {}).get("cell", "-")] if with_vllm else []) for r in results]
+    lines = format_columns(header + (["= vLLM"] if with_vllm else []), rows)
     if any(r.get("peak_memory_scope") == PEAK_WITH_LOADING for r in results):
         lines.append("* peak memory includes model loading (it could not be reset after loading)")
+    if with_vllm:
+        lines.append("vLLM's peak memory adds up its processes' peaks and holds the KV cache it reserves "
+                     "up front (VLLM_CPU_KVCACHE_SPACE on a CPU)")
     lines += format_failures(failures)
     return "\n".join(lines)
 

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from common.benchmark.bench import EXIT_OUT_OF_MEMORY, HF_ENGINES
 from common.benchmark.report import failure_summary, hf_dtype
+from common.benchmark.vllm_baseline import VLLM_ENGINE
 
 ROOT = Path(__file__).resolve().parents[2]
 STDERR_TAIL_LINES = 25
@@ -56,13 +57,13 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.communicate()
 
 
-def run_one(cmd: list[str], out_path: Path, timeout: float) -> tuple[dict | None, dict | None]:
+def run_one(cmd: list[str], out_path: Path, timeout: float, env: dict | None = None) -> tuple[dict | None, dict | None]:
     """Run one bench subprocess; return (its result, None) or (None, a failure record).
     An exception while it runs (Interrupted, KeyboardInterrupt) ends its process group first."""
     out_path.unlink(missing_ok=True)  # a stale file from an earlier run must not pass for this one
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -84,8 +85,12 @@ def run_one(cmd: list[str], out_path: Path, timeout: float) -> tuple[dict | None
 
 def bench_command(engine: str, part, args, device: str, model: str, dtype: str | None, out_path: Path,
                   rate: float | None) -> list[str]:
-    """The bench process's command line for one engine of a part (args: compare.py's own)."""
-    cmd = [sys.executable, "-m", "common.benchmark.bench", "--engine", engine, "--workload", part.workload,
+    """The bench process's command line for one engine of a part (args: compare.py's own). vLLM's
+    runs under the vLLM virtualenv's interpreter, on the local directory the cycles load from."""
+    python = sys.executable
+    if engine == VLLM_ENGINE:
+        python, model = args.vllm_python, args.vllm_model_dir
+    cmd = [python, "-m", "common.benchmark.bench", "--engine", engine, "--workload", part.workload,
            "--device", device, "--model", model, "--weights", args.weights, "--out", str(out_path)]
     if args.quick:
         cmd.append("--quick")
@@ -122,11 +127,12 @@ def run_part(part, engines: list[str], args, device: str, model: str, out_dir: P
     try:
         for engine, rate in bar:
             bar.set_postfix_str(engine if rate is None else f"{engine} @ {rate:g} req/s")
-            dtype = hf_dtype(run.results, args.dtype) if engine in HF_ENGINES else args.dtype
+            baseline = engine in HF_ENGINES or engine == VLLM_ENGINE
+            dtype = hf_dtype(run.results, args.dtype) if baseline else args.dtype
             out_path = out_dir / (f"{engine}.json" if rate is None else f"{engine}-rate{rate:g}.json")
             running = engine
             result, failure = run_one(bench_command(engine, part, args, device, model, dtype, out_path, rate),
-                                      out_path, timeout)
+                                      out_path, timeout, **_vllm_env(engine))
             running = None
             _record(run, engine, rate, result, failure)
     except Interrupted as stop:   # between two engines, `running` is None: nothing was cut short
@@ -136,6 +142,14 @@ def run_part(part, engines: list[str], args, device: str, model: str, out_dir: P
     finally:
         bar.close()
     return run
+
+
+def _vllm_env(engine: str) -> dict:
+    """The vLLM virtualenv does not have this project installed: it finds it on PYTHONPATH."""
+    if engine != VLLM_ENGINE:
+        return {}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {"env": os.environ | {"PYTHONPATH": path}}
 
 
 def _record(run: PartRun, engine: str, rate, result: dict | None, failure: dict | None) -> None:

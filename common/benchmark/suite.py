@@ -49,6 +49,7 @@ class Part:
     workload: str
     cycles: tuple[int, ...] | None   # cycle numbers; None: every cycle present
     hf: bool = False                 # also the HF baselines
+    vllm: bool = False               # also the real vLLM, when compare.py has one (--vllm-python)
     num_requests: int | None = None  # None: the workload size's own
     prompt_len: int | None = None
     request_rates: tuple = (None,)   # online: the rates to run each engine at (None: the size's default)
@@ -62,9 +63,9 @@ def suite(device_kind: str, quick: bool = False) -> list[Part]:
     naive_requests = None if quick else (CPU_NAIVE_REQUESTS if cpu else CUDA_NAIVE_REQUESTS)
     parts = []
     if naive_requests is None:   # cycle 1 can afford the full size: one throughput part for all
-        parts.append(Part("throughput", "throughput", None, hf=True))
+        parts.append(Part("throughput", "throughput", None, hf=True, vllm=True))
     else:
-        parts.append(Part("throughput", "throughput", tuple(range(2, 100)), hf=True,
+        parts.append(Part("throughput", "throughput", tuple(range(2, 100)), hf=True, vllm=True,
                           note=f"cycle 1 runs a reduced size ({naive_requests} requests): see the kv_cache table"))
         parts.append(Part("kv_cache", "throughput", (1, 2), num_requests=naive_requests,
                           note=f"the throughput workload reduced to {naive_requests} requests so cycle 1 fits "
@@ -81,9 +82,11 @@ def suite(device_kind: str, quick: bool = False) -> list[Part]:
     return parts
 
 
-def part_engines(part: Part, cycles: list[str], hf_allowed: bool) -> list[str]:
-    """The engines a part runs: its cycles among those selected (--cycles), then the HF baselines."""
+def part_engines(part: Part, cycles: list[str], hf_allowed: bool, vllm_allowed: bool = False) -> list[str]:
+    """The engines a part runs: its cycles among those selected (--cycles), then the HF baselines,
+    then vLLM."""
     from common.benchmark.report import cycle_number
+    from common.benchmark.vllm_baseline import VLLM_ENGINE
 
     chosen = [c for c in cycles if part.cycles is None or cycle_number(c) in part.cycles]
-    return chosen + (list(HF) if part.hf and hf_allowed else [])
+    return chosen + (list(HF) if part.hf and hf_allowed else []) + ([VLLM_ENGINE] if part.vllm and vllm_allowed else [])
