@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     args.vllm_python, no_vllm = choose_vllm_python(args.vllm_python, source.weights)
-    args.vllm_model_dir = source.path   # the vLLM virtualenv cannot resolve our model names: it gets the directory
+    args.vllm_model_dir = args.vllm_python and source.path   # vLLM's virtualenv cannot resolve our names
     print(no_vllm or f"vLLM row: {args.vllm_python}")
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     records = run_all(parts, cycles, args, str(device), model, out_dir, timeout, suite_run)
