@@ -117,14 +117,14 @@ def check_args(args) -> None:
 
 
 def single_part(args) -> Part:
-    """--workload NAME: a suite of one part, every selected cycle (and HF but online)."""
+    """--workload NAME: a suite of one part, every selected cycle (and HF but online, and vLLM)."""
     rates = (None,)
     if args.workload == "online" and args.request_rate:
         try:
             rates = tuple(parse_rates(args.request_rate))
         except ValueError as error:
             raise SystemExit(f"--request-rate: {error}")
-    return Part(args.workload, args.workload, None, hf=args.workload != "online",
+    return Part(args.workload, args.workload, None, hf=args.workload != "online", vllm=True,
                 num_requests=args.num_requests, prompt_len=args.prompt_len, request_rates=rates)
 
 
