@@ -124,8 +124,8 @@ def test_tree_peak_counts_this_process():
 def _compare(tmp_path, path, *extra, env_extra=None):
     calls = tmp_path / "calls.jsonl"
     env = os.environ | {"PYTHONPATH": str(FAKE_VLLM), "FAKE_VLLM_CALLS": str(calls), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "compare.py", "--workload", "throughput", "--quick", "--cycles", "1",
-                           "--no-hf", "--device", "cpu", "--model", path, "--out", str(tmp_path / "out"), *extra],
+    proc = subprocess.run([sys.executable, "compare.py", "--quick", "--cycles", "1", "--no-hf", "--device", "cpu",
+                           "--model", path, "--out", str(tmp_path / "out"), *extra],
                           cwd=ROOT, capture_output=True, text=True, timeout=900, env=env | (env_extra or {}))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -135,7 +135,7 @@ def _compare(tmp_path, path, *extra, env_extra=None):
 @pytest.mark.slow
 def test_compare_adds_the_vllm_row_with_its_columns(tmp_path, tiny_checkpoints):
     path, _ = tiny_checkpoints["llama"]
-    data, stdout, calls = _compare(tmp_path, path, "--plot")
+    data, stdout, calls = _compare(tmp_path, path, "--workload", "throughput", "--plot")
     cycle, vllm = data["results"]
     assert vllm["engine"] == "vllm" and vllm["token_ids"] == cycle["token_ids"]
     assert vllm["throughput_tok_s"] > 0 and vllm["ttft_mean_s"] > 0 and vllm["latency_mean_s"] >= vllm["ttft_mean_s"]
@@ -151,9 +151,25 @@ def test_compare_adds_the_vllm_row_with_its_columns(tmp_path, tiny_checkpoints):
 @pytest.mark.slow
 def test_compare_passes_options_to_vllm_and_reports_different_tokens(tmp_path, tiny_checkpoints):
     path, _ = tiny_checkpoints["llama"]
-    data, stdout, calls = _compare(tmp_path, path, "--option", "enforce_eager=False", "--option", "max_num_seqs=3",
+    data, stdout, calls = _compare(tmp_path, path, "--workload", "throughput", "--option", "enforce_eager=False",
+                                   "--option", "max_num_seqs=3",
                                    "--vllm-python", sys.executable, env_extra={"FAKE_VLLM_SHIFT": "1"})
     assert calls[0]["enforce_eager"] is False and calls[0]["max_num_seqs"] == 3
     cycle = data["results"][0]
     assert cycle["same_tokens_vllm"]["cell"] == "no: 0% (first diff @ 1)"
     assert "no: 0% (first diff @ 1)" in stdout
+
+
+@pytest.mark.slow
+def test_compare_online_starts_vllms_server_drives_it_and_stops_it(tmp_path, tiny_checkpoints):
+    path, _ = tiny_checkpoints["llama"]
+    data, stdout, calls = _compare(tmp_path, path, "--workload", "online", "--cycles", "4")   # the last --cycles wins
+    server = calls[0]
+    assert server["server"]["enforce_eager"] and server["server"]["max_num_seqs"] == "64"
+    assert server["server"]["model"] == path and server["server"]["dtype"] == "float32"
+    with pytest.raises(ProcessLookupError):
+        os.kill(server["pid"], 0)   # stopped at the end
+    cycle, vllm = data["results"]
+    assert vllm["engine"] == "vllm" and vllm["completed"] == vllm["num_requests"] and vllm["failed"] == 0
+    assert vllm["output_tokens"] == cycle["output_tokens"] and vllm["ttft_p99_s"] > 0
+    assert any(line.startswith("vllm ") for line in stdout.splitlines())
