@@ -188,7 +188,8 @@ def test_flat_batch():
     for seq in seqs:
         bm.allocate(seq)
     assert [s.block_table for s in seqs] == [[0], [1, 2], [3]]
-    runner = ModelRunner(None, None, bm, None, torch.device("cpu"))
+    runner = object.__new__(ModelRunner)              # no model: only what the step layout reads
+    runner.device, runner.block_size = torch.device("cpu"), bm.block_size
     input_ids, positions, meta = runner._prepare(seqs, is_prefill=True)
     assert input_ids.shape == (10,)
     assert meta.cu_seqlens_q.tolist() == [0, 3, 8, 10]
@@ -285,7 +286,9 @@ def test_online_softmax(num_keys):
     bm = block_manager("cycle6_flash", 16, 16)
     seq = new_seq("cycle6_flash", 0, range(num_keys))
     seq.block_table = list(range(15, 15 - bm.blocks_for(num_keys), -1))   # blocks in reverse order
-    _, _, meta = ModelRunner(None, None, bm, None, torch.device("cpu"))._prepare([seq], is_prefill=False)
+    runner = object.__new__(ModelRunner)              # no model: only what the step layout reads
+    runner.device, runner.block_size, runner.dense_layout = torch.device("cpu"), bm.block_size, True
+    _, _, meta = runner._prepare([seq], is_prefill=False)
     q = torch.randn(1, 2, 8, generator=gen) * 40                          # 2 query heads, 1 KV head
     k_cache, v_cache = torch.randn(16, 16, 1, 8, generator=gen), torch.randn(16, 16, 1, 8, generator=gen)
     out = attention.sdpa_attention(q, k_cache, v_cache, meta, 1.0)
@@ -422,13 +425,14 @@ def test_int8_stats(tiny_llms):
     llm = tiny_llms("cycle7_int8")
     llm.generate([[1, 2, 3]], greedy("cycle7_int8", 2))
     quant = importlib.import_module("cycle7_int8.quantization")
-    used = {m.matmul for m in llm.model.modules() if isinstance(m, quant.Int8Linear)}
+    used = {m.matmul for m in llm.model_runner.model.modules() if isinstance(m, quant.Int8Linear)}
     assert used == {quant.matmul_function(llm.stats["int8_matmul"])}   # the path reported is the path run
     forced = tiny_llms("cycle7_int8", int8_matmul="cast")
     forced.generate([[1, 2, 3]], greedy("cycle7_int8", 2))
     assert forced.stats["int8_matmul"] == "cast"
     assert llm.stats["quantize_s"] > 0
-    assert llm.model.lm_head.qweight is llm.model.model.embed_tokens.qweight
+    model = llm.model_runner.model
+    assert model.lm_head.qweight is model.model.embed_tokens.qweight
 
 
 # --- chapter 10: CUDA graphs (bonus) ---------------------------------------------------------
@@ -451,9 +455,10 @@ def test_graph_rows(tiny_llms):
     """Rows A..E; B and D finish, F joins: rows A, E, C, F; the host writes rows 1, 3 and 4 only."""
     g = graphs_module()
     llm = tiny_llms("cycle8_graphs")
-    runner = g.DecodeGraphs(llm.model, "sdpa", 4, 8, 64, torch.device("cpu"))
+    runner = g.DecodeGraphs(llm.model_runner.model, "sdpa", 4, 8, 64, torch.device("cpu"))
     bm = block_manager("cycle8_graphs", 32, 4)
-    runner.bind(None, bm, scratch_block=32)
+    runner.bind(None, scratch_block=32)
+    runner.follow(bm)
     written = []
     copy_rows = runner._copy_rows
     runner._copy_rows = lambda rows: written.append(rows) or copy_rows(rows)
@@ -478,12 +483,13 @@ def test_graph_table(tiny_llms):
     longest sequence has 100 tokens attends over 7 blocks, 112 keys."""
     g = graphs_module()
     llm = tiny_llms("cycle8_graphs")
-    qwen = g.DecodeGraphs(llm.model, "flash_attn", 256, 256, qwen3_0_6b()["max_position_embeddings"],
+    qwen = g.DecodeGraphs(llm.model_runner.model, "flash_attn", 256, 256, qwen3_0_6b()["max_position_embeddings"],
                           torch.device("cpu"))
     assert qwen.block_tables.shape == (256, 160)
     assert qwen.block_tables.numel() * qwen.block_tables.element_size() == 163_840
-    smol = g.DecodeGraphs(llm.model, "sdpa", 16, 64, 8192, torch.device("cpu"))
-    smol.bind(None, block_manager("cycle8_graphs", 64, 16), scratch_block=64)
+    smol = g.DecodeGraphs(llm.model_runner.model, "sdpa", 16, 64, 8192, torch.device("cpu"))
+    smol.bind(None, scratch_block=64)
+    smol.follow(block_manager("cycle8_graphs", 64, 16))
     assert smol.max_blocks == 512
     width = smol._width([new_seq("cycle8_graphs", 0, [5] * 100), new_seq("cycle8_graphs", 1, [5] * 40)])
     assert (width, width * 16) == (7, 112)
