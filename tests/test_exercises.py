@@ -35,13 +35,14 @@ def greedy(name, n):
 def count_fed_tokens(llm) -> list[int]:
     """Wrap the engine's model forward; the returned list gets the number of token ids of each call."""
     fed = []
-    forward = type(llm.model).forward.__get__(llm.model)     # the class's forward: wraps never stack
+    model = llm.model_runner.model
+    forward = type(model).forward.__get__(model)             # the class's forward: wraps never stack
 
     def counting(input_ids, *args, **kwargs):
         fed.append(input_ids.numel())
         return forward(input_ids, *args, **kwargs)
 
-    llm.model.forward = counting
+    model.forward = counting
     return fed
 
 
@@ -545,12 +546,14 @@ def test_graph_buckets():
 
 
 @pytest.mark.parametrize("n, bucket", [(3, 4), (17, 32)])
-def test_graph_buckets_padding(tiny_llms, n, bucket):
-    """A decode step of n sequences runs its forward over the bucket's rows (3 -> 4, 17 -> 32): the
-    bucket - n padding rows are computed too, on the CPU as on a GPU, and their block tables point
-    at the scratch block, the one block past what the BlockManager hands out."""
+def test_graph_buckets_padding(tiny_llms, monkeypatch, n, bucket):
+    """A decode step of n sequences that replays a graph runs its forward over the bucket's rows
+    (3 -> 4, 17 -> 32): the bucket - n padding rows are computed too (forced here: the CPU replays
+    no graph), and their block tables point at the scratch block, the one block past what the
+    BlockManager hands out."""
     llm = tiny_llms("cycle8_graphs")
     assert llm.scheduler.max_num_seqs == 64
+    monkeypatch.setattr(llm.model_runner.graphs, "pad_eager", True)
     fed = count_fed_tokens(llm)
     llm.generate([[10 + i, 11, 12] for i in range(n)], greedy("cycle8_graphs", 2))   # 1 prefill, 1 decode
     assert fed == [3 * n, bucket]
