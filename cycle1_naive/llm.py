@@ -114,7 +114,7 @@ class LLM:
         return None
 
     def _stats(self, seqs: list[Sequence], wall: float) -> dict:
-        """The model runner's own stats, and the loop's: the time, the tokens."""
+        """The components' own stats, and the loop's."""
         return {
             **self.model_runner.stats(),
             "kv_cache_peak_bytes": 0,  # no cache: K and V are recomputed every step

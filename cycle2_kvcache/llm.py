@@ -119,7 +119,7 @@ class LLM:
         return None
 
     def _stats(self, seqs: list[Sequence], wall: float) -> dict:
-        """The model runner's own stats, and the loop's: the time, the tokens."""
+        """The components' own stats, and the loop's."""
         return {
             **self.model_runner.stats(),
             "kv_cache_peak_bytes": self._kv_peak_bytes,  # the reservation, padding included
