@@ -28,14 +28,50 @@ IDENTICAL = {"run.py": CYCLES, "__init__.py": CYCLES, "serve.py": CYCLES[3:]}   
 NEW = "new file"
 
 ALLOWED = {
+    # The cache: the runner reserves it per static group and splits a step into prefill and decode.
     ("cycle1_naive", "cycle2_kvcache"): {
         "kv_cache.py": NEW,
-        "llm.py": {"<docstring>", "LLM.generate", "LLM._check_memory", "LLM._run_group", "LLM._postprocess",
-                   "LLM._stats"},
-        "model.py": {"<docstring>", "Attention.forward", "DecoderLayer.forward", "CausalLM.forward"},
-        "model_runner.py": {"<docstring>", "<imports>", "ModelRunner.__init__", "ModelRunner.allocate_kv_cache",
-                            "ModelRunner.free_kv_cache", "ModelRunner.run", "ModelRunner._prepare",
-                            "ModelRunner._prepare_prefill", "ModelRunner._prepare_decode"},
+        "llm.py": {"<docstring>", "LLM._check_memory", "LLM._run_group", "LLM._stats", "LLM.generate"},
+        "model.py": {"<docstring>", "Attention.forward", "CausalLM.forward", "DecoderLayer.forward"},
+        "model_runner.py": {"<docstring>", "<imports>", "ModelRunner.__init__", "ModelRunner._prepare",
+                            "ModelRunner._prepare_decode", "ModelRunner._prepare_prefill",
+                            "ModelRunner.allocate_kv_cache", "ModelRunner.free_kv_cache", "ModelRunner.run"},
+    },
+    # Paging: the block pool (sized and profiled by the runner), block tables, slot mapping.
+    ("cycle2_kvcache", "cycle3_paged"): {
+        "block_manager.py": NEW,
+        "config.py": {"<imports>", "Config", "Config.__post_init__", "DEFAULTS"},
+        "kv_cache.py": {"<docstring>", "<imports>", "CPU_KV_CACHE_BYTES", "ContiguousKVCache",
+                        "ContiguousKVCache.__init__", "GPU_MEMORY_UTILIZATION", "PagedKVCache",
+                        "PagedKVCache.__init__", "block_bytes", "plan_kv_pool", "profile_activation_peak",
+                        "profile_batches"},
+        "llm.py": {"<docstring>", "<imports>", "LLM.__init__", "LLM._check_memory", "LLM._groups",
+                   "LLM._postprocess", "LLM._run_group", "LLM._stats", "LLM._track_peak", "LLM.generate"},
+        "model.py": {"<docstring>", "<imports>", "Attention.forward", "AttentionMetadata", "CausalLM.forward",
+                     "DecoderLayer.forward", "gather_blocks", "store_kv"},
+        "model_runner.py": {"<docstring>", "<imports>", "ModelRunner.__init__", "ModelRunner._kv_cache",
+                            "ModelRunner._metadata", "ModelRunner._plan_kv_pool", "ModelRunner._prepare_decode",
+                            "ModelRunner._prepare_prefill", "ModelRunner._profile_run", "ModelRunner._slot",
+                            "ModelRunner.allocate_kv_cache", "ModelRunner.free_kv_cache", "ModelRunner.run",
+                            "ModelRunner.stats"},
+        "sequence.py": {"Sequence.__init__", "Sequence.max_len"},
+    },
+    # Continuous batching: the scheduler, the flat batch, the engine loop (add_request, step,
+    # abort_request) and its streaming hooks (stop strings, delta_text), serve.py.
+    ("cycle3_paged", "cycle4_batching"): {
+        "config.py": {"Config", "Config.__post_init__", "DEFAULTS"},
+        "llm.py": {"<docstring>", "<imports>", "LLM.__init__", "LLM._add", "LLM._groups", "LLM._output",
+                   "LLM._postprocess", "LLM._reset_counters", "LLM._run_group", "LLM._stats", "LLM._track_peak",
+                   "LLM.abort_request", "LLM.add_request", "LLM.generate", "LLM.has_unfinished_requests",
+                   "LLM.step"},
+        "model.py": {"<docstring>", "Attention.forward", "AttentionMetadata", "CausalLM.forward", "store_kv"},
+        "model_runner.py": {"<docstring>", "ModelRunner._layout", "ModelRunner._metadata", "ModelRunner._prepare",
+                            "ModelRunner._prepare_decode", "ModelRunner._prepare_prefill",
+                            "ModelRunner._profile_run", "ModelRunner._slot", "ModelRunner.run"},
+        "sampling_params.py": {"<imports>", "SamplingParams", "SamplingParams.__post_init__"},
+        "scheduler.py": NEW,
+        "sequence.py": {"Sequence.__init__"},
+        "serve.py": NEW,
     },
 }
 
