@@ -73,6 +73,61 @@ ALLOWED = {
         "sequence.py": {"Sequence.__init__"},
         "serve.py": NEW,
     },
+    # Prefix caching: hash-chained blocks with ref counts in the BlockManager; the scheduler admits
+    # a prompt's cached blocks; the runner starts a prefill after them.
+    ("cycle4_batching", "cycle5_prefix"): {
+        "block_manager.py": {"<docstring>", "<imports>", "Block", "Block.__init__", "BlockManager.__init__",
+                             "BlockManager._take_free_block", "BlockManager.allocate",
+                             "BlockManager.append_slot", "BlockManager.cache_full_blocks",
+                             "BlockManager.cached_blocks", "BlockManager.can_allocate", "BlockManager.free",
+                             "BlockManager.needs_block", "BlockManager.prompt_block_hashes",
+                             "BlockManager.stats", "chain_hash"},
+        "config.py": {"Config"},
+        "llm.py": {"<docstring>", "LLM.__init__", "LLM._postprocess"},
+        "model_runner.py": {"ModelRunner._prepare"},
+        "scheduler.py": {"<docstring>", "Scheduler._admit", "Scheduler.describe", "Scheduler.reset_stats",
+                         "Scheduler.stats"},
+        "sequence.py": {"Sequence.__init__"},
+    },
+    # Fused attention: the backends (attention.py, triton_attention.py), chosen in Config, and the
+    # layout each needs.
+    ("cycle5_prefix", "cycle6_flash"): {
+        "attention.py": NEW,
+        "config.py": {"<imports>", "Config", "Config.__post_init__"},
+        "model.py": {"<docstring>", "<imports>", "Attention.__init__", "Attention.forward",
+                     "AttentionMetadata", "Backbone.__init__", "CausalLM.__init__", "DecoderLayer.__init__",
+                     "gather_blocks", "grouped_attention"},
+        "model_runner.py": {"<imports>", "ModelRunner.__init__", "ModelRunner._dense_layout",
+                            "ModelRunner._layout", "ModelRunner._prepare", "ModelRunner.run",
+                            "ModelRunner.stats", "build_model"},
+        "triton_attention.py": NEW,
+    },
+    # int8 weight-only quantization: the runner quantizes after loading; our int8 matmul kernel.
+    ("cycle6_flash", "cycle7_int8"): {
+        "config.py": {"<imports>", "Config", "Config.__post_init__"},
+        "llm.py": {"<docstring>"},
+        "model_runner.py": {"<imports>", "ModelRunner.__init__", "ModelRunner._quantize",
+                            "ModelRunner.stats"},
+        "quantization.py": NEW,
+        "triton_int8.py": NEW,
+    },
+    # CUDA graphs: the runner measures, holds, sizes and captures; decode rows follow the
+    # BlockManager; the compiled small ops (a flag) in model.py and compiled_ops.py.
+    ("cycle7_int8", "cycle8_graphs"): {
+        "block_manager.py": {"BlockManager.__init__", "BlockManager.allocate", "BlockManager.append_slot",
+                             "BlockManager.free"},
+        "compiled_ops.py": NEW,
+        "config.py": {"Config", "Config.__post_init__"},
+        "cuda_graphs.py": NEW,
+        "kv_cache.py": {"<imports>", "held"},
+        "llm.py": {"<docstring>", "LLM.__init__"},
+        "model.py": {"Attention.__init__", "Attention.forward", "MLP.__init__", "MLP.forward",
+                     "RMSNorm.__init__", "RMSNorm.forward", "rms_norm", "silu_mul"},
+        "model_runner.py": {"<docstring>", "<imports>", "ModelRunner.__init__",
+                            "ModelRunner._blocks_with_scratch", "ModelRunner._profile_run",
+                            "ModelRunner.follow", "ModelRunner.run", "ModelRunner.stats"},
+        "sampler.py": {"Sampler.__call__", "Sampler.sample"},
+    },
 }
 
 
