@@ -44,7 +44,7 @@ def select_backend(device: torch.device, dtype: torch.dtype, requested: str | No
         return requested, None
     if device.type != "cuda":
         return "sdpa", None
-    flash = flash_attn_problem(device, dtype)
+    flash = flash_attn_problem(device, dtype, head_dim)
     if flash is None:
         return "flash_attn", None
     triton = triton_problem(device, dtype, head_dim=head_dim)
