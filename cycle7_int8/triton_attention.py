@@ -55,7 +55,7 @@ def tile_sizes(q: torch.Tensor) -> tuple[int, int, int]:
         return 64, 64, 4
     width = head_pad(q.shape[-1])
     if q.element_size() > 2:
-        return 32, 32, 8
+        return (16, 16, 8) if width > 128 else (32, 32, 8)
     return 64, 32 if width > 128 else 64, 8 if width >= 128 else 4
 
 

@@ -173,27 +173,28 @@ class Config:
         return int8_launches(module, self.model, DTYPES[self.dtype], self.size)
 
 
-def configurations(dtypes=("bf16", "fp16", "fp32"), cycles=CYCLES, models=MODELS) -> list[Config]:
+def configurations(dtypes=("bf16", "fp16", "fp32"), rows=INT8_ROWS, attention=True, cycles=CYCLES) -> list[Config]:
     """Every configuration the engines run: both models, each dtype, both block sizes, and the
     int8 matmul (cycles 7 and 8) at decode and prefill row counts."""
     configs = []
     for cycle in cycles:
-        attention, int8 = ROOT / cycle / "triton_attention.py", ROOT / cycle / "triton_int8.py"
-        for name, model in models.items():
+        attention_file, int8_file = ROOT / cycle / "triton_attention.py", ROOT / cycle / "triton_int8.py"
+        for name, model in MODELS.items():
             for dtype in dtypes:
-                configs += [Config(f"{cycle} {name} {dtype} block_size={size}", str(attention), "attention",
-                                   model, dtype, size) for size in BLOCK_SIZES]
-                if int8.exists():
-                    configs += [Config(f"{cycle} {name} {dtype} int8_M={rows}", str(int8), "int8", model, dtype,
-                                       rows) for rows in INT8_ROWS]
+                if attention:
+                    configs += [Config(f"{cycle} {name} {dtype} block_size={size}", str(attention_file),
+                                       "attention", model, dtype, size) for size in BLOCK_SIZES]
+                if int8_file.exists():
+                    configs += [Config(f"{cycle} {name} {dtype} int8_M={m}", str(int8_file), "int8", model, dtype, m)
+                                for m in rows]
     return configs
 
 
-def head_size_configurations(cycle="cycle6_flash") -> list[Config]:
-    """The attention kernels at the other head sizes, bf16 and fp32, block size 16."""
+def head_size_configurations(dtypes=("bf16", "fp32"), cycle="cycle6_flash") -> list[Config]:
+    """The attention kernels at the other head sizes, block size 16."""
     path = str(ROOT / cycle / "triton_attention.py")
     return [Config(f"{cycle} {name} {dtype} block_size=16", path, "attention", model, dtype, 16)
-            for name, model in HEAD_SIZES.items() for dtype in ("bf16", "fp32")]
+            for name, model in HEAD_SIZES.items() for dtype in dtypes]
 
 
 @functools.lru_cache(maxsize=None)
