@@ -12,8 +12,7 @@ with a stack frame spills registers to local memory (our kernels have no local a
 
 Specializations shared by several configurations (the three cycles carry identical kernel files)
 are compiled once, over one process per core. tests/test_triton_compile.py fails on a compile
-error, a spill, or shared memory over the target's limit. Usage: python scripts/triton_compile_report.py
-"""
+error, a spill, or shared memory over the target's limit. Usage: python scripts/triton_compile_report.py"""
 
 import concurrent.futures
 import dataclasses
@@ -147,9 +146,8 @@ class Config:
     size: int           # the KV block size (attention) or the activation rows M (int8)
 
     def launches(self, module) -> list:
-        if self.kind == "attention":
-            return attention_launches(module, self.model, DTYPES[self.dtype], self.size)
-        return int8_launches(module, self.model, DTYPES[self.dtype], self.size)
+        launches = attention_launches if self.kind == "attention" else int8_launches
+        return launches(module, self.model, DTYPES[self.dtype], self.size)
 
 
 def configurations(dtypes=("bf16", "fp16", "fp32"), rows=INT8_ROWS, attention=True, cycles=CYCLES) -> list[Config]:
@@ -203,6 +201,7 @@ def specialization_key(kernel, args, kwargs, capability: int) -> tuple:
 def compile_launch(task: tuple) -> dict:
     """Compile launch `index` of `config` for `capability` (run in a worker process)."""
     import triton
+    from triton import knobs
     from triton.compiler import ASTSource
 
     config, index, capability = task
@@ -210,8 +209,10 @@ def compile_launch(task: tuple) -> dict:
     target, options, signature, constexprs, attrs = specialize(kernel, args, kwargs, capability)
     start = time.perf_counter()
     try:
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
-                                  options=options.__dict__)
+        with knobs.runtime.scope():   # the code generator reads it too (tests run with TRITON_INTERPRET=1)
+            knobs.runtime.interpret = False
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                                      options=options.__dict__)
     except Exception as error:
         raise RuntimeError(f"{config.label}: {kernel.__name__} does not compile for sm_{capability}: "
                            f"{type(error).__name__}: {error}") from None
