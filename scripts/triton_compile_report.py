@@ -201,7 +201,6 @@ def specialization_key(kernel, args, kwargs, capability: int) -> tuple:
 def compile_launch(task: tuple) -> dict:
     """Compile launch `index` of `config` for `capability` (run in a worker process)."""
     import triton
-    from triton import knobs
     from triton.compiler import ASTSource
 
     config, index, capability = task
@@ -209,10 +208,8 @@ def compile_launch(task: tuple) -> dict:
     target, options, signature, constexprs, attrs = specialize(kernel, args, kwargs, capability)
     start = time.perf_counter()
     try:
-        with knobs.runtime.scope():   # the code generator reads it too (tests run with TRITON_INTERPRET=1)
-            knobs.runtime.interpret = False
-            compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
-                                      options=options.__dict__)
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                                  options=options.__dict__)
     except Exception as error:
         raise RuntimeError(f"{config.label}: {kernel.__name__} does not compile for sm_{capability}: "
                            f"{type(error).__name__}: {error}") from None
@@ -233,13 +230,17 @@ def compile_all(configs, capabilities=(80, 90), workers: int | None = None) -> l
                 key = specialization_key(kernel, args, kwargs, capability)
                 tasks.setdefault(key, (config, index, capability))
                 rows.append((config.label, key))
-    workers = min(workers or os.cpu_count() or 1, len(tasks))
-    if workers <= 1:
-        results = dict(zip(tasks, map(compile_launch, tasks.values())))
-    else:   # spawn: a fresh interpreter per worker, nothing of the parent's threads or triton state
+    # Compiled in fresh processes whose triton is imported with the interpreter off: one imported
+    # under TRITON_INTERPRET=1 (a test run) holds triton's own library functions interpreted.
+    interpret = os.environ.pop("TRITON_INTERPRET", None)
+    try:
         context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        with concurrent.futures.ProcessPoolExecutor(min(workers or os.cpu_count() or 1, len(tasks)),
+                                                    mp_context=context) as pool:
             results = dict(zip(tasks, pool.map(compile_launch, tasks.values())))
+    finally:
+        if interpret is not None:
+            os.environ["TRITON_INTERPRET"] = interpret
     return [(label, results[key]) for label, key in rows]
 
 
