@@ -13,10 +13,10 @@
 # 420 s at most (tests/test_gpu_check.py checks it with --dry-run). Each step's limit is cut to
 # what the budget has left; a step that would get under 20 s is skipped and says so.
 #
-# A step cannot outlive its limit: it runs in its own session, and at its limit gets SIGTERM
-# (compare.py then stops its engine and writes the rows it has), then, 10 s later, SIGKILL, sent
-# to its process group and to every process it started, wherever they run (an engine started in a
-# session of its own included). The same happens when the script itself is stopped (an outer
+# A step cannot outlive its limit: it runs as a process group of its own (setsid), and at its limit
+# gets SIGTERM (compare.py then stops its engine and writes the rows it has), then, 10 s later,
+# SIGKILL, sent to its process group and to every process it started, wherever they run (an engine
+# that setsid put in a group of its own included). The same happens when the script itself is stopped (an outer
 # `timeout`, Ctrl-C): the running step is ended and what exists is archived.
 #
 # $OUT receives env.txt, steps.txt (one line per step: exit status, seconds, limit) and
