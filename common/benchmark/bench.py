@@ -10,7 +10,6 @@ memory, caches and allocator state can never leak into the next one's numbers.
 
 import argparse
 import importlib
-import inspect
 import json
 import os
 import platform
@@ -20,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from common.engine.cli import parse_options
+from common.engine.args import add_model_args, parse_options
+from common.engine.cli import engine_options
 from common.engine.device import default_model, resolve_device, resolve_dtype
 from common.engine.memory import MemoryEstimateError
 from common.engine.metrics import (PEAK_GENERATION, PEAK_WITH_LOADING, peak_memory_bytes, peak_rss_bytes,
@@ -76,12 +76,10 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-def _accepted_options(cls, options: dict) -> tuple[dict, list[str]]:
-    """Split options into those cls(...) accepts and the rest, so one `--option` list (say
+def _accepted_options(engine: str, options: dict) -> tuple[dict, list[str]]:
+    """Split options into those the engine accepts and the rest, so one `--option` list (say
     block_size=16, which cycle 1 has no use for) can go to every cycle; the result records the rest."""
-    params = inspect.signature(cls).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return dict(options), []
+    params = engine_options(engine)
     accepted = {k: v for k, v in options.items() if k in params}
     return accepted, sorted(set(options) - set(accepted))
 
@@ -94,7 +92,7 @@ def _greedy_params(cycle, requests) -> list:
 def _run_cycle(engine: str, workload: str, device, model: str, weights: str, quick: bool, dtype,
                options: dict, size: dict, online: dict | None = None) -> dict:
     cycle = importlib.import_module(engine)
-    accepted, ignored = _accepted_options(cycle.LLM, options)
+    accepted, ignored = _accepted_options(engine, options)
     start = time.perf_counter()
     llm = cycle.LLM(model, device=device, dtype=dtype, weights=weights, **accepted)
     load_s = time.perf_counter() - start
@@ -140,15 +138,15 @@ def _run_cycle_online(llm, cycle, work, online: dict, load_s: float, peak_scope:
         "latency_s": [r.finish_s - r.arrival_s for r in records],
         "peak_memory_bytes": peak_memory_bytes(llm.device), "peak_memory_scope": peak_scope,
         "weight_bytes": llm.stats.get("weight_bytes"), "kv_cache_peak_bytes": llm.stats.get("kv_cache_peak_bytes"),
-        "attention_backend": getattr(llm, "attention_backend", EXPLICIT_ATTENTION),
-        "int8_path": getattr(llm, "int8_matmul", None),
+        "attention_backend": getattr(llm.config, "attention_backend", EXPLICIT_ATTENTION),
+        "int8_path": getattr(llm.config, "int8_matmul", None),
         "stats": {}, "ignored_options": ignored, "online": online_row(records, settings),
     }
 
 
 def hf_batch_limits(engine: str, device, options: dict) -> dict:
     """The cycles' default limits on this device for what `engine` can take, overridden by options."""
-    defaults = importlib.import_module(f"{BATCH_LIMITS_CYCLE}.llm").DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
+    defaults = importlib.import_module(f"{BATCH_LIMITS_CYCLE}.config").DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
     return {key: options.get(key, defaults[key]) for key in HF_LIMITS[engine]}
 
 
@@ -254,15 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m common.benchmark.bench", description="Benchmark one engine on one workload.")
     p.add_argument("--engine", required=True, help=f"a cycle package (e.g. cycle4_batching) or one of {', '.join(HF_ENGINES)}")
     p.add_argument("--workload", default="throughput", choices=WORKLOADS)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--model", default=None, help="HF id or local directory (default: Qwen3-0.6B on CUDA, SmolLM2-135M on CPU)")
-    p.add_argument("--weights", default="auto", choices=["auto", "real", "random"])
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
+    add_model_args(p)
     p.add_argument("--quick", action="store_true", help="the tiny smoke-test size of the workload")
     p.add_argument("--num-requests", type=int, default=None, help="override the workload size's request count")
     p.add_argument("--prompt-len", type=int, default=None, help="give every prompt this many tokens of its own")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="an engine option, e.g. --option max_num_seqs=8 (repeatable)")
     p.add_argument("--out", default=None, help="write the JSON here (default: print it)")
     # --workload online only (common/benchmark/online.py); unset: the size's defaults there
     p.add_argument("--request-rate", type=float, default=None, help="online: requests per second (inf: all at once)")
