@@ -113,11 +113,14 @@ def test_triton_matches_explicit_attention(shape, is_prefill):
           seeds=2 if block_size == 16 else 1, heads=heads, kv_heads=kv_heads, head_dim=head_dim, max_len=max_len)
 
 
-def test_triton_kernels_are_the_same_in_cycles_6_and_7():
-    """Cycle 7 carries cycle 6's attention unchanged: the kernel tests above cover both."""
+def test_triton_kernels_are_the_same_in_cycles_6_to_8():
+    """Cycles 7 and 8 carry cycle 6's attention unchanged: the kernel tests above cover all three.
+    (Cycle 7's runner differs: it quantizes the model.)"""
     root = Path(__file__).resolve().parents[1]
-    for name in ("attention.py", "triton_attention.py", "model.py", "model_runner.py"):
+    for name in ("attention.py", "triton_attention.py", "model.py"):
         assert (root / "cycle6_flash" / name).read_text() == (root / "cycle7_int8" / name).read_text(), name
+    for name in ("attention.py", "triton_attention.py", "triton_int8.py"):
+        assert (root / "cycle7_int8" / name).read_text() == (root / "cycle8_graphs" / name).read_text(), name
 
 
 @pytest.mark.cuda
