@@ -221,6 +221,7 @@ def _run_vllm(engine: str, workload: str, device, model: str, weights: str, quic
     common = {"source": source, "dtype": dtype, "work": work, "weight_bytes": None, "kv_cache_peak_bytes": None,
               "attention_backend": "vllm", "int8_path": None, "ignored_options": ignored}
     stats = settings | {key: os.environ[key] for key in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND")}
+    stats["vllm_version"] = vb.vllm_version()
     if workload == "online":
         return common | _run_vllm_online(source.path, work, _dtype_name(dtype), settings, online or {}) | {"stats": stats}
     run = vb.run_vllm(source.path, work.requests, warmup_request(tokenizer), _dtype_name(dtype), settings)

@@ -92,6 +92,12 @@ def vllm_settings(options: dict, max_num_seqs: int) -> tuple[dict, list[str]]:
     return settings, sorted(set(options) - set(VLLM_OPTIONS))
 
 
+def vllm_version() -> str | None:
+    import vllm
+
+    return getattr(vllm, "__version__", None)
+
+
 def check_device(device) -> None:
     """vLLM runs on the platform its wheel was built for: refuse a run on another device."""
     from vllm.platforms import current_platform
