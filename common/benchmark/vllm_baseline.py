@@ -146,17 +146,17 @@ def tree_peak_bytes(pids: list[int]) -> int:
 # -- offline ---------------------------------------------------------------------------------------
 
 
-def _step_all(engine, requests, make_params, make_prompt, clock=time.perf_counter) -> dict:
-    """Add every request, then step until all finish; per request: tokens, first-token and finish
-    time in seconds since the first request was added."""
+def _step_all(engine, requests, make_params, make_prompt, first_id: int = 0, clock=time.perf_counter) -> dict:
+    """Add every request (ids from first_id on: no id is used twice), then step until all finish;
+    per request: tokens, first-token and finish time in seconds since the first request was added."""
     n = len(requests)
     tokens, first, finish = [[] for _ in range(n)], [None] * n, [None] * n
     start = clock()
     for i, r in enumerate(requests):
-        engine.add_request(str(i), make_prompt(r.prompt_token_ids), make_params(r))
+        engine.add_request(str(first_id + i), make_prompt(r.prompt_token_ids), make_params(r))
     while engine.has_unfinished_requests():
         for out in engine.step():
-            now, i = clock() - start, int(out.request_id)
+            now, i = clock() - start, int(out.request_id) - first_id
             new = list(out.outputs[0].token_ids)
             if new and first[i] is None:
                 first[i] = now
@@ -185,7 +185,7 @@ def run_vllm(model_dir: str, requests: list, warmup, dtype_name: str, settings: 
     load_s = time.perf_counter() - start
     pids = _tree_pids()
     reset = reset_tree_peak(pids)
-    run = _step_all(llm.llm_engine, requests, params, prompt)
+    run = _step_all(llm.llm_engine, requests, params, prompt, first_id=1)
     return run | {"load_s": load_s, "peak_memory_bytes": tree_peak_bytes(pids), "peak_reset": reset,
                   "processes": len(pids)}
 
