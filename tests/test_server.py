@@ -20,6 +20,8 @@ from conftest import CYCLES, cycle
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
+from common.serving.chat_template import chat_prompt_ids  # noqa: E402
+from common.serving.inprocess_adapter import InProcessEngine  # noqa: E402
 from common.serving.server import build_app, parse_metrics  # noqa: E402
 
 SERVER_CYCLES = sorted({"cycle4_batching", CYCLES[-1]})
@@ -44,7 +46,7 @@ def server(request, char_checkpoint):
     reference = cycle(name).LLM(char_checkpoint, device="cpu")   # offline generate() on the same weights
     reference.tokenizer.chat_template = TEMPLATE
     port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(build_app(llm, cycle(name), MODEL), host="127.0.0.1", port=port,
+    srv = uvicorn.Server(uvicorn.Config(build_app(InProcessEngine(llm), MODEL), host="127.0.0.1", port=port,
                                        log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -67,8 +69,7 @@ def offline(server, prompt, max_tokens, chat=False):
     """What generate() gives for the same prompt on another engine of the same checkpoint."""
     llm, name = server["reference"], server["name"]
     if chat:
-        from common.serving.server import chat_prompt_ids
-        prompt = chat_prompt_ids(llm.tokenizer, [{"role": "user", "content": prompt}], True)
+        prompt = chat_prompt_ids(llm.tokenizer, [{"role": "user", "content": prompt}])
     params = cycle(name).SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     return llm.generate([prompt], params)[0]
 
