@@ -52,7 +52,7 @@ def _pick(body, name: str, defaults: dict):
     value = getattr(body, name, None)
     if value is None:
         value = (body.model_extra or {}).get(name)
-    return defaults.get(name) if value is None else value
+    return defaults.get(name, NEUTRAL.get(name)) if value is None else value
 
 
 def build_sampling_params(body, defaults: dict, params_cls, max_tokens: int):
