@@ -3,7 +3,8 @@ against. The engine client module (InProcessEngine, EngineCoreClient) replaces t
 server imports it in one place (common/serving/server.py, `from ... import InProcessEngine`).
 
 The interface (what server.py uses, and nothing else):
-    attributes: tokenizer, vocab_size, max_model_len, eos_token_ids, sampling_params_cls, model_name
+    attributes: tokenizer, vocab_size, max_model_len, kv_pool_tokens, eos_token_ids, sampling_params_cls,
+                model_name
     start(); shutdown(); alive -> bool (False once the engine died or a step raised)
     async add(prompt_token_ids, params, detokenize=True) -> RequestStream   (ValueError: nothing queued)
     abort(request_id); snapshot -> dict (keys: common/serving/metrics.py)
@@ -73,8 +74,9 @@ class InProcessEngine:
         self.tokenizer = llm.tokenizer
         self.vocab_size = llm.config.vocab_size
         blocks = llm.block_manager
-        # As vLLM: the longest sequence served is what both the model and the KV pool can hold.
-        self.max_model_len = min(llm.config.max_position_embeddings, blocks.num_blocks * blocks.block_size)
+        self.max_model_len = llm.config.max_position_embeddings
+        self.kv_pool_tokens = blocks.num_blocks * blocks.block_size
+        self.source = llm.source
         self.eos_token_ids = set(llm.eos_token_ids)
         self.sampling_params_cls = importlib.import_module(type(llm).__module__.rpartition(".")[0]).SamplingParams
         self.model_name = llm.source.name

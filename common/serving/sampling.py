@@ -5,8 +5,8 @@ authors wrote into generation_config.json (Qwen3: temperature 0.6, top_p 0.95, t
 `--generation-config vllm` takes the neutral ones (temperature 1, top_p 1, no top-k). A field the
 request leaves out or sets to null gets the default; a value the request gives always wins.
 
-Greedy. A temperature below 1e-5 is treated as 0 (greedy), as vLLM does: dividing logits by
-a temperature that small overflows, and the sampler would then pick token 0 on every step.
+Greedy. A temperature below 1e-5 is treated as 0 (greedy), as vLLM does: dividing float32 logits
+by 1e-44 overflows them to inf, and the sampler would then pick token 0 on every step.
 """
 
 import json

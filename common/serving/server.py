@@ -65,6 +65,8 @@ class OpenAIServer:
 
     def __init__(self, engine, options: ServerOptions):
         self.engine, self.options = engine, options
+        # As vLLM: the longest sequence served is what both the model and the KV pool can hold.
+        self.max_model_len = min(engine.max_model_len, getattr(engine, "kv_pool_tokens", engine.max_model_len))
         self.metrics = ServerMetrics(options.served_model_name)
         self.num_waiting = 0                  # added to the engine, no token yet (--max-waiting-requests)
         self._unknown_logged: set[str] = set()
@@ -86,7 +88,7 @@ class OpenAIServer:
                       "(logged once)", file=sys.stderr)
 
     def check_fits(self, ids: list[int], max_tokens: int, param: str, index: int = 0) -> None:
-        limit, vocab = self.engine.max_model_len, self.engine.vocab_size
+        limit, vocab = self.max_model_len, self.engine.vocab_size
         if (bad := next((t for t in ids if not 0 <= t < vocab), None)) is not None:
             raise APIError(400, f"prompt {index} holds token id {bad}, outside the vocabulary [0, {vocab})", param=param)
         if len(ids) + max_tokens > limit:
@@ -119,9 +121,11 @@ class OpenAIServer:
         except (ValueError, TypeError) as error:
             self._abort(streams)
             raise APIError(400, str(error), param="prompt" if len(prompts) > 1 else None) from None
-        except EngineError as error:
+        except EngineError as error:          # 503 once the engine is dead, 500 for a failure adding one request
             self._abort(streams)
-            raise APIError(503, f"the engine is not running: {error}", "server_error") from None
+            dead = not self.engine.alive
+            raise APIError(503 if dead else 500, f"the engine {'is not running' if dead else 'failed'}: {error}",
+                           "server_error") from None
         except BaseException:
             self._abort(streams)
             raise
@@ -178,7 +182,7 @@ class OpenAIServer:
                               add_generation_prompt=body.add_generation_prompt is not False,
                               continue_final_message=bool(body.continue_final_message))
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        room = self.engine.max_model_len - len(ids)
+        room = self.max_model_len - len(ids)
         max_tokens = requested if requested is not None else \
             default_max_tokens(body, self.options.generation_defaults, True, max(room, 1))
         params = build_sampling_params(body, self.options.generation_defaults, self.engine.sampling_params_cls,
@@ -259,7 +263,7 @@ class OpenAIServer:
         else:
             ids = self.engine.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens is not False).input_ids
         strs = self.engine.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
-        return {"count": len(ids), "max_model_len": self.engine.max_model_len, "tokens": ids, "token_strs": strs}
+        return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids, "token_strs": strs}
 
     async def detokenize_endpoint(self, body: DetokenizeRequest) -> dict:
         self.check_model(body.model)
@@ -451,7 +455,7 @@ def _add_routes(app: FastAPI, server: OpenAIServer) -> None:
     async def models():
         return {"object": "list", "data": [{"id": options.served_model_name, "object": "model", "created": 0,
                                             "owned_by": "vllm-learn", "root": engine.model_name,
-                                            "max_model_len": engine.max_model_len}]}
+                                            "max_model_len": server.max_model_len}]}
 
     @app.get("/metrics")
     async def metrics():
