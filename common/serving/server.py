@@ -43,6 +43,7 @@ from common.serving.middleware import ApiKey, BodyLimit
 from common.serving.openai_protocol import (REFUSED_CHAT, REFUSED_COMPLETIONS, APIError, ChatRequest,
                                             CompletionRequest, DetokenizeRequest, TokenizeRequest, check_fields,
                                             normalize_prompts, unknown_fields)
+from common.serving.openai_responses import Reply, echo_only, sse, usage
 from common.serving.sampling import NEUTRAL, build_sampling_params, default_max_tokens, unusable_defaults
 
 MAX_BODY_BYTES = 16 * 2**20      # a 100k-token prompt as JSON token ids is under 1 MiB
@@ -161,9 +162,9 @@ class OpenAIServer:
             default_max_tokens(body, self.options.generation_defaults, False, 0)
         echoes = [p if isinstance(p, str) else self.engine.tokenizer.decode(i) for p, i in zip(prompts, ids)] \
             if body.echo else None
-        reply = _Reply(f"cmpl-{uuid.uuid4().hex}", self.options.served_model_name, chat=False, echoes=echoes)
+        reply = Reply(f"cmpl-{uuid.uuid4().hex}", self.options.served_model_name, chat=False, echoes=echoes)
         if max_tokens == 0 and body.echo:
-            return _echo_only(reply, body, [len(i) for i in ids])
+            return echo_only(reply, body, [len(i) for i in ids])
         params = build_sampling_params(body, self.options.generation_defaults, self.engine.sampling_params_cls,
                                        max_tokens)
         for index, prompt_ids in enumerate(ids):
@@ -188,11 +189,11 @@ class OpenAIServer:
         params = build_sampling_params(body, self.options.generation_defaults, self.engine.sampling_params_cls,
                                        max_tokens)
         self.check_fits(ids, max_tokens, "messages")
-        reply = _Reply(f"chatcmpl-{uuid.uuid4().hex}", self.options.served_model_name, chat=True)
+        reply = Reply(f"chatcmpl-{uuid.uuid4().hex}", self.options.served_model_name, chat=True)
         streams = await self.submit([ids], params)
         return await self.respond(request, body, streams, reply, arrival)
 
-    async def respond(self, request: Request, body, streams, reply: "_Reply", arrival: float):
+    async def respond(self, request: Request, body, streams, reply: Reply, arrival: float):
         flight = _Flight(self, streams, arrival)
         if body.stream:
             return _FlightResponse(self.events(flight, reply, body), flight)
@@ -211,7 +212,7 @@ class OpenAIServer:
             return Response(status_code=499)
         return work.result()
 
-    async def collect(self, flight: "_Flight", reply: "_Reply") -> dict:
+    async def collect(self, flight: "_Flight", reply: Reply) -> dict:
         streams = flight.streams
         n = len(streams)
         texts, reasons, tokens = [""] * n, [None] * n, [0] * n
@@ -223,10 +224,10 @@ class OpenAIServer:
         except EngineError as error:
             raise APIError(500, f"the engine failed: {error}", "server_error") from None
         choices = [reply.choice(i, text, reason, chunk=False) for i, (text, reason) in enumerate(zip(texts, reasons))]
-        usage = _usage(sum(s.num_prompt_tokens for s in streams), sum(tokens))
-        return {**reply.envelope(chunk=False), "choices": choices, "usage": usage}
+        totals = usage(sum(s.num_prompt_tokens for s in streams), sum(tokens))
+        return {**reply.envelope(chunk=False), "choices": choices, "usage": totals}
 
-    async def events(self, flight: "_Flight", reply: "_Reply", body):
+    async def events(self, flight: "_Flight", reply: Reply, body):
         """The SSE stream: one chunk per delta (with its choice index), a usage chunk if asked, [DONE]."""
         options = body.stream_options
         include_usage = bool(options and options.include_usage)
@@ -241,12 +242,12 @@ class OpenAIServer:
                 started.add(i)
                 chunk = {**reply.envelope(chunk=True), "choices": [choice]}
                 if include_usage or continuous:
-                    chunk["usage"] = _usage(prompt_tokens, completion_tokens) if continuous else None
-                yield _sse(chunk)
+                    chunk["usage"] = usage(prompt_tokens, completion_tokens) if continuous else None
+                yield sse(chunk)
         except EngineError as error:
-            yield _sse(APIError(500, f"the engine failed: {error}", "server_error").body())
+            yield sse(APIError(500, f"the engine failed: {error}", "server_error").body())
         if include_usage:
-            yield _sse({**reply.envelope(chunk=True), "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+            yield sse({**reply.envelope(chunk=True), "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
         yield "data: [DONE]\n\n"
 
     async def tokenize_endpoint(self, body: TokenizeRequest) -> dict:
@@ -348,53 +349,6 @@ async def _merge(streams):
 async def _until_disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-class _Reply:
-    """The pieces every response and chunk of one request share."""
-
-    def __init__(self, response_id: str, model: str, chat: bool, echoes: list[str] | None = None):
-        self.id, self.model, self.chat, self.echoes, self.created = response_id, model, chat, echoes, int(time.time())
-
-    def envelope(self, chunk: bool) -> dict:
-        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
-
-    def choice(self, index: int, text: str, finish_reason: str | None, chunk: bool, first: bool = True) -> dict:
-        if not self.chat:
-            if self.echoes is not None and first:
-                text = self.echoes[index] + text
-            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        if chunk:
-            delta = {"role": "assistant", "content": text} if first else {"content": text}
-            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": finish_reason}
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def _sse(data: dict) -> str:
-    return f"data: {json.dumps(data)}\n\n"
-
-
-def _echo_only(reply: _Reply, body, prompt_lengths: list[int]):
-    """`echo` with `max_tokens: 0` (lm-eval's loglikelihood form): the prompts back, no engine work."""
-    choices = [reply.choice(i, "", "length", chunk=False) for i in range(len(prompt_lengths))]
-    usage = _usage(sum(prompt_lengths), 0)
-    if not body.stream:
-        return {**reply.envelope(chunk=False), "choices": choices, "usage": usage}
-
-    async def events():
-        for choice in choices:
-            yield _sse({**reply.envelope(chunk=True), "choices": [choice]})
-        if body.stream_options and body.stream_options.include_usage:
-            yield _sse({**reply.envelope(chunk=True), "choices": [], "usage": usage})
-        yield "data: [DONE]\n\n"
-    return StreamingResponse(events(), media_type="text/event-stream")
 
 
 # --- the app ----------------------------------------------------------------------------------------
