@@ -36,6 +36,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
+from common.engine.args import add_model_args, parse_options
 from common.serving.chat_template import chat_prompt_ids
 from common.serving.inprocess_adapter import EngineError, InProcessEngine
 from common.serving.metrics import RequestTimer, ServerMetrics, parse_metrics  # noqa: F401  (parse_metrics: re-exported)
@@ -436,16 +437,11 @@ def _add_middleware(app: FastAPI, options: ServerOptions) -> None:
 def build_parser(package: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m {package}.serve",
                                 description=f"An OpenAI-compatible server for {package}.")
-    p.add_argument("model", help="HF id or local directory")
+    add_model_args(p, model_positional=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="the name clients use (default: MODEL as given)")
-    p.add_argument("--weights", default="auto", choices=["auto", "real", "random"])
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
     p.add_argument("--seed", type=int, default=None, help="seed of the requests that bring none")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="an engine option, e.g. --option max_num_seqs=8 (repeatable)")
     p.add_argument("--generation-config", default="auto", choices=["auto", "vllm"],
                    help="sampling defaults: the model's generation_config.json (auto) or the neutral ones (vllm)")
     p.add_argument("--api-key", action="append", default=None,
@@ -491,7 +487,6 @@ def make_engine(package: str, args, options: dict):
 def main(package: str, argv: list[str] | None = None) -> None:
     import uvicorn
 
-    from common.engine.cli import parse_options
     from common.serving.sampling import generation_defaults
 
     args = build_parser(package).parse_args(argv)
