@@ -81,9 +81,14 @@ def test_completion_prompt_forms_each_get_their_choice_index(api, client):
         assert [c.text for c in out.choices] == expected
         assert out.usage.completion_tokens == 12 and out.usage.prompt_tokens == sum(map(len, ids))
     assert client.completions.create(model=MODEL, prompt=ids[1], max_tokens=6, **GREEDY).choices[0].text == expected[1]
-    chunks = list(client.completions.create(model=MODEL, prompt=texts, max_tokens=6, stream=True, **GREEDY))
-    streamed = ["".join(c.choices[0].text for c in chunks if c.choices[0].index == i) for i in (0, 1)]
-    assert streamed == expected and {c.choices[0].index for c in chunks} == {0, 1}
+    chunks = list(client.completions.create(model=MODEL, prompt=texts, max_tokens=6, stream=True, **GREEDY,
+                                            stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    streamed = ["".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in (0, 1)]
+    assert streamed == expected and {c.choices[0].index for c in chunks if c.choices} == {0, 1}
+    running = [c.usage.completion_tokens for c in chunks]                # usage in every chunk, then the total
+    assert running == sorted(running) and running[-1] == 12 and chunks[-1].choices == []
+    too_long = post(api["base"], "/v1/completions", {"model": MODEL, "prompt": ["ok", "x" * 600]})
+    assert too_long.status_code == 400 and "prompt 1" in too_long.json()["error"]["message"]
 
 
 def test_chat_content_as_string_as_text_parts_and_null_for_assistant(api, client):

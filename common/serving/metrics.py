@@ -9,8 +9,9 @@ histograms, the token counters and the finished requests by reason. The engine's
     num_preemptions                                                     total since start
     prefix_cache_queries, prefix_cache_hits                             tokens, since start (cycle 5 on)
 
-and each request's first delta may carry `queue_time_s`: from its arrival in the engine to the
-start of the step that ran its prefill (vLLM's queue time).
+and each request's first delta carries `queue_time_s`: from its arrival in the engine to the
+start of the step that ran its prefill (vLLM's queue time). A counter or a queue time the engine
+does not report is left out (the series is absent, or the histogram stays empty), never shown as 0.
 
 A prompt's tokens are counted when its first token arrives, i.e. when its prefill has run (a
 request aborted while waiting never counts), as vLLM counts them.
@@ -116,7 +117,8 @@ class ServerMetrics:
                snapshot["kv_cache_usage_perc"])
         scalar("prompt_tokens_total", "counter", "Prompt tokens of the requests whose prefill ran.", self.prompt_tokens)
         scalar("generation_tokens_total", "counter", "Tokens generated.", self.generation_tokens)
-        scalar("num_preemptions_total", "counter", "Preemptions since start.", snapshot.get("num_preemptions", 0))
+        if "num_preemptions" in snapshot:          # shown only when the engine counts them: never a made-up 0
+            scalar("num_preemptions_total", "counter", "Preemptions since start.", snapshot["num_preemptions"])
         if "prefix_cache_queries" in snapshot:      # cycle 5 on
             scalar("prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.",
                    snapshot["prefix_cache_queries"])
