@@ -26,7 +26,8 @@ from common.serving import openai_protocol as protocol  # noqa: E402
 from common.serving.chat_template import chat_prompt_ids  # noqa: E402
 from common.serving.inprocess_adapter import InProcessEngine  # noqa: E402
 from common.serving.metrics import escape, parse_metrics  # noqa: E402
-from common.serving.sampling import build_sampling_params, generation_defaults  # noqa: E402
+from common.serving.sampling import (build_sampling_params, default_max_tokens, generation_defaults,  # noqa: E402
+                                     unusable_defaults)
 from common.serving.server import ServerOptions, build_app  # noqa: E402
 
 CYCLE = "cycle5_prefix"
@@ -137,6 +138,11 @@ def test_generation_config_gives_the_defaults_and_vllm_mode_the_neutral_ones(tmp
     assert (params.temperature, params.top_p, params.top_k) == (0.6, 0.95, 20)
     params = build_sampling_params(protocol.CompletionRequest(prompt="x", temperature=0.2, top_k=3), auto, sp, 4)
     assert (params.temperature, params.top_p, params.top_k) == (0.2, 0.95, 3)   # the request wins
+    (tmp_path / "generation_config.json").write_text(json.dumps({"repetition_penalty": 1.1, "max_new_tokens": 7}))
+    penalized = generation_defaults(str(tmp_path), "auto")
+    assert unusable_defaults(penalized, sp) == ["repetition_penalty"]       # printed as a FALLBACK at start-up
+    assert build_sampling_params(protocol.CompletionRequest(prompt="x"), penalized, sp, 4).max_tokens == 4
+    assert default_max_tokens(protocol.CompletionRequest(prompt="x"), penalized, False, 0) == 7
 
 
 def test_temperature_nan_or_inf_refused_and_tiny_is_greedy(api, client):
