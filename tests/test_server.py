@@ -20,6 +20,7 @@ from conftest import CYCLES, cycle
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
+from common.serving.engine_client import InProcessEngine  # noqa: E402
 from common.serving.server import build_app, parse_metrics  # noqa: E402
 
 SERVER_CYCLES = sorted({"cycle4_batching", CYCLES[-1]})
@@ -44,7 +45,7 @@ def server(request, char_checkpoint):
     reference = cycle(name).LLM(char_checkpoint, device="cpu")   # offline generate() on the same weights
     reference.tokenizer.chat_template = TEMPLATE
     port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(build_app(llm, cycle(name), MODEL), host="127.0.0.1", port=port,
+    srv = uvicorn.Server(uvicorn.Config(build_app(InProcessEngine(llm), MODEL), host="127.0.0.1", port=port,
                                        log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()

@@ -33,9 +33,11 @@ class _Shutdown(Exception):
 class EngineCore:
     def __init__(self, llm, conn):
         self.llm, self.conn = llm, conn
+        self.sampling_params_cls = sampling_params_class(llm)
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.num_steps = 0
+        self.step_seconds_total = 0.0      # time inside llm.step(): the core's busy time
 
     def run(self) -> int:
         """Serve commands and step until told to stop (0), the front end goes away (0) or a step
@@ -60,7 +62,7 @@ class EngineCore:
         if kind == "add":
             _, token, prompt_token_ids, params = command
             try:
-                request_id = self.llm.add_request(prompt_token_ids, self.llm_params(params), detokenize=False)
+                request_id = self.llm.add_request(prompt_token_ids, self.sampling_params_cls(**params), detokenize=False)
             except (ValueError, TypeError) as error:   # the engine's own validation: a 400
                 self.conn.send(("rejected", token, str(error), "invalid"))
                 return
@@ -71,15 +73,14 @@ class EngineCore:
             self.prompt_tokens_total += len(prompt_token_ids)
             self.conn.send(("added", token, request_id))
         elif kind == "abort":
-            self.llm.abort_request(command[1])
+            # An aborted request frees its blocks now; with nothing left to step, no step would
+            # report that, so the core reports its gauges itself.
+            if self.llm.abort_request(command[1]) and not self.llm.has_unfinished_requests():
+                self.conn.send(("outputs", [], self.stats()))
         elif kind == "shutdown":
             raise _Shutdown
         else:
             raise ValueError(f"unknown engine core command {kind!r}")
-
-    def llm_params(self, params: dict):
-        """The sampling parameters as the cycle's own class (their checks ran in the front end already)."""
-        return importlib.import_module(type(self.llm).__module__.rsplit(".", 1)[0]).SamplingParams(**params)
 
     def _step(self) -> bool:
         started = time.perf_counter()
@@ -89,20 +90,25 @@ class EngineCore:
             traceback.print_exc()
             self.conn.send(("dead", f"engine step failed: {error!r}"))
             return False
-        step_s = time.perf_counter() - started
+        self.step_seconds_total += time.perf_counter() - started
         self.num_steps += 1
         batch = [(o.request_id, o.new_token_ids, o.finish_reason if o.finished else None) for o in outputs]
         self.generation_tokens_total += sum(len(o.new_token_ids) for o in outputs)
-        self.conn.send(("outputs", batch, self.stats(step_s, len(outputs))))
+        self.conn.send(("outputs", batch, self.stats()))
         return True
 
-    def stats(self, step_s: float, num_seqs: int) -> dict:
+    def stats(self) -> dict:
         scheduler, blocks = self.llm.scheduler, self.llm.block_manager
         return {"num_requests_running": len(scheduler.running), "num_requests_waiting": len(scheduler.waiting),
                 "kv_cache_usage_perc": blocks.num_used_blocks / blocks.num_blocks,
                 "prompt_tokens_total": self.prompt_tokens_total,
                 "generation_tokens_total": self.generation_tokens_total,
-                "num_steps": self.num_steps, "step_s": step_s, "step_num_seqs": num_seqs}
+                "num_steps": self.num_steps, "step_seconds_total": self.step_seconds_total}
+
+
+def sampling_params_class(llm):
+    """The SamplingParams of the engine's own cycle package (cycleN_xxx exports LLM and SamplingParams)."""
+    return importlib.import_module(type(llm).__module__.rpartition(".")[0]).SamplingParams
 
 
 def describe(llm) -> dict:

@@ -5,18 +5,21 @@
 Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (with
 `stream`: server-sent events ending in `data: [DONE]`), GET /metrics (Prometheus text).
 
-The handlers never touch the engine: common/serving/engine_loop.py's thread owns it. A handler parses and
-checks the JSON (pydantic), builds SamplingParams (their own checks), then hands the engine loop a
-function that tokenizes the prompt and adds it; the engine's own validation runs there, before
-anything is queued, and its ValueError comes back as a 400. Errors are OpenAI-shaped:
+The handlers never touch the engine: they talk to an engine client (common/serving/engine_client.py),
+whose engine core runs in a process of its own (default) or in a thread here (--no-engine-process).
+A handler parses and checks the JSON (pydantic), builds SamplingParams (their own checks), tokenizes
+the prompt, then adds it; the engine's own validation runs before anything is queued, and its
+ValueError comes back as a 400. Errors are OpenAI-shaped:
 {"error": {"message", "type", "code"}}.
 """
 
 import argparse
-import dataclasses
+import cProfile
 import importlib
 import json
+import os
 import sys
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -28,8 +31,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from common.serving.engine_loop import EngineError, EngineLoop
+from common.serving.engine_client import EngineCoreClient, EngineError, InProcessEngine
 
+EXIT_GRACE_S = 3               # seconds uvicorn may take to close connections when it stops
 DEFAULT_MAX_TOKENS = 16        # OpenAI's default for completions; chat uses what is left of the context
 
 
@@ -77,11 +81,10 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
     return JSONResponse({"error": {"message": message, "type": type_, "code": status}}, status_code=status)
 
 
-def build_app(llm, engine_module, served_model_name: str) -> FastAPI:
-    """The FastAPI app for one engine; its lifespan starts and stops the engine loop."""
-    engine = EngineLoop(llm)
-    max_model_len = llm.config.max_position_embeddings
-    has_template = bool(getattr(llm.tokenizer, "chat_template", None))
+def build_app(engine, served_model_name: str) -> FastAPI:
+    """The FastAPI app for one engine client; its lifespan starts and stops the engine."""
+    max_model_len = engine.max_model_len
+    has_template = bool(getattr(engine.tokenizer, "chat_template", None))
     if not has_template:
         print(f"note: {served_model_name} has no chat template: chat messages are joined as plain text", file=sys.stderr)
 
@@ -89,7 +92,7 @@ def build_app(llm, engine_module, served_model_name: str) -> FastAPI:
     async def lifespan(app):
         engine.start()
         yield
-        engine.stop()
+        engine.shutdown()
 
     app = FastAPI(title="vllm-learn", lifespan=lifespan)
     app.state.engine = engine
@@ -110,13 +113,13 @@ def build_app(llm, engine_module, served_model_name: str) -> FastAPI:
     @app.get("/health")
     async def health():
         if not engine.alive:
-            return error_response(503, "the engine loop is not running", "server_error")
+            return error_response(503, "the engine is not running", "server_error")
         return {"status": "ok"}
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": 0,
-                                            "owned_by": "vllm-learn", "root": llm.source.name,
+                                            "owned_by": "vllm-learn", "root": engine.source.name,
                                             "max_model_len": max_model_len}]}
 
     @app.get("/metrics")
@@ -130,18 +133,20 @@ def build_app(llm, engine_module, served_model_name: str) -> FastAPI:
         if body.n != 1:
             raise APIError(400, f"n={body.n}: this server returns one choice per request (n=1)")
         try:
-            return engine_module.SamplingParams(
+            return engine.sampling_params_cls(
                 temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
                 max_tokens=max_tokens if max_tokens is not None else DEFAULT_MAX_TOKENS,
                 ignore_eos=body.ignore_eos, stop=body.stop)
         except (ValueError, TypeError) as error:
             raise APIError(400, str(error))
 
-    async def submit(build):
+    async def submit(prompt_token_ids, params):
         try:
-            return await engine.add(build)
+            return await engine.add(prompt_token_ids, params)
         except (ValueError, TypeError) as error:
             raise APIError(400, str(error))
+        except EngineError as error:
+            raise APIError(503 if not engine.alive else 500, str(error), "server_error")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
@@ -151,16 +156,12 @@ def build_app(llm, engine_module, served_model_name: str) -> FastAPI:
             if len(prompt) != 1:
                 raise APIError(400, f"got {len(prompt)} prompts: this server takes one prompt per request")
             prompt = prompt[0]
-
-        def build(llm):
-            ids = prompt if isinstance(prompt, list) else llm.tokenizer(prompt).input_ids
-            return ids, params
-
-        request_id, prompt_tokens, outputs = await submit(build)
+        ids = prompt if isinstance(prompt, list) else engine.tokenizer(prompt).input_ids
+        stream = await submit(ids, params)
         response = _Response(f"cmpl-{uuid.uuid4().hex}", served_model_name, chat=False)
         if body.stream:
-            return _stream(engine, request_id, prompt_tokens, outputs, response, body)
-        return await _collect(engine, request_id, prompt_tokens, outputs, response)
+            return _stream(engine, stream, response, body)
+        return await _collect(engine, stream, response)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
@@ -169,20 +170,14 @@ def build_app(llm, engine_module, served_model_name: str) -> FastAPI:
         messages = [m.model_dump() for m in body.messages]
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = sampling_params(body, max_tokens if max_tokens is not None else 1)  # checked now
-
-        def build(llm):
-            ids = chat_prompt_ids(llm.tokenizer, messages, has_template, body.chat_template_kwargs or {})
-            if max_tokens is not None:
-                return ids, params
-            # As vLLM: what is left of the context (and of the KV pool, which must hold it all).
-            pool = llm.block_manager.num_blocks * llm.block_manager.block_size
-            return ids, dataclasses.replace(params, max_tokens=max(1, min(max_model_len, pool) - len(ids)))
-
-        request_id, prompt_tokens, outputs = await submit(build)
+        ids = chat_prompt_ids(engine.tokenizer, messages, has_template, body.chat_template_kwargs or {})
+        if max_tokens is None:   # as vLLM: what is left of the context (and of the KV pool, which must hold it all)
+            params = sampling_params(body, max(1, min(max_model_len, engine.kv_pool_tokens) - len(ids)))
+        stream = await submit(ids, params)
         response = _Response(f"chatcmpl-{uuid.uuid4().hex}", served_model_name, chat=True)
         if body.stream:
-            return _stream(engine, request_id, prompt_tokens, outputs, response, body)
-        return await _collect(engine, request_id, prompt_tokens, outputs, response)
+            return _stream(engine, stream, response, body)
+        return await _collect(engine, stream, response)
 
     return app
 
@@ -221,30 +216,26 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-async def _next(outputs):
-    out = await outputs.get()
-    if isinstance(out, EngineError):
-        raise APIError(500, str(out), "server_error")
-    return out
-
-
-async def _collect(engine: EngineLoop, request_id: int, prompt_tokens: int, outputs, response: _Response):
-    """A non-streamed response: wait for the finished output. Were the handler cancelled, abort."""
-    finished = False
+async def _next(stream):
     try:
-        while True:
-            out = await _next(outputs)
-            if out.finished:
-                finished = True
-                break
+        return await anext(stream)
+    except EngineError as error:
+        raise APIError(500, str(error), "server_error")
+
+
+async def _collect(engine, stream, response: _Response):
+    """A non-streamed response: wait for the finished output. Were the handler cancelled, abort."""
+    try:
+        while not (await _next(stream)).finished:
+            pass
     finally:
-        if not finished:
-            engine.abort(request_id)
-    return {**response.envelope(chunk=False), "choices": [response.choice(out.text, out.finish_reason, chunk=False)],
-            "usage": _usage(prompt_tokens, len(out.token_ids))}
+        if not stream.finished:
+            engine.abort(stream.request_id)
+    return {**response.envelope(chunk=False), "choices": [response.choice(stream.text, stream.finish_reason, chunk=False)],
+            "usage": _usage(stream.num_prompt_tokens, len(stream.token_ids))}
 
 
-def _stream(engine: EngineLoop, request_id: int, prompt_tokens: int, outputs, response: _Response, body):
+def _stream(engine, stream, response: _Response, body):
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     def sse(data: dict) -> str:
@@ -257,7 +248,7 @@ def _stream(engine: EngineLoop, request_id: int, prompt_tokens: int, outputs, re
         try:
             while not finished:
                 try:
-                    out = await _next(outputs)
+                    out = await _next(stream)
                 except APIError as error:
                     yield f"data: {json.dumps({'error': {'message': error.message, 'type': error.type, 'code': error.status}})}\n\n"
                     finished = True   # the engine loop dropped the request already
@@ -268,11 +259,11 @@ def _stream(engine: EngineLoop, request_id: int, prompt_tokens: int, outputs, re
                 first = False
                 yield sse({**response.envelope(chunk=True), "choices": [choice]})
             if include_usage:
-                yield sse({**response.envelope(chunk=True), "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+                yield sse({**response.envelope(chunk=True), "choices": [], "usage": _usage(stream.num_prompt_tokens, completion_tokens)})
             yield "data: [DONE]\n\n"
         finally:
             if not finished:   # the client went away mid-stream: free its blocks now
-                engine.abort(request_id)
+                engine.abort(stream.request_id)
 
     return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -314,6 +305,10 @@ def build_parser(package: str) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed of the requests that bring none")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="an engine option, e.g. --option max_num_seqs=8 (repeatable)")
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the engine core in a process of its own (default), or in a thread of the server")
+    p.add_argument("--profile-dir", default=None,
+                   help="write cProfile stats of the front end (front_end.prof) and the core (core.prof) here at exit")
     return p
 
 
@@ -323,14 +318,37 @@ def main(package: str, argv: list[str] | None = None) -> None:
     from common.engine.cli import parse_options
 
     args = build_parser(package).parse_args(argv)
-    module = importlib.import_module(package)
-    options: dict[str, Any] = parse_options(args.option)
+    options: dict[str, Any] = dict(device=args.device, dtype=args.dtype, weights=args.weights, seed=args.seed,
+                                   **parse_options(args.option))
+    profile_dir = args.profile_dir
+    if profile_dir:
+        os.makedirs(profile_dir, exist_ok=True)
     try:
-        llm = module.LLM(args.model, device=args.device, dtype=args.dtype, weights=args.weights,
-                         seed=args.seed, **options)
+        if args.engine_process:
+            engine = EngineCoreClient(package, args.model, options,
+                                      profile_path=os.path.join(profile_dir, "core.prof") if profile_dir else None)
+        else:
+            engine = InProcessEngine(importlib.import_module(package).LLM(args.model, **options))
     except (ValueError, TypeError) as error:
         raise SystemExit(f"error: {error}")
-    print(f"{package}: {llm.source.name} ({llm.source.weights} weights) on {llm.device}, "
-          f"serving as {args.served_model_name or args.model!r} at http://{args.host}:{args.port}/v1", file=sys.stderr)
-    uvicorn.run(build_app(llm, module, args.served_model_name or args.model), host=args.host, port=args.port,
-                log_level="info")
+    where = f"engine core in process {engine.pid}" if args.engine_process else "engine core in a thread of this process"
+    print(f"{package}: {engine.source.name} ({engine.source.weights} weights), {where}, serving as "
+          f"{args.served_model_name or args.model!r} at http://{args.host}:{args.port}/v1", file=sys.stderr)
+    server = uvicorn.Server(uvicorn.Config(build_app(engine, args.served_model_name or args.model), host=args.host,
+                                           port=args.port, log_level="info", timeout_graceful_shutdown=EXIT_GRACE_S))
+    engine.on_dead = lambda reason: _exit_soon(server)
+    if profile_dir:   # the front end: the event loop's thread (HTTP, JSON, tokenizing, detokenizing, SSE)
+        profiler = cProfile.Profile()
+        profiler.runcall(server.run)
+        profiler.dump_stats(os.path.join(profile_dir, "front_end.prof"))
+    else:
+        server.run()
+    if not engine.alive:
+        raise SystemExit(f"error: the engine died: {engine.dead_reason}")
+
+
+def _exit_soon(server) -> None:
+    """The engine is dead: stop serving (every stream has had its error) and exit non-zero, as
+    vLLM's server does. Should a connection keep uvicorn from stopping, the process exits anyway."""
+    server.should_exit = True
+    threading.Timer(2 * EXIT_GRACE_S, os._exit, args=(1,)).start()
