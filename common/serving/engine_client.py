@@ -33,7 +33,8 @@ from multiprocessing.connection import wait
 
 from common.engine.detokenizer import IncrementalDetokenizer
 from common.engine.model_source import load_tokenizer
-from common.serving.engine_core import EngineCore, core_threads, describe, run_core_process, sampling_params_class
+from common.serving.engine_core import (EngineCore, core_threads, describe, run_core_process, run_profiled,
+                                       sampling_params_class)
 from common.serving.latency import Histogram, LATENCY_BUCKETS
 
 CORE_LOAD_TIMEOUT_S = 900     # loading and warming a model in the core; a core that takes longer is stuck
@@ -260,10 +261,11 @@ class InProcessEngine(_CoreConnection):
     GIL that the event loop, the tokenizer and the detokenizer need too, and its torch threads
     share the cores with them."""
 
-    def __init__(self, llm):
+    def __init__(self, llm, profile_path: str | None = None):
         front, back = multiprocessing.Pipe(duplex=True)
         self._core = EngineCore(llm, back)
-        self._core_thread = threading.Thread(target=self._core.run, name="engine-core", daemon=True)
+        self._core_thread = threading.Thread(target=run_profiled, args=(self._core, profile_path),
+                                             name="engine-core", daemon=True)
         self._init_front_end(front, describe(llm), sampling_params_class(llm), llm.tokenizer)
 
     def start(self) -> None:

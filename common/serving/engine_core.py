@@ -146,10 +146,15 @@ def run_core_process(conn, package: str, model: str, options: dict, num_threads:
         sys.exit(1)
     print(f"engine core: pid {os.getpid()}, {num_threads} torch threads", file=sys.stderr, flush=True)
     conn.send(("ready", describe(llm)))
-    core = EngineCore(llm, conn)
+    sys.exit(run_profiled(EngineCore(llm, conn), profile_path))
+
+
+def run_profiled(core: EngineCore, profile_path: str | None) -> int:
+    """core.run(), under cProfile when a path is given (scripts/profile_server.py reads the file)."""
     if profile_path is None:
-        sys.exit(core.run())
+        return core.run()
     profiler = cProfile.Profile()
-    status = profiler.runcall(core.run)
-    profiler.dump_stats(profile_path)
-    sys.exit(status)
+    try:
+        return profiler.runcall(core.run)
+    finally:
+        profiler.dump_stats(profile_path)

@@ -323,12 +323,12 @@ def main(package: str, argv: list[str] | None = None) -> None:
     profile_dir = args.profile_dir
     if profile_dir:
         os.makedirs(profile_dir, exist_ok=True)
+    core_profile = os.path.join(profile_dir, "core.prof") if profile_dir else None
     try:
         if args.engine_process:
-            engine = EngineCoreClient(package, args.model, options,
-                                      profile_path=os.path.join(profile_dir, "core.prof") if profile_dir else None)
+            engine = EngineCoreClient(package, args.model, options, profile_path=core_profile)
         else:
-            engine = InProcessEngine(importlib.import_module(package).LLM(args.model, **options))
+            engine = InProcessEngine(importlib.import_module(package).LLM(args.model, **options), core_profile)
     except (ValueError, TypeError) as error:
         raise SystemExit(f"error: {error}")
     where = f"engine core in process {engine.pid}" if args.engine_process else "engine core in a thread of this process"
