@@ -198,3 +198,29 @@ def _healthy(base: str) -> bool:
         return httpx.get(base + "/health", timeout=5).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_a_step_that_raises_fails_the_streams_and_marks_the_engine_dead(char_checkpoint):
+    """In a thread (InProcessEngine) the core runs the same loop: a step that raises ends it."""
+    from common.serving.engine_client import EngineDeadError, InProcessEngine
+
+    llm = cycle(NAME).LLM(char_checkpoint, device="cpu")
+    engine = InProcessEngine(llm)
+    dead = []
+    engine.on_dead = dead.append
+
+    def broken_step():
+        raise RuntimeError("out of cheese")
+
+    async def run():
+        engine.start()
+        llm.step = broken_step
+        stream = await engine.add([5, 6, 7], engine.sampling_params_cls(temperature=0, max_tokens=4))
+        with pytest.raises(EngineDeadError, match="out of cheese"):
+            await asyncio.wait_for(anext(stream), TIMEOUT_S)
+        assert not engine.alive and dead
+        with pytest.raises(EngineDeadError):
+            await engine.add([5, 6], engine.sampling_params_cls(max_tokens=2))
+        engine.shutdown()
+
+    asyncio.run(run())
