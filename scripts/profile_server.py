@@ -57,7 +57,7 @@ def drive_vllm(args, model_dir: str, out: pathlib.Path) -> None:
                     "--endpoint", "/v1/completions", "--model", model_dir, "--tokenizer", model_dir,
                     "--served-model-name", SERVED, "--dataset-name", "random", "--random-input-len", str(args.input_len),
                     "--random-output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
-                    "--request-rate", str(args.rate), "--ignore-eos", "--seed", "0", "--disable-tqdm",
+                    "--request-rate", str(args.rate), "--ignore-eos", "--seed", "0", "--temperature", "0", "--disable-tqdm",
                     "--percentile-metrics", "ttft,tpot,itl,e2el", "--save-result", "--result-dir", str(out),
                     "--result-filename", "client.json"], check=True, timeout=args.limit_s)
 

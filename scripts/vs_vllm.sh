@@ -8,7 +8,8 @@
 # One server at a time on the same port (ours first, then vLLM's), each started with a time limit
 # in its own process group and killed at the end whatever happens (trap). The load is the one the
 # chapter reports: random dataset, 64 tokens in, 32 out, --ignore-eos, seed 0, one request rate
-# per run. Results: docs/results/$NAME/{ours,vllm}_rate$R.json (vLLM's client's own result files),
+# per run, greedy (--temperature 0: vLLM's client no longer sends a temperature by default, and the
+# two servers' own defaults differ). Results: docs/results/$NAME/{ours,vllm}_rate$R.json (vLLM's client's own result files),
 # compare.md (mean TPOT, mean E2EL, mean and p99 TTFT, req/s, ours / vLLM), machine.txt and the
 # two servers' logs.
 #
@@ -70,7 +71,7 @@ bench() {   # bench LABEL RATE: vLLM's client, built from its own parser (add_cl
     --backend openai --base-url "http://127.0.0.1:$PORT" --endpoint /v1/completions \
     --model "$MODEL_DIR" --tokenizer "$MODEL_DIR" --served-model-name "$SERVED" \
     --dataset-name random --random-input-len "$INPUT_LEN" --random-output-len "$OUTPUT_LEN" \
-    --num-prompts "$NUM_PROMPTS" --request-rate "$rate" --ignore-eos --seed 0 \
+    --num-prompts "$NUM_PROMPTS" --request-rate "$rate" --ignore-eos --seed 0 --temperature 0 \
     --percentile-metrics ttft,tpot,itl,e2el --metric-percentiles 50,99 --disable-tqdm \
     --save-result --result-dir "$OUT" --result-filename "${label}_rate${rate}.json" <<'EOF'
 import argparse, sys
@@ -87,7 +88,7 @@ EOF
   echo "ours: python -m $CYCLE.serve $MODEL_DIR --served-model-name $SERVED $OUR_FLAGS (torch $("$PY" -c 'import torch; print(torch.__version__)'))"
   echo "vllm: $("$VLLM_PY" -c 'import vllm; print(vllm.__version__)'), --dtype float32 --max-num-seqs 64 --enforce-eager, VLLM_CPU_KVCACHE_SPACE=4"
   echo "model: HuggingFaceTB/SmolLM2-135M-Instruct, real weights ($MODEL_DIR), fp32"
-  echo "load: vllm.benchmarks.serve, backend openai, random dataset, $INPUT_LEN in / $OUTPUT_LEN out tokens, $NUM_PROMPTS requests, --ignore-eos, seed 0, rates: $RATES req/s"
+  echo "load: vllm.benchmarks.serve, backend openai, random dataset, $INPUT_LEN in / $OUTPUT_LEN out tokens, $NUM_PROMPTS requests, --ignore-eos, --temperature 0, seed 0, rates: $RATES req/s"
 } >"$OUT/machine.txt"
 
 # shellcheck disable=SC2086  # OUR_FLAGS is a list of flags

@@ -337,12 +337,14 @@ def main(package: str, argv: list[str] | None = None) -> None:
     server = uvicorn.Server(uvicorn.Config(build_app(engine, args.served_model_name or args.model), host=args.host,
                                            port=args.port, log_level="info", timeout_graceful_shutdown=EXIT_GRACE_S))
     engine.on_dead = lambda reason: _exit_soon(server)
-    if profile_dir:   # the front end: the event loop's thread (HTTP, JSON, tokenizing, detokenizing, SSE)
-        profiler = cProfile.Profile()
-        profiler.runcall(server.run)
-        profiler.dump_stats(os.path.join(profile_dir, "front_end.prof"))
-    else:
-        server.run()
+    profiler = cProfile.Profile() if profile_dir else None   # the front end: the event loop's thread
+    try:
+        profiler.runcall(server.run) if profiler else server.run()
+    except KeyboardInterrupt:     # Ctrl+C: uvicorn has shut down cleanly and re-raises it
+        pass
+    finally:
+        if profiler:
+            profiler.dump_stats(os.path.join(profile_dir, "front_end.prof"))
     if not engine.alive:
         raise SystemExit(f"error: the engine died: {engine.dead_reason}")
 
