@@ -1,10 +1,12 @@
 """The command line a reader runs first."""
 
+import argparse
 import subprocess
 import sys
 
 import pytest
 
+from common.engine.args import add_model_args, parse_options
 from conftest import CYCLES, SMOLLM2
 
 
@@ -33,3 +35,20 @@ def test_smollm2_knows_the_capital_of_france():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
+
+
+def test_model_args_and_options_parse():
+    p = argparse.ArgumentParser()
+    add_model_args(p)
+    args = p.parse_args(["--model", "m", "--weights", "random", "--option", "max_num_seqs=8", "--option", "x=0.5",
+                         "--option", "quantization=None", "--option", "compile=true", "--option", "name=a=b"])
+    assert (args.model, args.weights, args.device, args.dtype) == ("m", "random", None, None)
+    assert parse_options(args.option) == {"max_num_seqs": 8, "x": 0.5, "quantization": None, "compile": True,
+                                          "name": "a=b"}
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        parse_options(["max_num_seqs"])
+    with pytest.raises(SystemExit):  # argparse refuses a weights kind it does not know
+        p.parse_args(["--weights", "fake"])
+    served = argparse.ArgumentParser()
+    add_model_args(served, model_positional=True)
+    assert served.parse_args(["some/model", "--device", "cpu"]).model == "some/model"

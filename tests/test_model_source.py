@@ -1,4 +1,5 @@
-"""Tests for common/engine/model_source.py: finding models online or offline and loading their weights."""
+"""Tests for common/engine/model_source.py and its offline fallbacks (gguf_source.py, random_weights.py,
+model_dir.py): finding models online or offline and loading their weights."""
 import json
 import time
 
@@ -6,9 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
-from common.engine import model_source
-from common.engine.model_source import (ModelSource, cache_dir, eos_token_ids, load_tokenizer, load_weights,
-                                 resolve_model, rope_theta)
+from common.engine.gguf_source import _clean_gguf_config
+from common.engine.model_dir import cache_dir, publish_dir
+from common.engine.model_source import (ModelSource, eos_token_ids, load_tokenizer, load_weights, resolve_model,
+                                        rope_theta)
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=256, max_position_embeddings=128)
@@ -229,7 +231,7 @@ def test_gguf_config_is_cleaned(tmp_path):
     # The GGUF gives eps as float32 and a quantization_config that must not reach config.json.
     config = LlamaConfig(**TINY, rms_norm_eps=float(torch.tensor(1e-5, dtype=torch.float32)))
     config.quantization_config = {"quant_method": "gguf"}
-    clean = model_source._clean_gguf_config(config)
+    clean = _clean_gguf_config(config)
     clean.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["rms_norm_eps"] == 1e-5 and "quantization_config" not in saved
@@ -244,7 +246,7 @@ def test_cache_dirs_are_published_whole(tmp_path):
         raise RuntimeError("killed mid-conversion")
 
     with pytest.raises(RuntimeError):
-        model_source._publish_dir(crash, final)
+        publish_dir(crash, final)
     assert list(tmp_path.iterdir()) == []  # no half-written cache, no leftover temp dir
 
     def lose_race(tmp):  # another process publishes while we are still building
@@ -252,7 +254,7 @@ def test_cache_dirs_are_published_whole(tmp_path):
         final.mkdir()
         (final / "config.json").write_text("theirs")
 
-    assert model_source._publish_dir(lose_race, final) == final
+    assert publish_dir(lose_race, final) == final
     assert (final / "config.json").read_text() == "theirs"
     assert list(tmp_path.iterdir()) == [final]
 

@@ -206,3 +206,15 @@ def test_http_benchmark_client_times_every_token(server):
     assert [len(r.token_times_s) for r in records] == [6, 3]   # one chunk per token
     assert records[1].token_times_s[0] >= 0.05
     assert serving_metrics(records, 10, 10)["completed"] == 2
+
+
+def test_http_benchmark_records_the_server_it_measured(server):
+    """A stored HTTP result names what answered: the server's own /v1/models, beside its URL."""
+    from common.benchmark.http_bench import server_identity
+
+    found = server_identity(server["base"] + "/v1")
+    assert found["base_url"] == server["base"] + "/v1"
+    assert [m["id"] for m in found["models"]] == [MODEL]
+    assert found["models"][0]["root"] == server["llm"].source.name
+    gone = server_identity(f"http://127.0.0.1:{_free_port()}/v1")   # nothing listens there
+    assert gone["models"] is None and gone["error"]

