@@ -136,11 +136,12 @@ class LLM:
 
     # --- the engine loop, in vLLM's LLMEngine vocabulary ---------------------------------------
 
-    def add_request(self, prompt, sampling_params: SamplingParams | None = None) -> int:
+    def add_request(self, prompt, sampling_params: SamplingParams | None = None, detokenize: bool = True) -> int:
         """Validate one prompt and queue it; returns its request id. Its text is detokenized as it
-        is generated, so every step() output carries the new text (delta_text) to stream."""
+        is generated, so every step() output carries the new text (delta_text) to stream; with
+        detokenize=False only token ids (no text, no stop strings: a server front end does those)."""
         return self._add(prepare_requests([prompt], sampling_params, self.tokenizer, self.config.vocab_size,
-                                          self.config.max_position_embeddings, SamplingParams), stream=True)[0]
+                                          self.config.max_position_embeddings, SamplingParams), stream=True, detokenize=detokenize)[0]
 
     def abort_request(self, request_id: int) -> bool:
         """Remove a request, waiting or running, and free its KV blocks now. False if there is no
@@ -189,7 +190,7 @@ class LLM:
 
     # --- helpers -------------------------------------------------------------------------------
 
-    def _add(self, requests, arrival: float | None = None, stream: bool = False) -> list[int]:
+    def _add(self, requests, arrival: float | None = None, stream: bool = False, detokenize: bool = True) -> list[int]:
         seqs = []
         for r in requests:
             seq = Sequence(self._next_id, r.prompt, r.prompt_token_ids, r.sampling_params,
@@ -197,7 +198,7 @@ class LLM:
                            arrival if arrival is not None else time.perf_counter())
             # Only streamed requests (and stop strings) pay for detokenizing every step; generate()
             # decodes each request once, at the end.
-            if stream or r.sampling_params.stop:
+            if detokenize and (stream or r.sampling_params.stop):
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, r.prompt_token_ids, r.sampling_params.stop)
             self._next_id += 1
             seqs.append(seq)

@@ -24,7 +24,7 @@ openai = pytest.importorskip("openai")
 
 from common.serving import openai_protocol as protocol  # noqa: E402
 from common.serving.chat_template import chat_prompt_ids  # noqa: E402
-from common.serving.inprocess_adapter import InProcessEngine  # noqa: E402
+from common.serving.engine_client import InProcessEngine  # noqa: E402
 from common.serving.metrics import escape, parse_metrics  # noqa: E402
 from common.serving.sampling import (build_sampling_params, default_max_tokens, generation_defaults,  # noqa: E402
                                      unusable_defaults)

@@ -22,7 +22,7 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from common.serving.chat_template import chat_prompt_ids  # noqa: E402
-from common.serving.inprocess_adapter import InProcessEngine  # noqa: E402
+from common.serving.engine_client import InProcessEngine  # noqa: E402
 from common.serving.server import build_app, parse_metrics  # noqa: E402
 
 SERVER_CYCLES = sorted({"cycle4_batching", CYCLES[-1]})

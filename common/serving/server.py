@@ -38,7 +38,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from common.engine.args import add_model_args, parse_options
 from common.serving.chat_template import chat_prompt_ids
-from common.serving.inprocess_adapter import EngineError, InProcessEngine
+from common.serving.engine_client import EngineCoreClient, EngineError, InProcessEngine
 from common.serving.metrics import RequestTimer, ServerMetrics, parse_metrics  # noqa: F401  (parse_metrics: re-exported)
 from common.serving.middleware import ApiKey, BodyLimit
 from common.serving.openai_protocol import (REFUSED_CHAT, REFUSED_COMPLETIONS, APIError, ChatRequest,
@@ -453,6 +453,10 @@ def build_parser(package: str) -> argparse.ArgumentParser:
     p.add_argument("--max-request-body-bytes", type=int, default=MAX_BODY_BYTES, help="larger bodies get 413")
     p.add_argument("--trust-request-chat-template", action="store_true",
                    help="allow a chat_template in requests (it runs on the server, sandboxed)")
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the engine core in a process of its own (default), or in a thread of the server")
+    p.add_argument("--profile-dir", default=None,
+                   help="write cProfile stats of the front end (front_end.prof) and the core (core.prof) here at exit")
     return p
 
 
@@ -475,23 +479,36 @@ def server_options(args, generation_defaults: dict) -> ServerOptions:
                          trust_request_chat_template=args.trust_request_chat_template)
 
 
-def make_engine(package: str, args, options: dict):
-    """The engine client: the cycle's LLM, stepped by a thread of this process."""
-    module = importlib.import_module(package)
-    llm = module.LLM(args.model, device=args.device, dtype=args.dtype, weights=args.weights, seed=args.seed,
-                     **options)
-    print(f"{package}: {llm.source.name} ({llm.source.weights} weights) on {llm.device}", file=sys.stderr)
-    return InProcessEngine(llm), llm.source.path
+EXIT_GRACE_S = 3               # seconds uvicorn may take to close connections when it stops
+
+
+def make_engine(package: str, args, options: dict, core_profile: str | None = None):
+    """The engine client: the core in a process of its own (default) or in a thread of this one."""
+    options = dict(device=args.device, dtype=args.dtype, weights=args.weights, seed=args.seed, **options)
+    if args.engine_process:
+        engine = EngineCoreClient(package, args.model, options, profile_path=core_profile)
+    else:
+        engine = InProcessEngine(importlib.import_module(package).LLM(args.model, **options), core_profile)
+    where = f"engine core in process {engine.pid}" if args.engine_process else "engine core in a thread of this process"
+    print(f"{package}: {engine.source.name} ({engine.source.weights} weights), {where}", file=sys.stderr)
+    return engine, engine.source.path
 
 
 def main(package: str, argv: list[str] | None = None) -> None:
+    import cProfile
+    import threading
+
     import uvicorn
 
     from common.serving.sampling import generation_defaults
 
     args = build_parser(package).parse_args(argv)
+    profile_dir = args.profile_dir
+    if profile_dir:
+        os.makedirs(profile_dir, exist_ok=True)
     try:
-        engine, model_dir = make_engine(package, args, parse_options(args.option))
+        engine, model_dir = make_engine(package, args, parse_options(args.option),
+                                        os.path.join(profile_dir, "core.prof") if profile_dir else None)
         defaults = generation_defaults(model_dir, args.generation_config)
     except (ValueError, TypeError) as error:
         raise SystemExit(f"error: {error}")
@@ -500,4 +517,23 @@ def main(package: str, argv: list[str] | None = None) -> None:
               f"served without it", file=sys.stderr)
     options = server_options(args, defaults)
     print(f"serving {options.served_model_name!r} at http://{args.host}:{args.port}/v1", file=sys.stderr)
-    uvicorn.run(build_app(engine, options), host=args.host, port=args.port, log_level="info")
+    server = uvicorn.Server(uvicorn.Config(build_app(engine, options), host=args.host, port=args.port,
+                                           log_level="info", timeout_graceful_shutdown=EXIT_GRACE_S))
+
+    def exit_soon(reason):
+        """The engine is dead: stop serving (every stream has had its error) and exit non-zero, as
+        vLLM's server does. Should a connection keep uvicorn from stopping, the process exits anyway."""
+        server.should_exit = True
+        threading.Timer(2 * EXIT_GRACE_S, os._exit, args=(1,)).start()
+
+    engine.on_dead = exit_soon
+    profiler = cProfile.Profile() if profile_dir else None   # the front end: the event loop's thread
+    try:
+        profiler.runcall(server.run) if profiler else server.run()
+    except KeyboardInterrupt:     # Ctrl+C: uvicorn has shut down cleanly and re-raises it
+        pass
+    finally:
+        if profiler:
+            profiler.dump_stats(os.path.join(profile_dir, "front_end.prof"))
+    if not engine.alive:
+        raise SystemExit(f"error: the engine died: {engine.dead_reason}")
