@@ -23,6 +23,7 @@ gets EngineDeadError at once, and `on_dead` (set by the server) shuts the server
 
 import asyncio
 import dataclasses
+import importlib
 import itertools
 import multiprocessing
 import os
@@ -172,6 +173,8 @@ class _CoreConnection:
         self._reader.start()
 
     def _send(self, message) -> None:
+        # Called on the event loop. The core reads between steps; the socket's buffer holds
+        # hundreds of commands meanwhile, so a send does not wait for a step in practice.
         try:
             with self._send_lock:
                 self._conn.send(message)
@@ -285,8 +288,6 @@ class EngineCoreClient(_CoreConnection):
 
     def __init__(self, package: str, model: str, options: dict, num_threads: int | None = None,
                  profile_path: str | None = None):
-        import importlib
-
         import torch
         # The front end's work is Python (HTTP, JSON, tokenizer calls): one torch thread is all it
         # needs, and the cores are left to the core's torch threads. The Rust tokenizer's own thread
