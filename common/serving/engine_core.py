@@ -117,8 +117,7 @@ def describe(llm) -> dict:
     blocks = llm.block_manager
     return {"source": llm.source, "vocab_size": llm.source.config.vocab_size,
             "max_model_len": llm.source.config.max_position_embeddings,
-            "eos_token_ids": sorted(llm.eos_token_ids), "kv_pool_tokens": blocks.num_blocks * blocks.block_size,
-            "device": str(llm.device)}
+            "eos_token_ids": sorted(llm.eos_token_ids), "kv_pool_tokens": blocks.num_blocks * blocks.block_size}
 
 
 def core_threads() -> int:
