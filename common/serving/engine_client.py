@@ -39,7 +39,7 @@ from common.serving.engine_core import (EngineCore, core_threads, describe, run_
 from common.serving.latency import Histogram, LATENCY_BUCKETS
 
 CORE_LOAD_TIMEOUT_S = 900     # loading and warming a model in the core; a core that takes longer is stuck
-CORE_EXIT_TIMEOUT_S = 10      # a core told to stop that has not exited by then is killed
+CORE_EXIT_TIMEOUT_S = 20      # a core told to stop that has not exited by then is killed
 
 
 class EngineError(RuntimeError):

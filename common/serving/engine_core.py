@@ -21,6 +21,7 @@ CPU cores that no HTTP handler competes for.
 import cProfile
 import importlib
 import os
+import signal
 import sys
 import time
 import traceback
@@ -134,6 +135,9 @@ def run_core_process(conn, package: str, model: str, options: dict, num_threads:
     describe(), and serves until the front end says stop; its exit status says how it ended."""
     import torch
 
+    # Ctrl+C in a terminal reaches every process of the group. The front end owns shutdown (it sends
+    # "shutdown"; were it to die, the pipe's EOF ends the core), so the core must not die mid-step.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The core does the heavy math, so its torch gets every core. The front end process has set its
     # own torch to one thread: the two processes do not fight over the same cores.
     torch.set_num_threads(num_threads)
