@@ -114,7 +114,7 @@ class _CoreConnection:
         self.source = info["source"]
         self.tokenizer = tokenizer
         self.vocab_size, self.max_model_len = info["vocab_size"], info["max_model_len"]
-        self.eos_token_ids, self.kv_pool_tokens = info["eos_token_ids"], info["kv_pool_tokens"]
+        self.eos_token_ids, self.kv_pool_tokens = set(info["eos_token_ids"]), info["kv_pool_tokens"]
         self.sampling_params_cls = sampling_params_cls
         self.model_name = self.source.name
         self.on_dead = None                 # called once, on the event loop, with the reason
