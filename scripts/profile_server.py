@@ -30,7 +30,7 @@ SERVED = "smollm2"
 # Functions whose cumulative time says what a process spent its time on (substring of pstats' key).
 CORE_PARTS = {"llm.step (the engine's work)": "(step)", "waiting for commands (idle)": "(recv)",
               "sending outputs": "(send)"}
-FRONT_PARTS = {"event loop waiting (idle)": "(select)", "detokenizing": "(update)",
+FRONT_PARTS = {"event loop waiting (idle)": "select.epoll", "detokenizing": "(update)",
                "tokenizing": "tokenization_utils_base.py", "SSE / JSON encoding": "(dumps)",
                "engine client: outputs to streams": "(_on_outputs)"}
 
@@ -121,7 +121,9 @@ def main() -> None:
         drive_vllm(args, model_dir, out) if client.startswith("vLLM") else drive_ours(args)
         load_s = time.perf_counter() - started
     finally:
-        os.killpg(server.pid, signal.SIGINT)      # uvicorn stops cleanly: both profiles get written
+        # One SIGINT to `timeout`, which passes it to the server: uvicorn stops cleanly, the core is
+        # told to stop, and both profiles get written (a second SIGINT would make uvicorn force-quit).
+        os.kill(server.pid, signal.SIGINT)
         try:
             server.wait(60)
         except subprocess.TimeoutExpired:

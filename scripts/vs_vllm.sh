@@ -84,7 +84,7 @@ EOF
 
 {
   echo "date: $(date -u +%FT%TZ)"; echo "git: $(git rev-parse --short HEAD)$(git diff --quiet || echo ' (dirty)')"
-  echo "cpu: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores usable"
+  echo "cpu: $(lscpu | sed -n 's/^Model name: *//p'), $("$PY" -c 'import os; print(len(os.sched_getaffinity(0)))') cores usable, OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}"
   echo "ours: python -m $CYCLE.serve $MODEL_DIR --served-model-name $SERVED $OUR_FLAGS (torch $("$PY" -c 'import torch; print(torch.__version__)'))"
   echo "vllm: $("$VLLM_PY" -c 'import vllm; print(vllm.__version__)'), --dtype float32 --max-num-seqs 64 --enforce-eager, VLLM_CPU_KVCACHE_SPACE=4"
   echo "model: HuggingFaceTB/SmolLM2-135M-Instruct, real weights ($MODEL_DIR), fp32"

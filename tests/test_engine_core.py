@@ -224,3 +224,18 @@ def test_a_step_that_raises_fails_the_streams_and_marks_the_engine_dead(char_che
         engine.shutdown()
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("name", sorted({"cycle4_batching", NAME}))
+def test_add_request_without_detokenizing_returns_ids_only_and_ignores_stop_strings(name, char_checkpoint):
+    llm = cycle(name).LLM(char_checkpoint, device="cpu")
+    sp = cycle(name).SamplingParams
+    text = llm.generate(["abc"], sp(temperature=0, max_tokens=8, ignore_eos=True))[0].text
+    request_id = llm.add_request("abc", sp(temperature=0, max_tokens=8, ignore_eos=True, stop=[text[2:4]]),
+                                 detokenize=False)
+    outputs = []
+    while llm.has_unfinished_requests():
+        outputs += [o for o in llm.step() if o.request_id == request_id]
+    assert [o.delta_text for o in outputs] == [""] * 8          # no text: the front end makes it
+    assert outputs[-1].finish_reason == "length"                # the stop string was not looked for
+    assert llm.tokenizer.decode(sum((o.new_token_ids for o in outputs), []), skip_special_tokens=True) == text

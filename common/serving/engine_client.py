@@ -23,22 +23,21 @@ gets EngineDeadError at once, and `on_dead` (set by the server) shuts the server
 
 import asyncio
 import dataclasses
+import importlib
 import itertools
 import multiprocessing
 import os
 import sys
 import threading
-import time
 from multiprocessing.connection import wait
 
 from common.engine.detokenizer import IncrementalDetokenizer
 from common.engine.model_source import load_tokenizer
 from common.serving.engine_core import (EngineCore, core_threads, describe, run_core_process, run_profiled,
                                        sampling_params_class)
-from common.serving.latency import Histogram, LATENCY_BUCKETS
 
 CORE_LOAD_TIMEOUT_S = 900     # loading and warming a model in the core; a core that takes longer is stuck
-CORE_EXIT_TIMEOUT_S = 10      # a core told to stop that has not exited by then is killed
+CORE_EXIT_TIMEOUT_S = 20      # a core told to stop that has not exited by then is killed
 
 
 class EngineError(RuntimeError):
@@ -55,6 +54,7 @@ class Delta:
     delta_text: str
     finished: bool
     finish_reason: str | None
+    queue_time_s: float | None = None   # first delta only: arrival in the engine to the start of its prefill step
 
 
 class RequestStream:
@@ -66,8 +66,6 @@ class RequestStream:
         self.detokenizer = detokenizer
         self.token_ids: list[int] = []
         self.text, self.finish_reason, self.finished = "", None, False
-        self.arrival = time.perf_counter()
-        self.last_token_time: float | None = None
         self._queue: asyncio.Queue = asyncio.Queue()
         self._done = False      # the consumer has taken the last item
 
@@ -84,7 +82,7 @@ class RequestStream:
         self._done = item.finished
         return item
 
-    def _feed(self, new_token_ids: list[int], finish_reason: str | None) -> Delta:
+    def _feed(self, new_token_ids: list[int], finish_reason: str | None, queue_time_s: float | None) -> Delta:
         """Called on the event loop with one step's tokens; detokenizes them here. A stop string
         cuts the tokens after the one that completed it and finishes the request."""
         text = ""
@@ -98,7 +96,7 @@ class RequestStream:
         self.token_ids += new_token_ids
         self.text += text
         self.finished, self.finish_reason = finish_reason is not None, finish_reason
-        delta = Delta(new_token_ids, text, self.finished, finish_reason)
+        delta = Delta(new_token_ids, text, self.finished, finish_reason, queue_time_s)
         self._queue.put_nowait(delta)
         return delta
 
@@ -116,7 +114,7 @@ class _CoreConnection:
         self.source = info["source"]
         self.tokenizer = tokenizer
         self.vocab_size, self.max_model_len = info["vocab_size"], info["max_model_len"]
-        self.eos_token_ids, self.kv_pool_tokens = info["eos_token_ids"], info["kv_pool_tokens"]
+        self.eos_token_ids, self.kv_pool_tokens = set(info["eos_token_ids"]), info["kv_pool_tokens"]
         self.sampling_params_cls = sampling_params_cls
         self.model_name = self.source.name
         self.on_dead = None                 # called once, on the event loop, with the reason
@@ -126,11 +124,7 @@ class _CoreConnection:
         self._streams: dict[int, RequestStream] = {}
         self._pending: dict[int, tuple[asyncio.Future, list[int], bool, tuple]] = {}
         self._tokens = itertools.count()
-        self._core_stats: dict = {"num_requests_running": 0, "num_requests_waiting": 0, "kv_cache_usage_perc": 0.0,
-                                  "prompt_tokens_total": 0, "generation_tokens_total": 0, "num_steps": 0,
-                                  "step_seconds_total": 0.0}
-        self._finished_total: dict[str, int] = {}
-        self._latency = {name: Histogram(buckets) for name, buckets in LATENCY_BUCKETS.items()}
+        self._core_stats: dict = info["stats"]
         self._reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
 
     # --- what handlers call (on the event loop) -----------------------------------------------
@@ -155,15 +149,13 @@ class _CoreConnection:
     def abort(self, request_id: int) -> None:
         """Drop a request (its client went away): the core frees its blocks before its next step."""
         if self._streams.pop(request_id, None) is not None and self.alive:
-            self._finished_total["abort"] = self._finished_total.get("abort", 0) + 1
             self._send(("abort", request_id))
 
     @property
     def snapshot(self) -> dict:
-        """For /metrics: the core's gauges and counters after its last step, the requests finished
-        per reason, and latency histograms measured here, where the client sees the tokens."""
-        return {**self._core_stats, "request_success_total": dict(self._finished_total),
-                "latency": {name: h.snapshot() for name, h in self._latency.items()}, "time": time.time()}
+        """For /metrics: the core's gauges and counters after its last step (EngineCore.stats; the
+        latencies are timed by the server from the streams, where the client sees the tokens)."""
+        return self._core_stats
 
     # --- plumbing --------------------------------------------------------------------------------
 
@@ -172,6 +164,8 @@ class _CoreConnection:
         self._reader.start()
 
     def _send(self, message) -> None:
+        # Called on the event loop. The core reads between steps; the socket's buffer holds
+        # hundreds of commands meanwhile, so a send does not wait for a step in practice.
         try:
             with self._send_lock:
                 self._conn.send(message)
@@ -221,27 +215,14 @@ class _CoreConnection:
 
     def _on_outputs(self, batch: list[tuple], stats: dict) -> None:
         self._core_stats = stats
-        now = time.perf_counter()
-        for request_id, new_token_ids, finish_reason in batch:
+        for request_id, new_token_ids, finish_reason, queue_time_s in batch:
             stream = self._streams.get(request_id)
             if stream is None:      # aborted here after the core ran its step
                 continue
-            self._record_latency(stream, now, len(new_token_ids))
-            delta = stream._feed(new_token_ids, finish_reason)
-            if delta.finished:
+            if stream._feed(new_token_ids, finish_reason, queue_time_s).finished:
                 del self._streams[request_id]
-                self._finished_total[delta.finish_reason] = self._finished_total.get(delta.finish_reason, 0) + 1
-                self._latency["e2e_request_latency_seconds"].observe(now - stream.arrival)
                 if finish_reason is None:    # a stop string ended it here; the core still runs it
                     self._send(("abort", request_id))
-
-    def _record_latency(self, stream: RequestStream, now: float, num_tokens: int) -> None:
-        if stream.last_token_time is None:
-            self._latency["time_to_first_token_seconds"].observe(now - stream.arrival)
-        else:
-            for _ in range(num_tokens):
-                self._latency["inter_token_latency_seconds"].observe((now - stream.last_token_time) / num_tokens)
-        stream.last_token_time = now
 
     def _on_dead(self, reason: str) -> None:
         error = EngineDeadError(reason)
@@ -285,8 +266,6 @@ class EngineCoreClient(_CoreConnection):
 
     def __init__(self, package: str, model: str, options: dict, num_threads: int | None = None,
                  profile_path: str | None = None):
-        import importlib
-
         import torch
         # The front end's work is Python (HTTP, JSON, tokenizer calls): one torch thread is all it
         # needs, and the cores are left to the core's torch threads. The Rust tokenizer's own thread

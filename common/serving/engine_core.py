@@ -7,7 +7,8 @@ to the front end over one `multiprocessing.connection` pipe, in small tuples:
 
     in:  ("add", token, prompt_token_ids, sampling params as a dict)   ("abort", request_id)   ("shutdown",)
     out: ("added", token, request_id) or ("rejected", token, message, kind)
-         ("outputs", [(request_id, new_token_ids, finish_reason or None), ...], stats)   once per step
+         ("outputs", [(request_id, new_token_ids, finish_reason or None, queue_time_s or None), ...], stats)
+                                            once per step; queue_time_s only with a request's first token
          ("dead", message)   a step raised: the core stops, as vLLM's does (EngineDeadError)
 
 Between two steps it takes every command that arrived; with nothing to run it blocks in recv(), so
@@ -21,6 +22,7 @@ CPU cores that no HTTP handler competes for.
 import cProfile
 import importlib
 import os
+import signal
 import sys
 import time
 import traceback
@@ -38,6 +40,7 @@ class EngineCore:
         self.generation_tokens_total = 0
         self.num_steps = 0
         self.step_seconds_total = 0.0      # time inside llm.step(): the core's busy time
+        self._added_at: dict[int, float] = {}   # request id -> when it was added, until its first token
 
     def run(self) -> int:
         """Serve commands and step until told to stop (0), the front end goes away (0) or a step
@@ -71,10 +74,12 @@ class EngineCore:
                 self.conn.send(("rejected", token, f"adding the request failed: {error!r}", "internal"))
                 return
             self.prompt_tokens_total += len(prompt_token_ids)
+            self._added_at[request_id] = time.perf_counter()
             self.conn.send(("added", token, request_id))
         elif kind == "abort":
             # An aborted request frees its blocks now; with nothing left to step, no step would
             # report that, so the core reports its gauges itself.
+            self._added_at.pop(command[1], None)
             if self.llm.abort_request(command[1]) and not self.llm.has_unfinished_requests():
                 self.conn.send(("outputs", [], self.stats()))
         elif kind == "shutdown":
@@ -92,18 +97,30 @@ class EngineCore:
             return False
         self.step_seconds_total += time.perf_counter() - started
         self.num_steps += 1
-        batch = [(o.request_id, o.new_token_ids, o.finish_reason if o.finished else None) for o in outputs]
+        batch = [(o.request_id, o.new_token_ids, o.finish_reason if o.finished else None, self._queue_time(o, started))
+                 for o in outputs]
         self.generation_tokens_total += sum(len(o.new_token_ids) for o in outputs)
         self.conn.send(("outputs", batch, self.stats()))
         return True
 
+    def _queue_time(self, output, step_started: float) -> float | None:
+        """vLLM's queue time: from the request's arrival in the engine to the start of its prefill step."""
+        added = self._added_at.pop(output.request_id, None)
+        return None if added is None else max(0.0, step_started - added)
+
     def stats(self) -> dict:
+        """The gauges and counters only the engine knows (the server's /metrics reads them)."""
         scheduler, blocks = self.llm.scheduler, self.llm.block_manager
-        return {"num_requests_running": len(scheduler.running), "num_requests_waiting": len(scheduler.waiting),
-                "kv_cache_usage_perc": blocks.num_used_blocks / blocks.num_blocks,
-                "prompt_tokens_total": self.prompt_tokens_total,
-                "generation_tokens_total": self.generation_tokens_total,
-                "num_steps": self.num_steps, "step_seconds_total": self.step_seconds_total}
+        stats = {"num_requests_running": len(scheduler.running), "num_requests_waiting": len(scheduler.waiting),
+                 "kv_cache_usage_perc": blocks.num_used_blocks / blocks.num_blocks,
+                 "num_preemptions": scheduler.num_preemptions,
+                 "prompt_tokens_total": self.prompt_tokens_total,
+                 "generation_tokens_total": self.generation_tokens_total,
+                 "num_steps": self.num_steps, "step_seconds_total": self.step_seconds_total}
+        if hasattr(scheduler, "prefix_cache_queried_tokens"):      # cycle 5 on
+            stats |= {"prefix_cache_queries": scheduler.prefix_cache_queried_tokens,
+                      "prefix_cache_hits": scheduler.prefix_cache_hit_tokens}
+        return stats
 
 
 def sampling_params_class(llm):
@@ -118,7 +135,7 @@ def describe(llm) -> dict:
     return {"source": llm.source, "vocab_size": llm.source.config.vocab_size,
             "max_model_len": llm.source.config.max_position_embeddings,
             "eos_token_ids": sorted(llm.eos_token_ids), "kv_pool_tokens": blocks.num_blocks * blocks.block_size,
-            "device": str(llm.device)}
+            "stats": EngineCore(llm, None).stats()}
 
 
 def core_threads() -> int:
@@ -135,6 +152,9 @@ def run_core_process(conn, package: str, model: str, options: dict, num_threads:
     describe(), and serves until the front end says stop; its exit status says how it ended."""
     import torch
 
+    # Ctrl+C in a terminal reaches every process of the group. The front end owns shutdown (it sends
+    # "shutdown"; were it to die, the pipe's EOF ends the core), so the core must not die mid-step.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The core does the heavy math, so its torch gets every core. The front end process has set its
     # own torch to one thread: the two processes do not fight over the same cores.
     torch.set_num_threads(num_threads)
