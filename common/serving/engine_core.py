@@ -110,16 +110,18 @@ class EngineCore:
 
     def stats(self) -> dict:
         """The gauges and counters only the engine knows (the server's /metrics reads them)."""
-        scheduler, blocks = self.llm.scheduler, self.llm.block_manager
+        scheduler = self.llm.scheduler
+        counters, blocks = scheduler.stats(), self.llm.block_manager.stats()
+        used = blocks["num_kv_blocks"] - blocks["free_kv_blocks"]
         stats = {"num_requests_running": len(scheduler.running), "num_requests_waiting": len(scheduler.waiting),
-                 "kv_cache_usage_perc": blocks.num_used_blocks / blocks.num_blocks,
-                 "num_preemptions": scheduler.num_preemptions,
+                 "kv_cache_usage_perc": used / blocks["num_kv_blocks"],
+                 "num_preemptions": counters["preemptions"],
                  "prompt_tokens_total": self.prompt_tokens_total,
                  "generation_tokens_total": self.generation_tokens_total,
                  "num_steps": self.num_steps, "step_seconds_total": self.step_seconds_total}
-        if hasattr(scheduler, "prefix_cache_queried_tokens"):      # cycle 5 on
-            stats |= {"prefix_cache_queries": scheduler.prefix_cache_queried_tokens,
-                      "prefix_cache_hits": scheduler.prefix_cache_hit_tokens}
+        if "prefix_cache_queried_tokens" in counters:                # cycle 5 on
+            stats |= {"prefix_cache_queries": counters["prefix_cache_queried_tokens"],
+                      "prefix_cache_hits": counters["prefix_cache_hit_tokens"]}
         return stats
 
 
@@ -131,10 +133,10 @@ def sampling_params_class(llm):
 def describe(llm) -> dict:
     """What the front end must know about the engine, sent once: everything it needs to tokenize,
     validate and detokenize on its own side."""
-    blocks = llm.block_manager
+    blocks = llm.block_manager.stats()
     return {"source": llm.source, "vocab_size": llm.source.config.vocab_size,
             "max_model_len": llm.source.config.max_position_embeddings,
-            "eos_token_ids": sorted(llm.eos_token_ids), "kv_pool_tokens": blocks.num_blocks * blocks.block_size,
+            "eos_token_ids": sorted(llm.eos_token_ids), "kv_pool_tokens": blocks["num_kv_blocks"] * blocks["block_size"],
             "stats": EngineCore(llm, None).stats()}
 
 
