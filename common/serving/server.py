@@ -12,7 +12,8 @@ renders chat templates in a sandbox (chat_template.py), tokenizes, builds Sampli
 (sampling.py), then hands token ids to the engine client and turns the deltas that come back into
 OpenAI's responses. So a bad request, a template that raises or a prompt that does not fit fails
 that request alone, with a 400 before the engine sees anything; if the engine itself fails, the
-requests in flight get an error, /health answers 503 and later requests get 503 at once.
+requests in flight get an error, /health answers 503, later requests get 503 at once, and main()
+exits with a non-zero status.
 Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}}.
 """
 
