@@ -170,6 +170,29 @@ def test_backend_choice_and_refusal(name, tiny_checkpoints, monkeypatch):
         importlib.import_module(name).LLM(tiny_checkpoints["llama"][0], device="cpu", attention_backend="triton")
 
 
+@pytest.mark.parametrize("name", FUSED)
+def test_the_engine_checks_the_models_head_size_before_loading_weights(name, tmp_path, monkeypatch):
+    """Config.fit_head_dim runs once the model's config is read: a triton engine asked for on a
+    320-wide head is refused before a weight loads; a default CUDA choice falls back to sdpa, said."""
+    from conftest import save_tiny_checkpoint
+
+    save_tiny_checkpoint(tmp_path, "qwen3", head_dim=320)
+    module = importlib.import_module(name)
+    loads = []
+    monkeypatch.setattr(f"{name}.model_runner.load_weights", lambda *a: loads.append(a), raising=False)
+    with pytest.raises(ValueError, match="head_dim 320"):
+        module.LLM(str(tmp_path), device="cpu", attention_backend="triton")
+    assert loads == []
+    config = importlib.import_module(f"{name}.config").Config(str(tmp_path), device="cpu", attention_backend="triton")
+    config.fit_head_dim(80)
+    assert (config.attention_backend, config.attention_backend_note) == ("triton", None)
+    cuda = importlib.import_module(f"{name}.config").Config.__new__(importlib.import_module(f"{name}.config").Config)
+    cuda.device, cuda.dtype, cuda._requested, cuda.attention_backend_note = torch.device("cuda"), torch.float32, (None, None), None
+    cuda.fit_head_dim(320)
+    assert cuda.attention_backend == "sdpa" and "head_dim 320" in cuda.attention_backend_note
+    assert cuda.block_size == 16
+
+
 def test_dense_layout_is_built_for_sdpa_only(tiny_llms):
     """sdpa needs the [B, Tq] layout and mask; the kernels read lengths and block tables only."""
     sdpa = tiny_llms("cycle6_flash")
