@@ -1,4 +1,4 @@
-"""Cycle 1: the naive engine. No KV cache (every step reruns the whole sequence), static batches."""
+"""One cycle of the course: its engine (LLM) and SamplingParams. docs/CYCLE_GUIDE.md tells each cycle's lesson."""
 
 from .llm import LLM
 from .sampling_params import SamplingParams

@@ -11,116 +11,100 @@ import time
 import torch
 from tqdm import tqdm
 
-from common.engine.device import resolve_device, resolve_dtype
 from common.engine.inputs import prepare_requests
 from common.engine.memory import check_static_batch, static_batch_bytes, weight_bytes
 from common.engine.metrics import peak_memory_bytes, reset_peak_memory
-from common.engine.model_source import eos_token_ids, load_tokenizer, load_weights, resolve_model
-from common.engine.outputs import RequestOutput
+from common.engine.model_source import eos_token_ids, load_tokenizer, resolve_model
+from common.engine.outputs import RequestMetrics, RequestOutput
 
-from .model import CausalLM
-from .sampler import Sampler
+from .config import Config
+from .model_runner import ModelRunner
 from .sampling_params import SamplingParams
+from .sequence import Sequence, SequenceStatus
 
-
-# The same batch limits as the continuous-batching cycles, so every cycle is measured alike.
-DEFAULTS = {"cuda": dict(max_num_seqs=256), "cpu": dict(max_num_seqs=64)}
 
 class LLM:
-    def __init__(self, model: str, device=None, dtype=None, weights: str = "auto",
-                 max_num_seqs: int | None = None, seed: int | None = None):
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        max_num_seqs = max_num_seqs or DEFAULTS["cuda" if self.device.type == "cuda" else "cpu"]["max_num_seqs"]
-        if max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
-        self.source = resolve_model(model, weights)
-        self.config = self.source.config
+    def __init__(self, model: str, **options):
+        self.config = config = Config(model, **options)    # every option checked before any loading
+        self.device, self.dtype = config.device, config.dtype
+        self.source = resolve_model(config.model, config.weights)
         self.tokenizer = load_tokenizer(self.source)
         self.eos_token_ids = set(eos_token_ids(self.source, self.tokenizer))
-        self.max_num_seqs = max_num_seqs
-        self.model = _build_model(self.config, self.source, self.device, self.dtype)
-        self.sampler = Sampler(self.device, seed)
+        self.model_runner = ModelRunner(config, self.source)
         self.stats: dict = {}
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = False) -> list[RequestOutput]:
-        requests = prepare_requests(prompts, sampling_params, self.tokenizer, self.config.vocab_size,
-                                    self.config.max_position_embeddings, SamplingParams)
-        memory = self._check_memory(requests)  # before any work: a refusal leaves the engine as it was
+        requests = self._prepare(prompts, sampling_params)
+        seqs = [Sequence(i, r.prompt, r.prompt_token_ids, r.sampling_params,
+                         _request_generator(r.sampling_params.seed, self.device)) for i, r in enumerate(requests)]
+        memory = self._check_memory(seqs)  # before any work: a refusal leaves the engine as it was
         reset_peak_memory(self.device)
         start = time.perf_counter()
         self._step_times = []
-        outputs = []
-        bar = tqdm(total=len(requests), disable=not use_tqdm, desc="requests")
-        for first in range(0, len(requests), self.max_num_seqs):
-            group = requests[first:first + self.max_num_seqs]
-            outputs += self._run_group(first, group, start)
+        bar = tqdm(total=len(seqs), disable=not use_tqdm, desc="requests")
+        for group in self._groups(seqs):
+            self._run_group(group, start)
             bar.update(len(group))
         bar.close()
-        wall = time.perf_counter() - start
-        self.stats = {
-            "weight_bytes": weight_bytes(self.model),
-            "kv_cache_peak_bytes": 0,  # no cache: K and V are recomputed every step
-            "peak_memory_bytes": peak_memory_bytes(self.device),
-            "output_tokens": sum(len(o.token_ids) for o in outputs),
-            "wall_s": wall,
-            "max_num_seqs": self.max_num_seqs,
-            "step_times": self._step_times,  # [tokens per sequence in the step, seconds], per step
-            **memory,
-        }
-        return outputs
+        self.stats = {**self._stats(seqs, time.perf_counter() - start), **memory}
+        return [self._output(seq) for seq in seqs]
 
-    def _check_memory(self, requests) -> dict:
+    # --- helpers -------------------------------------------------------------------------------
+
+    def _prepare(self, prompts, sampling_params):
+        hf = self.source.config
+        return prepare_requests(prompts, sampling_params, self.tokenizer, hf.vocab_size,
+                                hf.max_position_embeddings, SamplingParams)
+
+    def _check_memory(self, seqs: list[Sequence]) -> dict:
         """Estimate the peak of the largest static group and refuse the call if it cannot fit.
 
         No block pool bounds a static batch: its longest sequence decides what it allocates. The
         batch size is this engine's lesson, so a batch that does not fit is refused, never shrunk.
         """
         worst = None
-        for first in range(0, len(requests), self.max_num_seqs):
-            group = requests[first:first + self.max_num_seqs]
-            longest = max(len(r.prompt_token_ids) for r in group)
-            largest = max(r.sampling_params.max_tokens for r in group)
+        for group in self._groups(seqs):
+            longest = max(s.num_prompt_tokens for s in group)
+            largest = max(s.sampling_params.max_tokens for s in group)
             seq_len, kv_tokens = longest + largest - 1, 0   # the last step reruns every token; no cache
-            need = static_batch_bytes(self.config, len(group), seq_len, self.dtype, kv_tokens)
+            need = static_batch_bytes(self.source.config, len(group), seq_len, self.dtype, kv_tokens)
             if worst is None or need["total"] > worst[0]["total"]:
                 worst = (need, dict(batch=len(group), seq_len=seq_len, longest_prompt=longest,
                                     largest_max_tokens=largest))
         need, shape = worst
-        return check_static_batch(need, weight_bytes(self.model), self.device,
-                                  max_num_seqs=self.max_num_seqs, **shape)
+        return check_static_batch(need, weight_bytes(self.model_runner.model), self.device,
+                                  max_num_seqs=self.config.max_num_seqs, **shape)
 
-    @torch.inference_mode()
-    def _run_group(self, first_id: int, group, start: float) -> list[RequestOutput]:
-        tokens = [list(r.prompt_token_ids) for r in group]
-        params = [r.sampling_params for r in group]
-        generators = [_request_generator(p.seed, self.device) for p in params]
-        outputs = [RequestOutput(first_id + i, r.prompt, r.prompt_token_ids, [], "", "")
-                   for i, r in enumerate(group)]
-        live = list(range(len(group)))
+    def _groups(self, seqs: list[Sequence]):
+        """Static batches, in order: max_num_seqs requests at a time."""
+        for first in range(0, len(seqs), self.config.max_num_seqs):
+            yield seqs[first:first + self.config.max_num_seqs]
+
+    def _run_group(self, group: list[Sequence], start: float) -> None:
+        for seq in group:
+            seq.status = SequenceStatus.RUNNING
+        live = group
         last = time.perf_counter() - start
         while live:
             # Every row runs every step, finished or not: that is static batching.
-            input_ids, positions, mask = self._left_pad(tokens)
-            hidden = self.model(input_ids, positions, mask)
-            logits = self.model.compute_logits(hidden[:, -1])
-            next_tokens = self.sampler(logits, params, generators)
+            next_tokens = self.model_runner.run(group)
             now = time.perf_counter() - start
-            self._step_times.append([input_ids.shape[1], now - last])
+            self._step_times.append([max(len(s) for s in group), now - last])
             last = now
-            for i in list(live):
-                out = outputs[i]
-                out.token_ids.append(next_tokens[i])
-                tokens[i].append(next_tokens[i])
-                if out.metrics.ttft_s is None:
-                    out.metrics.ttft_s = now
-                reason = self._finish_reason(out.token_ids, params[i])
-                if reason:
-                    out.finish_reason, out.metrics.latency_s = reason, now
-                    live.remove(i)
-        for out in outputs:
-            out.text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
-        return outputs
+            self._postprocess(group, next_tokens, now)
+            live = [s for s in group if not s.is_finished]
+
+    def _postprocess(self, seqs: list[Sequence], next_tokens: list[int], now: float) -> None:
+        for seq, token in zip(seqs, next_tokens):
+            if seq.is_finished:   # its row ran with the others; the token is dropped
+                continue
+            seq.token_ids.append(token)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            reason = self._finish_reason(seq.output_token_ids, seq.sampling_params)
+            if reason:
+                seq.finish_reason, seq.finish_time = reason, now
+                seq.status = SequenceStatus.FINISHED
 
     def _finish_reason(self, token_ids: list[int], params: SamplingParams) -> str | None:
         if not params.ignore_eos and token_ids[-1] in self.eos_token_ids:
@@ -129,32 +113,23 @@ class LLM:
             return "length"
         return None
 
-    def _left_pad(self, tokens: list[list[int]]):
-        """Pad on the left so every row's last token sits in the last column.
+    def _stats(self, seqs: list[Sequence], wall: float) -> dict:
+        """The components' own stats, and the loop's."""
+        return {
+            **self.model_runner.stats(),
+            "kv_cache_peak_bytes": 0,  # no cache: K and V are recomputed every step
+            "peak_memory_bytes": peak_memory_bytes(self.device),
+            "output_tokens": sum(len(s.output_token_ids) for s in seqs),
+            "wall_s": wall,
+            "max_num_seqs": self.config.max_num_seqs,
+            "step_times": self._step_times,  # [tokens per sequence in the step, seconds], per step
+        }
 
-        Returns input_ids and positions [B, T] and the attention mask [B, T, T]: causal, never
-        looking at padding (a padding row looks only at itself, so its softmax stays finite).
-        """
-        longest = max(len(t) for t in tokens)
-        pads = torch.tensor([longest - len(t) for t in tokens], device=self.device)
-        input_ids = torch.tensor([[0] * (longest - len(t)) + t for t in tokens], device=self.device)
-        columns = torch.arange(longest, device=self.device)
-        positions = (columns.unsqueeze(0) - pads.unsqueeze(1)).clamp(min=0)
-        is_real = columns.unsqueeze(0) >= pads.unsqueeze(1)                       # [B, T]
-        causal = columns.unsqueeze(1) >= columns.unsqueeze(0)                     # [T, T]
-        mask = causal & is_real.unsqueeze(1) | torch.eye(longest, dtype=torch.bool, device=self.device)
-        return input_ids, positions, mask
-
-
-def _build_model(config, source, device, dtype) -> CausalLM:
-    # Build on the meta device (no memory, no random init), then allocate and fill with the weights.
-    with torch.device("meta"):
-        model = CausalLM(config)
-    model = model.to(dtype=dtype).to_empty(device=device)
-    if config.tie_word_embeddings:  # to_empty breaks the tie: restore it
-        model.lm_head.weight = model.model.embed_tokens.weight
-    load_weights(model, source)
-    return model.eval()
+    def _output(self, seq: Sequence) -> RequestOutput:
+        tokens = seq.output_token_ids
+        return RequestOutput(seq.seq_id, seq.prompt, seq.token_ids[:seq.num_prompt_tokens], tokens,
+                             self.tokenizer.decode(tokens, skip_special_tokens=True), seq.finish_reason,
+                             RequestMetrics(seq.first_token_time, seq.finish_time))
 
 
 def _request_generator(seed: int | None, device: torch.device) -> torch.Generator | None:

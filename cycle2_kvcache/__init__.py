@@ -1,4 +1,4 @@
-"""Cycle 2: a contiguous KV cache per sequence (prefill once, then one token per step), static batches."""
+"""One cycle of the course: its engine (LLM) and SamplingParams. docs/CYCLE_GUIDE.md tells each cycle's lesson."""
 
 from .llm import LLM
 from .sampling_params import SamplingParams

@@ -1,4 +1,4 @@
-"""Cycle 3: PagedAttention. The KV cache is a pool of fixed-size blocks, given out on demand; static batches."""
+"""One cycle of the course: its engine (LLM) and SamplingParams. docs/CYCLE_GUIDE.md tells each cycle's lesson."""
 
 from .llm import LLM
 from .sampling_params import SamplingParams

@@ -1,4 +1,4 @@
-"""Cycle 4: continuous batching. A scheduler re-forms the batch every step; preemption when blocks run out."""
+"""One cycle of the course: its engine (LLM) and SamplingParams. docs/CYCLE_GUIDE.md tells each cycle's lesson."""
 
 from .llm import LLM
 from .sampling_params import SamplingParams

@@ -90,7 +90,7 @@ def test_stats_are_reported(name, tiny_llms):
     for key in ("weight_bytes", "kv_cache_peak_bytes", "peak_memory_bytes", "output_tokens", "wall_s"):
         assert key in s
     assert s["output_tokens"] == sum(len(o.token_ids) for o in outs) == 15
-    params = sum(p.numel() for p in llm.model.parameters()) * 4
+    params = sum(p.numel() for p in llm.model_runner.model.parameters()) * 4
     if name not in INT8_CYCLES:
         assert s["weight_bytes"] == params
     assert s["peak_memory_bytes"] > 0 and s["wall_s"] > 0

@@ -28,17 +28,18 @@ def _params(c):
 @pytest.mark.parametrize("max_num_seqs", [2, 3])
 def test_naive_steps_are_the_forwards_cycle1_runs(tiny_llms, max_num_seqs):
     llm = tiny_llms("cycle1_naive", max_num_seqs=max_num_seqs)
-    shapes, forward = [], llm.model.forward
+    model = llm.model_runner.model
+    shapes, forward = [], model.forward
 
     def recording(input_ids, *args, **kwargs):
         shapes.append(tuple(input_ids.shape))
         return forward(input_ids, *args, **kwargs)
 
-    llm.model.forward = recording
+    model.forward = recording
     try:
         llm.generate(PROMPTS, _params(cycle("cycle1_naive")))
     finally:
-        del llm.model.forward
+        del model.forward
     assert shapes == list(estimate.naive_steps(_requests(), max_num_seqs))
 
 
@@ -59,9 +60,9 @@ def test_score_traffic_counts_the_casts_only_outside_fp32():
 def test_linear_params_are_the_models_own(tiny_llms):
     """Every parameter of the model but the embedding (tied to the lm_head) and the norms."""
     llm = tiny_llms("cycle1_naive")
-    counted = sum(p.numel() for n, p in llm.model.named_parameters()
+    counted = sum(p.numel() for n, p in llm.model_runner.model.named_parameters()
                   if not n.endswith("norm.weight") and "embed_tokens" not in n and "lm_head" not in n)
-    assert estimate.linear_params(llm.config) == counted
+    assert estimate.linear_params(llm.source.config) == counted
 
 
 def test_the_guide_quotes_the_estimate_as_printed():

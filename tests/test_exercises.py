@@ -35,13 +35,14 @@ def greedy(name, n):
 def count_fed_tokens(llm) -> list[int]:
     """Wrap the engine's model forward; the returned list gets the number of token ids of each call."""
     fed = []
-    forward = type(llm.model).forward.__get__(llm.model)     # the class's forward: wraps never stack
+    model = llm.model_runner.model
+    forward = type(model).forward.__get__(model)     # the class's forward: wraps never stack
 
     def counting(input_ids, *args, **kwargs):
         fed.append(input_ids.numel())
         return forward(input_ids, *args, **kwargs)
 
-    llm.model.forward = counting
+    model.forward = counting
     return fed
 
 
@@ -151,7 +152,7 @@ def test_blocks_held(tiny_llms):
     # The engine's own figure: a 20-token prompt and 14 new tokens store at most 33 tokens' K/V.
     llm = tiny_llms("cycle3_paged")
     llm.generate([list(range(10, 30))], greedy("cycle3_paged", 14))
-    assert llm.stats["kv_cache_peak_bytes"] == 3 * llm.kv_cache.bytes_per_block
+    assert llm.stats["kv_cache_peak_bytes"] == 3 * llm.model_runner.kv_cache.bytes_per_block
     assert llm.stats["kv_block_utilization"] == 0.6875
 
 
@@ -161,7 +162,7 @@ def test_static_groups():
     bm = block_manager("cycle3_paged", 8, 4)
     seqs = [new_seq("cycle3_paged", i, [1] * 6, max_tokens=6) for i in range(5)]
     assert [s.max_len for s in seqs] == [11] * 5 and bm.blocks_for(11) == 3
-    fake_llm = SimpleNamespace(block_manager=bm, max_num_seqs=32)
+    fake_llm = SimpleNamespace(block_manager=bm, config=SimpleNamespace(max_num_seqs=32))
     groups = list(cycle("cycle3_paged").LLM._groups(fake_llm, seqs))
     assert [len(g) for g in groups] == [2, 2, 1]
 

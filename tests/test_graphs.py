@@ -83,7 +83,7 @@ def test_enforce_eager_and_stats(tiny_llms):
     assert s["cuda_graphs"] is False and "CPU" in s["cuda_graphs_note"]
     assert s["graph_buckets"] == [1, 2, 4, 8, 16, 32, 48, 64]            # CPU max_num_seqs 64
     assert s["compile"] is False and s["compile_s"] == 0.0                 # off on the CPU by default
-    assert s["num_kv_blocks"] + 1 == default.kv_cache.k[0].shape[0]       # + the scratch block
+    assert s["num_kv_blocks"] + 1 == default.model_runner.kv_cache.k[0].shape[0]       # + the scratch block
 
 
 # --- padding rows -----------------------------------------------------------------------------
@@ -92,20 +92,20 @@ def test_padding_rows_are_never_sampled_and_write_only_the_scratch_block(tiny_ll
     """Three running sequences decode in the bucket of 4: the model sees 4 rows, the sampler 3, and
     the only slots written are the three sequences' new slots and the scratch block."""
     llm = tiny_llms(C8, int8_matmul="cast")
-    g = llm.graphs
+    g = llm.model_runner.graphs
     fed, sampled = [], []
-    forward, sample = type(llm.model).forward.__get__(llm.model), llm.model_runner.sampler.sample
-    monkeypatch.setattr(llm.model, "forward", lambda ids, *a: fed.append(ids.numel()) or forward(ids, *a))
+    forward, sample = type(llm.model_runner.model).forward.__get__(llm.model_runner.model), llm.model_runner.sampler.sample
+    monkeypatch.setattr(llm.model_runner.model, "forward", lambda ids, *a: fed.append(ids.numel()) or forward(ids, *a))
     monkeypatch.setattr(llm.model_runner.sampler, "sample", lambda logits, *a: sampled.append(len(logits)) or sample(logits, *a))
     for prompt in PROMPTS[:3]:
         llm.add_request(prompt, cycle(C8).SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     llm.step()                                                     # the prefill
-    pool = [t.clone() for t in llm.kv_cache.k + llm.kv_cache.v]
+    pool = [t.clone() for t in llm.model_runner.kv_cache.k + llm.model_runner.kv_cache.v]
     seqs = list(llm.scheduler.running)
     llm.step()                                                     # the first decode
     bs, scratch = llm.block_manager.block_size, g.scratch_block
     expected = {llm.block_manager.slot(s, len(s) - 2) for s in seqs}        # the token fed this step
-    for before, after in zip(pool, llm.kv_cache.k + llm.kv_cache.v):
+    for before, after in zip(pool, llm.model_runner.kv_cache.k + llm.model_runner.kv_cache.v):
         changed = (before != after).flatten(2).any(-1).flatten().nonzero().flatten().tolist()
         assert set(changed) - set(range(scratch * bs, (scratch + 1) * bs)) == expected
     assert fed[-1] == 4 and sampled[-1] == 3
@@ -120,7 +120,7 @@ def check_rows(llm):
     """At a decode step, after the rows are written: the rows hold exactly the running sequences,
     each row mirrors its sequence (last token, position, context length, block table padded with the
     scratch block), and every row past them is padding."""
-    g, running = llm.graphs, list(llm.scheduler.running)
+    g, running = llm.model_runner.graphs, list(llm.scheduler.running)
     assert sorted(s.seq_id for s in g.rows) == sorted(s.seq_id for s in running)
     assert all(g.row_of[s.seq_id] == r for r, s in enumerate(g.rows))
     n, width = len(g.rows), g.max_blocks
@@ -141,7 +141,7 @@ def test_block_table_mirrors_the_block_manager(tiny_checkpoints):
 
     llm = cycle(C8).LLM(tiny_checkpoints["llama"][0], device="cpu", num_kv_blocks=14, block_size=4,
                         max_num_seqs=6, int8_matmul="cast")
-    forward = llm.graphs._forward
+    forward = llm.model_runner.graphs._forward
     checked = []
 
     def checking(bucket, width):
@@ -149,7 +149,7 @@ def test_block_table_mirrors_the_block_manager(tiny_checkpoints):
         checked.append(bucket)
         return forward(bucket, width)
 
-    llm.graphs._forward = checking
+    llm.model_runner.graphs._forward = checking
     sp = cycle(C8).SamplingParams
 
     @settings(max_examples=12, deadline=None)
@@ -190,12 +190,12 @@ def test_graph_replay_tokens_equal_eager_on_cuda(dtype, compile, tiny_checkpoint
     """The replayed graphs (compiled small ops or not) against the plain eager forward."""
     path = tiny_checkpoints["qwen3"][0]
     graphs = cycle(C8).LLM(path, device="cuda", dtype=dtype, max_num_seqs=32, compile=compile)
-    if not graphs.graphs.graphs:
-        pytest.skip(f"no capture on this machine: {graphs.graphs.note}")
+    if not graphs.model_runner.graphs.graphs:
+        pytest.skip(f"no capture on this machine: {graphs.model_runner.graphs.note}")
     eager = cycle(C8).LLM(path, device="cuda", dtype=dtype, max_num_seqs=32, enforce_eager=True,
                           int8_matmul=graphs.int8_matmul, compile=False)
-    assert graphs.graphs.buckets == [1, 2, 4, 8, 16, 32] and sorted(graphs.graphs.graphs) == [1, 2, 4, 8, 16, 32]
-    assert not eager.graphs.graphs
+    assert graphs.model_runner.graphs.buckets == [1, 2, 4, 8, 16, 32] and sorted(graphs.model_runner.graphs.graphs) == [1, 2, 4, 8, 16, 32]
+    assert not eager.model_runner.graphs.graphs
     assert tokens(graphs, C8) == tokens(eager, C8)
     s = graphs.stats
     assert s["cuda_graphs"] and s["cuda_graph_bytes"] > 0 and s["cuda_graph_reserve_bytes"] > 0

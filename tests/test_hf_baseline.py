@@ -197,7 +197,7 @@ def test_weight_bytes_mean_the_same_as_the_cycles(tiny_checkpoints, tiny_llms, c
 
 def test_bench_gives_hf_the_cycles_limits_and_reports_what_it_cannot_take(tiny_checkpoints):
     from common.benchmark.bench import run_engine
-    from cycle4_batching.llm import DEFAULTS
+    from cycle4_batching.config import DEFAULTS
 
     path, _ = tiny_checkpoints["llama"]
     batch = run_engine("hf_generate_batch", "throughput", "cpu", path, quick=True,

@@ -84,10 +84,10 @@ def test_profile_run_touches_no_real_kv_slot_and_leaves_no_state(name, tiny_llms
     prompts = [[5, 17, 42, 9, 33], list(range(10, 41))]
     params = cycle(name).SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     before = [o.token_ids for o in llm.generate(prompts, params)]
-    pool = [t.clone() for t in llm.kv_cache.k + llm.kv_cache.v]
+    pool = [t.clone() for t in llm.model_runner.kv_cache.k + llm.model_runner.kv_cache.v]
     manager, free = llm.block_manager, llm.block_manager.num_free_blocks
-    llm._profile_run(llm.block_manager.block_size, 4, 64)     # what CUDA runs before the pool exists
-    assert all(torch.equal(a, b) for a, b in zip(pool, llm.kv_cache.k + llm.kv_cache.v))
+    llm.model_runner._profile_run()     # what CUDA runs before the pool exists
+    assert all(torch.equal(a, b) for a, b in zip(pool, llm.model_runner.kv_cache.k + llm.model_runner.kv_cache.v))
     assert llm.block_manager is manager and manager.num_free_blocks == free
     assert [o.token_ids for o in llm.generate(prompts, params)] == before
 
@@ -97,10 +97,10 @@ def test_profile_run_touches_no_real_kv_slot_and_leaves_no_state(name, tiny_llms
 def test_cuda_pool_is_profiled_and_the_profile_covers_a_full_step(name, tiny_checkpoints):
     llm = cycle(name).LLM(tiny_checkpoints["qwen3"][0], device="cuda", max_num_seqs=4,
                           **({} if name == "cycle3_paged" else {"max_num_batched_tokens": 512}))
-    pool = llm.kv_pool
+    pool = llm.model_runner.kv_pool
     assert pool["sized_by"].startswith("gpu_memory_utilization") and pool["activation_peak_bytes"] > 0
     assert pool["num_kv_blocks"] == pool["cap_blocks"]             # a tiny model: capped, not millions
     prompt = list(range(3, 503))                                   # one prefill of ~the profiled size
     llm.generate([prompt], cycle(name).SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-    used = llm.stats["peak_memory_bytes"] - pool["model_bytes"] - llm.kv_cache.nbytes
+    used = llm.stats["peak_memory_bytes"] - pool["model_bytes"] - llm.model_runner.kv_cache.nbytes
     assert used <= pool["activation_peak_bytes"] * 1.1 + (1 << 20)

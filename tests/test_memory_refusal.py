@@ -61,7 +61,7 @@ def test_the_limit_decides_and_the_largest_group_counts(name, tiny_llms, monkeyp
     c = cycle(name)
     params = c.SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
     prompts = [[5] * 40, [6] * 40, [7] * 8]       # groups: 2 x 40 tokens, then 1 x 8
-    dtype, config = llm.dtype, llm.config
+    dtype, config = llm.dtype, llm.source.config
     seq_len, kv = (42, 0) if name == "cycle1_naive" else (40, 43)
     need = static_batch_bytes(config, 2, seq_len, dtype, kv)["total"]
     monkeypatch.setattr(memory, "available_bytes", lambda device: (need - 1, "test limit"))

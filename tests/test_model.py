@@ -11,9 +11,11 @@ def test_logits_match_hf(ckpt, tiny_checkpoints):
     path, hf = tiny_checkpoints[ckpt]
     llm = cycle("cycle1_naive").LLM(path, device="cpu")
     prompts = [[5, 9, 13, 70, 22, 8, 3], [40, 41, 42]]
-    input_ids, positions, mask = llm._left_pad(prompts)
+    Sequence = cycle("cycle1_naive").sequence.Sequence
+    input_ids, positions, mask = llm.model_runner._prepare([Sequence(i, None, p, None, None) for i, p in enumerate(prompts)])
+    model = llm.model_runner.model
     with torch.no_grad():
-        ours = llm.model.compute_logits(llm.model(input_ids, positions, mask))
+        ours = model.compute_logits(model(input_ids, positions, mask))
         for row, prompt in enumerate(prompts):
             ref = hf(torch.tensor([prompt])).logits[0]
             got = ours[row, -len(prompt):]
@@ -22,9 +24,10 @@ def test_logits_match_hf(ckpt, tiny_checkpoints):
 
 def test_untied_checkpoint_keeps_its_own_lm_head(tiny_checkpoints):
     llm = cycle("cycle1_naive").LLM(tiny_checkpoints["qwen3_untied"][0], device="cpu")
-    assert llm.model.lm_head.weight.data_ptr() != llm.model.model.embed_tokens.weight.data_ptr()
-    llm = cycle("cycle1_naive").LLM(tiny_checkpoints["qwen3"][0], device="cpu")
-    assert llm.model.lm_head.weight.data_ptr() == llm.model.model.embed_tokens.weight.data_ptr()
+    model = llm.model_runner.model
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    model = cycle("cycle1_naive").LLM(tiny_checkpoints["qwen3"][0], device="cpu").model_runner.model
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
 def test_unsupported_architecture_is_refused(tmp_path):

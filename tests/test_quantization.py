@@ -115,7 +115,7 @@ def test_weights_are_int8_and_take_a_quarter_of_fp32(name, tiny_checkpoints):
     fp = cycle("cycle6_flash").LLM(path, device="cpu")
     llm.generate([[1, 2, 3]], cycle(name).SamplingParams(max_tokens=2))
     fp.generate([[1, 2, 3]], cycle("cycle6_flash").SamplingParams(max_tokens=2))
-    assert not any(isinstance(m, torch.nn.Linear) for m in llm.model.modules())
+    assert not any(isinstance(m, torch.nn.Linear) for m in llm.model_runner.model.modules())
     ratio = llm.stats["weight_bytes"] / fp.stats["weight_bytes"]
     assert ratio < 0.3, ratio                                 # int8 + scales + fp32 norms
     assert llm.stats["int8_matmul"] == "cast" and llm.stats["int8_matmul_note"] is None   # the CPU's measured path
@@ -143,8 +143,8 @@ def test_triton_int8_engine_gives_the_cast_paths_tokens(name, tiny_llms):
     assert triton.stats["int8_matmul"] == "triton"
     assert got == [o.token_ids for o in cast.generate(prompts, params)]
     kernel = importlib.import_module(f"{name}.triton_int8").int8_matmul
-    assert triton.model.lm_head.matmul is kernel                                   # the tied lm_head too
-    assert triton.model.lm_head.qweight is triton.model.model.embed_tokens.qweight
+    assert triton.model_runner.model.lm_head.matmul is kernel                                   # the tied lm_head too
+    assert triton.model_runner.model.lm_head.qweight is triton.model_runner.model.model.embed_tokens.qweight
 
 
 @pytest.mark.parametrize("name", INT8)

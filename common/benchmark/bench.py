@@ -10,7 +10,6 @@ memory, caches and allocator state can never leak into the next one's numbers.
 
 import argparse
 import importlib
-import inspect
 import json
 import os
 import platform
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from common.engine.cli import parse_options
+from common.engine.cli import engine_options, parse_options
 from common.engine.device import default_model, resolve_device, resolve_dtype
 from common.engine.memory import MemoryEstimateError
 from common.engine.metrics import (PEAK_GENERATION, PEAK_WITH_LOADING, peak_memory_bytes, peak_rss_bytes,
@@ -76,12 +75,10 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-def _accepted_options(cls, options: dict) -> tuple[dict, list[str]]:
-    """Split options into those cls(...) accepts and the rest, so one `--option` list (say
+def _accepted_options(engine: str, options: dict) -> tuple[dict, list[str]]:
+    """Split options into those the engine accepts and the rest, so one `--option` list (say
     block_size=16, which cycle 1 has no use for) can go to every cycle; the result records the rest."""
-    params = inspect.signature(cls).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return dict(options), []
+    params = engine_options(engine)
     accepted = {k: v for k, v in options.items() if k in params}
     return accepted, sorted(set(options) - set(accepted))
 
@@ -94,7 +91,7 @@ def _greedy_params(cycle, requests) -> list:
 def _run_cycle(engine: str, workload: str, device, model: str, weights: str, quick: bool, dtype,
                options: dict, size: dict, online: dict | None = None) -> dict:
     cycle = importlib.import_module(engine)
-    accepted, ignored = _accepted_options(cycle.LLM, options)
+    accepted, ignored = _accepted_options(engine, options)
     start = time.perf_counter()
     llm = cycle.LLM(model, device=device, dtype=dtype, weights=weights, **accepted)
     load_s = time.perf_counter() - start
@@ -140,15 +137,15 @@ def _run_cycle_online(llm, cycle, work, online: dict, load_s: float, peak_scope:
         "latency_s": [r.finish_s - r.arrival_s for r in records],
         "peak_memory_bytes": peak_memory_bytes(llm.device), "peak_memory_scope": peak_scope,
         "weight_bytes": llm.stats.get("weight_bytes"), "kv_cache_peak_bytes": llm.stats.get("kv_cache_peak_bytes"),
-        "attention_backend": getattr(llm, "attention_backend", EXPLICIT_ATTENTION),
-        "int8_path": getattr(llm, "int8_matmul", None),
+        "attention_backend": getattr(llm.config, "attention_backend", EXPLICIT_ATTENTION),
+        "int8_path": getattr(llm.config, "int8_matmul", None),
         "stats": {}, "ignored_options": ignored, "online": online_row(records, settings),
     }
 
 
 def hf_batch_limits(engine: str, device, options: dict) -> dict:
     """The cycles' default limits on this device for what `engine` can take, overridden by options."""
-    defaults = importlib.import_module(f"{BATCH_LIMITS_CYCLE}.llm").DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
+    defaults = importlib.import_module(f"{BATCH_LIMITS_CYCLE}.config").DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
     return {key: options.get(key, defaults[key]) for key in HF_LIMITS[engine]}
 
 

@@ -196,7 +196,7 @@ def run_online_engine(llm, engine_module, work, settings: dict, seed: int = ARRI
               for r in work.requests]
     if hasattr(llm, "step"):
         return drive_steps(llm, prompts, params, arrivals)
-    return drive_static(llm, prompts, params, arrivals, llm.max_num_seqs)
+    return drive_static(llm, prompts, params, arrivals, llm.config.max_num_seqs)
 
 
 def _cell(value, fmt="{:.3f}") -> str:

@@ -43,8 +43,9 @@ def text_logits(llm, token_ids: list[int]) -> torch.Tensor:
     seq = seq_mod.Sequence(-1, None, token_ids, params, None)
     llm.block_manager.allocate(seq)
     try:
-        input_ids, positions, meta = llm.model_runner._prepare([seq], True)
-        return llm.model.compute_logits(llm.model(input_ids, positions, meta, llm.kv_cache))
+        runner = llm.model_runner
+        input_ids, positions, meta = runner._prepare([seq], True)
+        return runner.model.compute_logits(runner.model(input_ids, positions, meta, runner.kv_cache))
     finally:
         llm.block_manager.free(seq)
 

@@ -1,6 +1,7 @@
 """The command line every cycle shares: python -m cycleN_xxx.run "prompt" ... [options]."""
 
 import argparse
+import dataclasses
 import importlib
 import inspect
 import sys
@@ -8,6 +9,16 @@ import time
 
 from common.engine.args import add_model_args, parse_options
 from common.engine.device import default_model, resolve_device
+
+
+def engine_options(package: str) -> set[str]:
+    """The options a cycle's engine takes: the fields of its Config (config.py), or, for an engine
+    without one, the parameters of its LLM."""
+    try:
+        config = importlib.import_module(f"{package}.config").Config
+    except ModuleNotFoundError:
+        return set(inspect.signature(importlib.import_module(package).LLM).parameters)
+    return {f.name for f in dataclasses.fields(config)}
 
 
 def build_parser(package: str) -> argparse.ArgumentParser:
@@ -30,7 +41,7 @@ def main(package: str, argv: list[str] | None = None) -> None:
     cycle = importlib.import_module(package)
     options = parse_options(args.option)
     if args.trace:
-        if "trace" not in inspect.signature(cycle.LLM.__init__).parameters:
+        if "trace" not in engine_options(package):
             raise SystemExit(f"--trace needs an engine with a scheduler (cycle 4 onward); {package} has none")
         options["trace"] = True
     device = resolve_device(args.device)

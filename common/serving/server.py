@@ -80,7 +80,7 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
 def build_app(llm, engine_module, served_model_name: str) -> FastAPI:
     """The FastAPI app for one engine; its lifespan starts and stops the engine loop."""
     engine = EngineLoop(llm)
-    max_model_len = llm.config.max_position_embeddings
+    max_model_len = llm.source.config.max_position_embeddings
     has_template = bool(getattr(llm.tokenizer, "chat_template", None))
     if not has_template:
         print(f"note: {served_model_name} has no chat template: chat messages are joined as plain text", file=sys.stderr)

@@ -1,0 +1,41 @@
+"""A Sequence: one request as the engine tracks it, from its prompt to its last token."""
+
+from enum import Enum, auto
+
+import torch
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    def __init__(self, seq_id: int, prompt: str | None, prompt_token_ids: list[int], sampling_params,
+                 generator: torch.Generator | None):
+        self.seq_id = seq_id
+        self.prompt = prompt
+        self.token_ids = list(prompt_token_ids)     # prompt, then every generated token
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.generator = generator                  # the request's own RNG when it has a seed
+        self.status = SequenceStatus.WAITING
+        self.first_token_time: float | None = None
+        self.finish_time: float | None = None
+        self.finish_reason: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def last_token(self) -> int:
+        return self.token_ids[-1]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
