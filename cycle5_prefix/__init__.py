@@ -1,4 +1,4 @@
-"""Cycle 5: prefix caching. Full KV blocks are found again by a chained hash of their tokens and reused."""
+"""One cycle of the course: its engine (LLM) and SamplingParams. docs/CYCLE_GUIDE.md tells each cycle's lesson."""
 
 from .llm import LLM
 from .sampling_params import SamplingParams

@@ -1,4 +1,4 @@
-"""Cycle 6: fused attention. One kernel per attention call (flash-attn when installed, our own Triton kernels on any CUDA GPU, torch SDPA on the CPU)."""
+"""One cycle of the course: its engine (LLM) and SamplingParams. docs/CYCLE_GUIDE.md tells each cycle's lesson."""
 
 from .llm import LLM
 from .sampling_params import SamplingParams

@@ -36,17 +36,6 @@ def block_bytes(num_layers: int, block_size: int, kv_heads: int, head_dim: int, 
     return 2 * num_layers * block_size * kv_heads * head_dim * dtype.itemsize
 
 
-def check_pool_options(num_kv_blocks: int | None, kv_cache_memory_bytes: int | None,
-                       gpu_memory_utilization: float) -> None:
-    """Refuse impossible pool options before the model loads."""
-    if num_kv_blocks is not None and num_kv_blocks < 1:
-        raise ValueError(f"num_kv_blocks must be >= 1, got {num_kv_blocks}")
-    if kv_cache_memory_bytes is not None and kv_cache_memory_bytes < 1:
-        raise ValueError(f"kv_cache_memory_bytes must be >= 1, got {kv_cache_memory_bytes}")
-    if not 0 < gpu_memory_utilization <= 1:
-        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
-
-
 def profile_batches(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int) -> list[tuple[list[int], bool]]:
     """The steps to profile, as (sequence lengths, is_prefill): the largest prefill and decode.
 

@@ -1,6 +1,6 @@
-"""python -m cycle6_flash.run "prompt" ... : generate from the command line."""
+"""python -m <cycle>.run "prompt" ... : generate from the command line (common/engine/cli.py)."""
 
 from common.engine.cli import main
 
 if __name__ == "__main__":
-    main("cycle6_flash")
+    main(__package__)

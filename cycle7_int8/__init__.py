@@ -1,4 +1,4 @@
-"""Cycle 7: int8 AbsMax weight-only quantization: int8 weights, one scale per output channel."""
+"""One cycle of the course: its engine (LLM) and SamplingParams. docs/CYCLE_GUIDE.md tells each cycle's lesson."""
 
 from .llm import LLM
 from .sampling_params import SamplingParams

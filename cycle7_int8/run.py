@@ -1,6 +1,6 @@
-"""python -m cycle7_int8.run "prompt" ... : generate from the command line."""
+"""python -m <cycle>.run "prompt" ... : generate from the command line (common/engine/cli.py)."""
 
 from common.engine.cli import main
 
 if __name__ == "__main__":
-    main("cycle7_int8")
+    main(__package__)

@@ -37,7 +37,8 @@ def build_step(name, device, dtype, is_prefill, seed=0, block_size=16, heads=8, 
             seq.num_cached_tokens = (length - 1) // block_size * block_size if i == 0 else \
                 rng.choice([0, (length - 1) // block_size * block_size])
         seqs.append(seq)
-    runner = runner_mod.ModelRunner(None, None, bm, None, torch.device(device))
+    runner = object.__new__(runner_mod.ModelRunner)   # only its step layout, no model: set what _prepare reads
+    runner.device, runner.block_size, runner.dense_layout = torch.device(device), block_size, True
     _, _, meta = runner._prepare(seqs, is_prefill)
     n = int(meta.cu_seqlens_q[-1])
     q = torch.randn(n, heads, head_dim, generator=gen).to(device, dtype)

@@ -18,7 +18,7 @@ def engine_options(package: str) -> set[str]:
         config = importlib.import_module(f"{package}.config").Config
     except ModuleNotFoundError:
         return set(inspect.signature(importlib.import_module(package).LLM).parameters)
-    return {f.name for f in dataclasses.fields(config)}
+    return {f.name for f in dataclasses.fields(config) if f.init}
 
 
 def build_parser(package: str) -> argparse.ArgumentParser:
