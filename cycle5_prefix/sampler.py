@@ -174,3 +174,13 @@ def prompt_logprobs(compute_logits, hidden: torch.Tensor, prompt_ids: list[int],
         logprobs = torch.log_softmax(compute_logits(hidden[start:end]).float(), dim=-1)
         out += top_logprobs(logprobs, targets[start:end], [k] * (end - start))
     return out
+
+
+def prompt_logprobs_for(seqs: list, compute_logits, prompt_hidden) -> list | None:
+    """SamplerOutput.prompt_logprobs of a step: for each sequence that wants them now, from
+    prompt_hidden(i), the hidden states of seqs[i]'s prompt positions in the step that just ran;
+    None when none does (the common case costs one check per sequence)."""
+    if not any(map(wants_prompt_logprobs, seqs)):
+        return None
+    return [prompt_logprobs(compute_logits, prompt_hidden(i), s.token_ids, s.sampling_params.prompt_logprobs)
+            if wants_prompt_logprobs(s) else None for i, s in enumerate(seqs)]

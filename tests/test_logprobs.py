@@ -50,3 +50,93 @@ def test_mismatched_lengths_are_refused():
         completion_logprobs([1, 2], [None], decode)
     with pytest.raises(ValueError):
         chat_logprobs([1], [], decode)
+
+
+# --- the engine's logprobs against HF's log_softmax over the same weights ----------------------
+
+import torch  # noqa: E402
+
+from conftest import CYCLES, INT8_CYCLES, SMOLLM2, cycle  # noqa: E402
+
+LAST = CYCLES[-1]
+FLOAT = {name: ({"quantization": None} if name in INT8_CYCLES else {}) for name in CYCLES}
+PROMPTS = [[5, 17, 42, 9, 77, 3, 120, 64, 11, 8], [300, 12, 7]]
+
+
+def hf_log_softmax(model, ids: list[int]) -> torch.Tensor:
+    """[len(ids), vocab]: row p is HF's log-distribution of the token after ids[:p + 1]."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def assert_position(entry: dict, want: torch.Tensor, token: int, k: int, atol: float) -> None:
+    assert abs(entry[token] - want[token].item()) < atol
+    assert list(entry)[:k] == want.topk(k).indices.tolist()          # the top-k, most likely first
+    for t, v in entry.items():
+        assert abs(v - want[t].item()) < atol
+
+
+def check_against_hf(out, model, k: int, prompt_k: int, atol: float = 1e-4) -> None:
+    ids = out.prompt_token_ids + out.token_ids
+    want = hf_log_softmax(model, ids)
+    P = len(out.prompt_token_ids)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == P
+    for p in range(1, P):
+        assert_position(out.prompt_logprobs[p], want[p - 1], ids[p], prompt_k, atol)
+    assert len(out.logprobs) == len(out.token_ids)
+    for j, token in enumerate(out.token_ids):
+        assert_position(out.logprobs[j], want[P - 1 + j], token, k, atol)
+
+
+@pytest.mark.parametrize("name", CYCLES)
+def test_logprobs_equal_hf_on_a_tiny_model(name, tiny_llms, tiny_checkpoints, one_thread):
+    llm = tiny_llms(name, dtype="float32", **FLOAT[name])
+    SP = cycle(name).SamplingParams
+    asks = SP(temperature=0, max_tokens=4, ignore_eos=True, logprobs=3, prompt_logprobs=2)
+    plain = SP(temperature=0, max_tokens=4, ignore_eos=True)
+    outs = llm.generate(PROMPTS, [asks, plain])
+    check_against_hf(outs[0], tiny_checkpoints["qwen3"][1], k=3, prompt_k=2)
+    assert outs[1].logprobs is None and outs[1].prompt_logprobs is None   # only who asks
+    again = llm.generate(PROMPTS, plain)                                  # asking changes no token
+    assert [o.token_ids for o in again] == [o.token_ids for o in outs]
+
+
+@pytest.mark.parametrize("name", [c for c in CYCLES if c >= "cycle5"])
+def test_prompt_logprobs_skip_the_prefix_cache(name, tiny_llms, tiny_checkpoints, one_thread):
+    """The first request fills the prefix cache with the prompt; the second asks for prompt
+    logprobs, so it must compute every prompt position anyway."""
+    llm = tiny_llms(name, dtype="float32", block_size=4, **FLOAT[name]) if name < "cycle6" else \
+        tiny_llms(name, dtype="float32", **FLOAT[name])
+    SP = cycle(name).SamplingParams
+    prompt = list(range(40, 80))
+    llm.generate([prompt], SP(temperature=0, max_tokens=2))
+    out = llm.generate([prompt], SP(temperature=0, max_tokens=2, prompt_logprobs=1, logprobs=1))[0]
+    check_against_hf(out, tiny_checkpoints["qwen3"][1], k=1, prompt_k=1)
+
+
+@pytest.mark.parametrize("name", [c for c in CYCLES if c >= "cycle4"])
+def test_streamed_outputs_carry_each_tokens_logprobs(name, tiny_llms, one_thread):
+    llm = tiny_llms(name, dtype="float32", **FLOAT[name])
+    SP = cycle(name).SamplingParams
+    rid = llm.add_request(PROMPTS[0], SP(temperature=0, max_tokens=3, ignore_eos=True, logprobs=2, prompt_logprobs=0))
+    deltas = []
+    while llm.has_unfinished_requests():
+        deltas += [o for o in llm.step() if o.request_id == rid]
+    first, final = deltas[0], deltas[-1]
+    assert len(first.prompt_logprobs) == len(PROMPTS[0])
+    assert all(d.prompt_logprobs is None for d in deltas[1:-1])
+    for d in deltas[:-1]:
+        assert len(d.logprobs) == 1 and d.new_token_ids[0] in d.logprobs[0]
+    assert final.finished and len(final.logprobs) == 3 == len(final.token_ids)
+    assert [d.logprobs[-1] for d in deltas] == final.logprobs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["cycle1_naive", "cycle4_batching", LAST])
+def test_logprobs_equal_hf_on_real_smollm2(name, smollm2_hf):
+    source, model = smollm2_hf
+    llm = cycle(name).LLM(SMOLLM2, device="cpu", dtype="float32", **FLOAT[name])
+    sp = cycle(name).SamplingParams(temperature=0, max_tokens=6, logprobs=5, prompt_logprobs=5)
+    out = llm.generate(["The capital of France is"], sp)[0]
+    check_against_hf(out, model, k=5, prompt_k=5)
