@@ -1,4 +1,4 @@
-"""Cycle 8 (bonus): decode as a CUDA graph replay over static buffers, with a lean host step."""
+"""One cycle of the course: its engine (LLM) and SamplingParams. docs/CYCLE_GUIDE.md tells each cycle's lesson."""
 
 from .llm import LLM
 from .sampling_params import SamplingParams

@@ -58,6 +58,14 @@ class BlockManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)  # ceil division
 
+    def check_fits(self, max_lens: list[int]) -> None:
+        """Refuse a request that could never fit, even in the empty pool (else it would wait forever)."""
+        for i, max_len in enumerate(max_lens):
+            if self.blocks_for(max_len) > self.num_blocks:
+                raise ValueError(f"prompt {i} needs up to {self.blocks_for(max_len)} KV blocks "
+                                 f"(prompt + max_tokens), the whole pool has {self.num_blocks}: "
+                                 f"lower max_tokens or give the cache more blocks (num_kv_blocks)")
+
     # --- prefix cache lookups ------------------------------------------------------------------
 
     def prompt_block_hashes(self, seq: Sequence) -> list[int]:
@@ -160,3 +168,7 @@ class BlockManager:
     def slot(self, seq: Sequence, position: int) -> int:
         """Where token `position` of the sequence lives in the flat pool: block * block_size + offset."""
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+
+    def stats(self) -> dict:
+        return {"num_kv_blocks": self.num_blocks, "block_size": self.block_size, "free_kv_blocks": self.num_free_blocks,
+                "prefix_caching": self.enable_prefix_caching}

@@ -1,9 +1,9 @@
 """torch.compile for the small element-wise functions: RMSNorm, SiLU * up, rotary.
 
-Written out in plain torch, an RMSNorm is six kernels (cast, square, mean, add eps and rsqrt,
-multiply, cast back and scale), each reading and writing the whole activation; SiLU * up is two,
-rotary four per tensor. Inductor fuses each function into one kernel. Where that pays: on a GPU,
-whose decode step at a small batch is a stream of tiny kernels. On a CPU the fused C++ kernels gain
+Written out in plain torch, each is a chain of small kernels (an RMSNorm: cast, square, mean, add
+eps, rsqrt, multiply, cast back, scale), each reading and writing the whole activation; SiLU * up
+is two, rotary several per tensor. Inductor fuses each function into one kernel, which can pay
+where a step is a stream of tiny kernels: a GPU decoding a small batch. On a CPU the fused C++ kernels gain
 little over torch's vectorized ones, every call of a compiled function also checks its guards in
 Python, and the first call runs a C++ compiler: so the engine compiles on CUDA only unless asked
 (`compile=True`); stats["compile_s"] is the time the compiling took.

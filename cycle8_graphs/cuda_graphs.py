@@ -1,31 +1,31 @@
 """Decode as a CUDA graph replay over static buffers, and the lean host step around it.
 
-A decode step of cycle 7 is ~65 kernels per layer, each launched from Python, plus ~7 blocking
-copies of tensors built from Python lists. On a GPU at 256 sequences the host work takes longer
-than the kernels, so the GPU waits. A CUDA graph records every kernel of one decode forward once
-(the capture) and launches them all again with one call (the replay). A graph records *addresses*:
+A decode step of cycle 7 launches dozens of kernels per layer from Python, plus blocking copies of
+tensors built from Python lists; where that host work takes longer than the kernels, the GPU
+waits. A CUDA graph records every kernel of one decode forward once (the capture) and launches
+them all again with one call (the replay). A graph records *addresses*:
 each replay reads the same input tensors and writes the same output tensor, so every input lives in
 a static buffer that is updated in place, and the output is copied out of a static buffer.
 
 - Buckets: a graph has fixed shapes, so decode is captured for batch sizes 1, 2, 4, 8, 16, then
   every 16 up to max_num_seqs. A step of n sequences replays the smallest bucket >= n; the padding
   rows point at a scratch KV block that no sequence owns, and their outputs are never sampled.
+  Without a graph to replay, the forward runs over the n rows only (no padding).
 - Rows: each running sequence keeps one row of the static buffers while it runs. The host writes
   a row only when something changes (a sequence joins, leaves, or gains a block: the BlockManager
   records those in `changed`); everything else moves on the device: the sampled token becomes the
   next input, positions and context lengths are incremented. A leaving row is filled by the last
   row, so rows 0..n-1 stay dense.
 - One host-device sync per step: reading the sampled tokens.
-- Only attention backends that read K/V through the block table in place (flash_attn, and the
-  triton kernel of issue 9) are captured: sdpa gathers each sequence's blocks into a dense tensor
-  whose width follows the longest sequence, which a fixed-shape graph cannot follow without
-  attending over max_model_len keys for every row. With sdpa (and on the CPU, which has no
-  graphs) the same forward over the same buffers runs eagerly, sliced to the step's width.
+- Only attention backends that read K/V through the block table in place (flash_attn, triton)
+  are captured: sdpa gathers each sequence's blocks into a dense tensor whose width follows the
+  longest sequence, which a fixed-shape graph cannot follow without attending over max_model_len
+  keys for every row. With sdpa (and on the CPU, which has no graphs) the same forward over the
+  same buffers runs eagerly, sliced to the step's width.
 """
 
 import time
 from bisect import bisect_left
-from contextlib import contextmanager
 
 import torch
 
@@ -62,19 +62,6 @@ def graph_mode(device: torch.device, attention_backend: str, enforce_eager: bool
         return False, (f"attention backend {attention_backend!r} gathers K/V densely (width follows the "
                        f"longest sequence): decode runs eagerly; capture needs one of {IN_PLACE_BACKENDS}")
     return True, "captured"
-
-
-@contextmanager
-def held(num_bytes: int, device: torch.device):
-    """Hold num_bytes of device memory for the duration (the KV pool is sized inside), then give
-    them back to the device, so the graphs captured next find them free."""
-    placeholder = torch.empty(num_bytes, dtype=torch.uint8, device=device) if num_bytes else None
-    try:
-        yield
-    finally:
-        del placeholder
-        if num_bytes:
-            torch.cuda.empty_cache()
 
 
 class DecodeGraphs:
@@ -115,13 +102,18 @@ class DecodeGraphs:
         self.num_sampled_rows = 0                  # rows that do not sample greedily
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.capture_s, self.graph_pool_bytes, self.reserve_bytes = 0.0, 0, 0
+        self.pad_eager = False    # tests: pad eager steps to their bucket too, as a replay would
 
     # --- binding to the KV pool, memory, capture -----------------------------------------------
 
-    def bind(self, kv_cache, block_manager: BlockManager, scratch_block: int) -> None:
-        """Point the runner at the KV pool; every row starts as padding on the scratch block."""
-        self.kv_cache, self.block_manager, self.scratch_block = kv_cache, block_manager, scratch_block
+    def bind(self, kv_cache, scratch_block: int) -> None:
+        """Point the buffers at the KV pool; every row starts as padding on the scratch block."""
+        self.kv_cache, self.scratch_block = kv_cache, scratch_block
         self.block_tables.fill_(scratch_block)
+
+    def follow(self, block_manager: BlockManager) -> None:
+        """Rows are written from the sequences whose blocks the BlockManager records as changed."""
+        self.block_manager = block_manager
 
     @torch.inference_mode()
     def measure_decode_bytes(self, kv_cache_factory) -> int:
@@ -130,7 +122,7 @@ class DecodeGraphs:
         before the KV budget is sized, so the budget leaves room for the graphs."""
         if not self.capture_graphs:
             return 0
-        self.bind(kv_cache_factory(1), None, 0)
+        self.bind(kv_cache_factory(1), 0)
         torch.cuda.synchronize(self.device)
         before = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -180,8 +172,8 @@ class DecodeGraphs:
         bucket = bucket_for(self.buckets, n)
         if bucket in self.graphs:
             self.graphs[bucket].replay()
-        else:
-            self._forward(bucket, self._width(seqs))
+        else:      # eager: the step's own n rows (padding them buys nothing without a replay)
+            self._forward(bucket if self.pad_eager else n, self._width(seqs))
         logits = self.model.compute_logits(self.hidden[:n])       # padding rows are never sampled
         if self.num_sampled_rows == 0:
             tokens = sampler.sample(logits)                        # greedy: one argmax on the device

@@ -8,6 +8,7 @@ number of bytes. Either way it never exceeds what max_num_seqs sequences of max_
 could ever hold, so a tiny model does not get millions of blocks it can never fill.
 """
 
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -34,17 +35,6 @@ class PagedKVCache:
 def block_bytes(num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
     """K and V of `block_size` tokens in every layer."""
     return 2 * num_layers * block_size * kv_heads * head_dim * dtype.itemsize
-
-
-def check_pool_options(num_kv_blocks: int | None, kv_cache_memory_bytes: int | None,
-                       gpu_memory_utilization: float) -> None:
-    """Refuse impossible pool options before the model loads."""
-    if num_kv_blocks is not None and num_kv_blocks < 1:
-        raise ValueError(f"num_kv_blocks must be >= 1, got {num_kv_blocks}")
-    if kv_cache_memory_bytes is not None and kv_cache_memory_bytes < 1:
-        raise ValueError(f"kv_cache_memory_bytes must be >= 1, got {kv_cache_memory_bytes}")
-    if not 0 < gpu_memory_utilization <= 1:
-        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
 
 
 def profile_batches(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int) -> list[tuple[list[int], bool]]:
@@ -107,3 +97,16 @@ def plan_kv_pool(bytes_per_block: int, device: torch.device, max_blocks: int, nu
     if blocks > max_blocks:
         blocks, plan["sized_by"] = max_blocks, plan["sized_by"] + ", capped at max_num_seqs x max_model_len"
     return {**plan, "num_kv_blocks": blocks}
+
+
+@contextmanager
+def held(num_bytes: int, device: torch.device):
+    """Hold num_bytes of device memory for the duration (the KV pool is sized inside), then give
+    them back to the device, so the graphs captured next find them free."""
+    placeholder = torch.empty(num_bytes, dtype=torch.uint8, device=device) if num_bytes else None
+    try:
+        yield
+    finally:
+        del placeholder
+        if num_bytes:
+            torch.cuda.empty_cache()

@@ -1,33 +1,127 @@
-"""The model runner: turns a scheduled step into tensors, runs the model once, samples.
+"""The model runner: owns the model and its KV pool, and runs one scheduled step on them.
 
-Prefill packs every admitted prompt into one flat batch without padding; decode gathers each
-running sequence's newest token. Both end up as the same flat layout (input_ids, positions,
-slot_mapping over N tokens, plus per-sequence block tables), so the model has one code path.
+ModelRunner(config, source) builds the model (on the meta device, then filled with the weights),
+sizes the KV pool as kv_cache.py plans it (on CUDA by running the largest steps the engine can
+take once, on dummy tokens) and allocates it. run() turns a scheduled step into tensors, runs the
+model once and samples. Prefill packs every admitted prompt into one flat batch without padding;
+decode gathers each running sequence's newest token. Both end up as the same flat layout
+(input_ids, positions, slot_mapping over N tokens, plus per-sequence block tables), so the model
+has one code path.
 Cycle 8: decode goes to DecodeGraphs (cuda_graphs.py), which keeps that layout in static buffers
 updated in place and replays it as a CUDA graph; prefill stays as it was, eager.
 """
 
+import time
 from itertools import accumulate
 
 import torch
 
+from common.engine.memory import weight_bytes
+from common.engine.model_source import load_weights
+
+from .attention import DENSE_LAYOUT
 from .block_manager import BlockManager
+from .compiled_ops import compile_small_ops
+from .config import Config
 from .cuda_graphs import DecodeGraphs
+from .kv_cache import (PagedKVCache, block_bytes, held, plan_kv_pool, profile_activation_peak,
+                       profile_batches)
 from .model import AttentionMetadata, CausalLM
+from .quantization import quantize_model
 from .sampler import Sampler
+from .sampling_params import SamplingParams
 from .sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv_cache, block_manager: BlockManager, sampler: Sampler,
-                 device: torch.device, graphs: DecodeGraphs | None = None, dense_layout: bool = True):
-        self.model = model
-        self.dense_layout = dense_layout   # build sdpa's [B, Tq] layout (attention.DENSE_LAYOUT)
-        self.kv_cache = kv_cache
-        self.block_manager = block_manager
-        self.sampler = sampler
-        self.device = device
-        self.graphs = graphs      # decode: static buffers, replayed as a CUDA graph where it can be
+    def __init__(self, config: Config, source):
+        self.config = config
+        self.device, self.block_size = config.device, config.block_size
+        self.model = build_model(source, config.device, config.dtype, config.attention_backend)
+        self.dense_layout = config.attention_backend in DENSE_LAYOUT   # build sdpa's [B, Tq] layout
+        self.quantize_s = self._quantize() if config.quantization else 0.0
+        # Compiled small ops: a flag of their own, apart from the graphs (compiled_ops.py).
+        self.compile_s = compile_small_ops(self.model, config.device, config.dtype) if config.compile else 0.0
+        self.sampler = Sampler(config.device, config.seed)
+        self.kv_cache = None                     # allocated once the pool is sized
+        self.graphs = DecodeGraphs(self.model, config.attention_backend, self.block_size, config.max_num_seqs,
+                                   self.model.config.max_position_embeddings, self.device, config.enforce_eager)
+        # The graphs' memory is measured first and held while the KV pool is sized and allocated;
+        # capture comes after the pool exists, because a graph records the pool's addresses.
+        with held(self.graphs.measure_decode_bytes(self._kv_cache), self.device):
+            self.kv_pool = self._plan_kv_pool()
+            self.num_kv_blocks = self._blocks_with_scratch()
+            # One block more than the manager hands out: the scratch block that padding rows write to.
+            self.kv_cache = self._kv_cache(self.num_kv_blocks + 1)
+        self.graphs.bind(self.kv_cache, scratch_block=self.num_kv_blocks)
+        self.graphs.capture()
+
+    def follow(self, block_manager: BlockManager) -> None:
+        """Decode rows are rewritten only when a sequence's blocks change: the BlockManager records those."""
+        self.graphs.follow(block_manager)
+
+    def _quantize(self) -> float:
+        """Quantize the loaded float weights in place; returns the seconds it took."""
+        start = time.perf_counter()
+        quantize_model(self.model, self.config.int8_matmul)
+        return time.perf_counter() - start
+
+    # --- start-up: size and allocate the KV pool ----------------------------------------------
+
+    def _kv_cache(self, num_blocks: int) -> PagedKVCache:
+        attn = self.model.model.layers[0].self_attn
+        return PagedKVCache(self.model.config.num_hidden_layers, num_blocks, self.block_size, attn.num_kv_heads,
+                            attn.head_dim, self.config.dtype, self.device)
+
+    def _plan_kv_pool(self) -> dict:
+        c, attn = self.config, self.model.model.layers[0].self_attn
+        per_block = block_bytes(self.model.config.num_hidden_layers, self.block_size, attn.num_kv_heads,
+                                attn.head_dim, c.dtype)
+        max_blocks = c.max_num_seqs * -(-self.model.config.max_position_embeddings // self.block_size)
+        return plan_kv_pool(per_block, self.device, max_blocks, c.num_kv_blocks, c.kv_cache_memory_bytes,
+                            c.gpu_memory_utilization,
+                            profile=lambda: profile_activation_peak(self.device, self._profile_run))
+
+    def _blocks_with_scratch(self) -> int:
+        """The blocks the BlockManager hands out: a budget also pays for the scratch block (the cap
+        or an exact count does not)."""
+        num_blocks = self.kv_pool["num_kv_blocks"]
+        if self.kv_pool["budget_bytes"] is not None and 1 < num_blocks < self.kv_pool["cap_blocks"]:
+            num_blocks -= 1
+        return num_blocks
+
+    def _profile_run(self) -> None:
+        """Run the largest prefill and decode steps once, on dummy tokens, to measure their memory.
+
+        Every dummy sequence's block table points at block 0 of a one-block scratch pool: the steps
+        read and write as many K/V slots as real ones would, but nothing of the real pool (which
+        does not exist yet), and the scratch pool is dropped when this returns. Decode runs the
+        eager path here: the graphs' own memory is measured apart (measure_decode_bytes).
+        """
+        pool, self.kv_cache, graphs, self.graphs = self.kv_cache, self._kv_cache(1), self.graphs, None
+        greedy = SamplingParams(temperature=0, max_tokens=1)
+        for lengths, is_prefill in profile_batches(self.config.max_num_seqs, self.config.max_num_batched_tokens,
+                                                   self.model.config.max_position_embeddings):
+            seqs = [Sequence(i, None, [0] * n, greedy, None) for i, n in enumerate(lengths)]
+            for seq in seqs:
+                seq.block_table = [0] * -(-len(seq) // self.block_size)   # all on scratch block 0
+            self.run(seqs, is_prefill)
+        self.kv_cache, self.graphs = pool, graphs
+
+    def stats(self) -> dict:
+        return {"weight_bytes": weight_bytes(self.model), "kv_cache_pool_bytes": self.kv_cache.nbytes,
+                "kv_pool": self.kv_pool,   # how the pool was sized: budget, model, activation peak, cap
+                "attention_backend": self.config.attention_backend,
+                "attention_backend_note": self.config.attention_backend_note,   # why a fallback ran, or None
+                "quantization": self.config.quantization,
+                "int8_matmul": self.config.int8_matmul,
+                "int8_matmul_note": self.config.int8_matmul_note,               # why a fallback ran, or None
+                "quantize_s": self.quantize_s,
+                "compile": self.config.compile,
+                "compile_s": self.compile_s,
+                **self.graphs.stats()}
+
+    # --- one step ------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
@@ -48,10 +142,12 @@ class ModelRunner:
         # yet. Attention reads the cached prefix through the block table like any other key.
         starts = [s.num_cached_tokens if is_prefill else len(s) - 1 for s in seqs]
         input_ids, positions, slots, seqlens = [], [], [], [0]
+        bs = self.block_size
         for seq, start in zip(seqs, starts):
             input_ids += seq.token_ids[start:]
             positions += range(start, len(seq))
-            slots += [self.block_manager.slot(seq, p) for p in range(start, len(seq))]
+            # slot = where token p's K/V lives in the flat pool: its block * block_size + offset
+            slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, len(seq))]
             seqlens.append(seqlens[-1] + len(seq) - start)
         as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)
         positions = as_tensor(positions)
@@ -82,6 +178,17 @@ class ModelRunner:
         query_index = cu[:-1, None] + torch.minimum(offsets[None, :], lengths[:, None] - 1)
         seq_of_token = torch.repeat_interleave(torch.arange(B, device=self.device), lengths)
         token_index = seq_of_token * Tq + (torch.arange(len(positions), device=self.device) - cu[:-1][seq_of_token])
-        keys = torch.arange(width * self.block_manager.block_size, device=self.device)
+        keys = torch.arange(width * self.block_size, device=self.device)
         mask = keys.view(1, 1, -1) <= positions[query_index].unsqueeze(-1)
         return query_index, token_index, mask
+
+
+def build_model(source, device: torch.device, dtype: torch.dtype, attention_backend: str) -> CausalLM:
+    # Build on the meta device (no memory, no random init), then allocate and fill with the weights.
+    with torch.device("meta"):
+        model = CausalLM(source.config, attention_backend)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    if source.config.tie_word_embeddings:  # to_empty breaks the tie: restore it
+        model.lm_head.weight = model.model.embed_tokens.weight
+    load_weights(model, source)
+    return model.eval()

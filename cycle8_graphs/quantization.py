@@ -44,9 +44,9 @@ MATMULS = ("triton", "int8pack_mm", "cast")
 
 # The path each device takes unless int8_matmul says otherwise: a fixed table, so the same command
 # always runs the same kernels (and gives the same tokens), where timing at start-up could pick
-# differently from one run to the next. The CPU row is measured (docs/CYCLE_GUIDE.md, chapter 7:
-# torch's int8pack kernel took 9.6 ms where the cast path took 0.42 ms on a SmolLM2 layer in fp32;
-# only fp32 was measured, and the row holds for every dtype). On CUDA our own Triton kernel reads
+# differently from one run to the next. The CPU row is measured (docs/results/cpu-int8-matmul.txt:
+# torch's int8pack kernel was slower than the cast path on SmolLM2's layer shapes in fp32; only
+# fp32 was measured, and the row holds for every dtype). On CUDA our own Triton kernel reads
 # the int8 weight directly, in any of fp32, bf16, fp16 (its GPU figures: chapter 7).
 DEFAULT_MATMUL = {"cpu": "cast", "cuda": "triton"}
 

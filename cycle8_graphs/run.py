@@ -1,6 +1,6 @@
-"""python -m cycle8_graphs.run "prompt" ... : generate from the command line."""
+"""python -m <cycle>.run "prompt" ... : generate from the command line (common/engine/cli.py)."""
 
 from common.engine.cli import main
 
 if __name__ == "__main__":
-    main("cycle8_graphs")
+    main(__package__)

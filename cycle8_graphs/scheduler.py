@@ -28,9 +28,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
-        self.num_preemptions = 0
-        self.prefix_cache_hit_tokens = 0
-        self.prefix_cache_queried_tokens = 0
+        self.reset_stats()
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -41,9 +39,9 @@ class Scheduler:
     def schedule(self) -> tuple[list[Sequence], bool]:
         """Returns the sequences to run this step and whether it is a prefill step."""
         admitted = self._admit()
-        if admitted:
-            return admitted, True
-        return self._decode(), False
+        seqs, is_prefill = (admitted, True) if admitted else (self._decode(), False)
+        self._track_peak()
+        return seqs, is_prefill
 
     def _admit(self) -> list[Sequence]:
         bm = self.block_manager
@@ -66,6 +64,7 @@ class Scheduler:
             self.running.append(self.waiting.popleft())
             admitted.append(seq)
             tokens += new_tokens
+            self.prefill_tokens += len(seq) - seq.num_cached_tokens
             self.prefix_cache_hit_tokens += seq.num_cached_tokens
             self.prefix_cache_queried_tokens += len(seq)
         return admitted
@@ -108,3 +107,35 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         self.block_manager.free(seq)
         self.running.remove(seq)
+
+    # --- what the engine reports -----------------------------------------------------------------
+
+    def _track_peak(self) -> None:
+        """The most blocks held at once, and the tokens they held then (utilization at the peak)."""
+        used = self.block_manager.num_used_blocks
+        if used > self.peak_blocks:
+            self.peak_blocks = used
+            self.tokens_at_peak = sum(len(s) for s in self.running)
+
+    def reset_stats(self) -> None:
+        self.num_preemptions = self.peak_blocks = self.tokens_at_peak = 0
+        self.prefix_cache_hit_tokens = self.prefix_cache_queried_tokens = self.prefill_tokens = 0
+
+    def stats(self) -> dict:
+        return {"preemptions": self.num_preemptions, "max_num_seqs": self.max_num_seqs,
+                "max_num_batched_tokens": self.max_num_batched_tokens,
+                "kv_block_utilization": self.tokens_at_peak / max(1, self.peak_blocks * self.block_manager.block_size),
+                "prefix_cache_hit_tokens": self.prefix_cache_hit_tokens,
+                "prefix_cache_queried_tokens": self.prefix_cache_queried_tokens,
+                "prefix_cache_hit_rate": self.prefix_cache_hit_tokens / max(1, self.prefix_cache_queried_tokens),
+                "prefill_tokens": self.prefill_tokens}
+
+    def describe(self, seqs: list[Sequence], is_prefill: bool) -> str:
+        """One line for --trace: what this step runs, and the pool and queues around it."""
+        bm = self.block_manager
+        kind = "prefill" if is_prefill else "decode "
+        tokens = sum(len(s) - s.num_cached_tokens for s in seqs) if is_prefill else len(seqs)
+        cached = f" cached {[s.num_cached_tokens for s in seqs]}" if is_prefill else ""
+        return (f"{kind} seqs {[s.seq_id for s in seqs]}{cached} tokens {tokens} "
+                f"blocks used {bm.num_used_blocks}/{bm.num_blocks} free {bm.num_free_blocks} "
+                f"waiting {len(self.waiting)} preemptions {self.num_preemptions}")

@@ -29,6 +29,7 @@ class Sequence:
         self.finish_time: float | None = None
         self.finish_reason: str | None = None
         self.detokenizer = None                     # an IncrementalDetokenizer when streamed or with stop strings
+        self.detokenize = True                      # False: outputs carry token ids only, the caller decodes
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -89,10 +89,12 @@ def test_enforce_eager_and_stats(tiny_llms):
 # --- padding rows -----------------------------------------------------------------------------
 
 def test_padding_rows_are_never_sampled_and_write_only_the_scratch_block(tiny_llms, monkeypatch):
-    """Three running sequences decode in the bucket of 4: the model sees 4 rows, the sampler 3, and
-    the only slots written are the three sequences' new slots and the scratch block."""
+    """Three running sequences decode in the bucket of 4 (padding forced on the CPU, as a replay
+    pads): the model sees 4 rows, the sampler 3, and the only slots written are the three
+    sequences' new slots and the scratch block."""
     llm = tiny_llms(C8, int8_matmul="cast")
     g = llm.model_runner.graphs
+    monkeypatch.setattr(g, "pad_eager", True)
     fed, sampled = [], []
     forward, sample = type(llm.model_runner.model).forward.__get__(llm.model_runner.model), llm.model_runner.sampler.sample
     monkeypatch.setattr(llm.model_runner.model, "forward", lambda ids, *a: fed.append(ids.numel()) or forward(ids, *a))
@@ -112,6 +114,17 @@ def test_padding_rows_are_never_sampled_and_write_only_the_scratch_block(tiny_ll
     assert (g.block_tables[3] == scratch).all() and g.positions[3] == 0 and g.context_lens[3] == 1
     while llm.has_unfinished_requests():
         llm.step()
+
+
+def test_eager_decode_runs_at_the_real_batch_size(tiny_llms, monkeypatch):
+    """Without a graph to replay (the CPU), three sequences decode as three rows, not a bucket of 4."""
+    llm = tiny_llms(C8, int8_matmul="cast")
+    model = llm.model_runner.model
+    fed, forward = [], type(model).forward.__get__(model)
+    monkeypatch.setattr(model, "forward", lambda ids, *a: fed.append(ids.numel()) or forward(ids, *a))
+    params = cycle(C8).SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    outs = llm.generate(PROMPTS[:3], params)
+    assert fed[1:] == [3, 3] and [len(o.token_ids) for o in outs] == [3, 3, 3]   # after the prefill
 
 
 # --- the persistent block table ---------------------------------------------------------------
@@ -193,7 +206,7 @@ def test_graph_replay_tokens_equal_eager_on_cuda(dtype, compile, tiny_checkpoint
     if not graphs.model_runner.graphs.graphs:
         pytest.skip(f"no capture on this machine: {graphs.model_runner.graphs.note}")
     eager = cycle(C8).LLM(path, device="cuda", dtype=dtype, max_num_seqs=32, enforce_eager=True,
-                          int8_matmul=graphs.int8_matmul, compile=False)
+                          int8_matmul=graphs.config.int8_matmul, compile=False)
     assert graphs.model_runner.graphs.buckets == [1, 2, 4, 8, 16, 32] and sorted(graphs.model_runner.graphs.graphs) == [1, 2, 4, 8, 16, 32]
     assert not eager.model_runner.graphs.graphs
     assert tokens(graphs, C8) == tokens(eager, C8)
