@@ -135,6 +135,12 @@ def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
+def is_plain(params: SamplingParams) -> bool:
+    """No logprobs, penalties or min_tokens: the token depends on the logits and params alone, so
+    the plain sampler (a captured decode step's) serves it without the sequence's history."""
+    return params.logprobs is None and params.min_tokens == 0 and not params.penalized
+
+
 # --- logprobs ---------------------------------------------------------------------------------
 
 def top_logprobs(logprobs: torch.Tensor, token_ids: list[int], ks: list[int | None]) -> list[Logprobs | None]:
