@@ -149,3 +149,55 @@ def test_bad_values_are_refused_by_name(name, bad):
     field = next(iter(bad))
     with pytest.raises(ValueError, match=field):
         SP(**bad)
+
+
+# --- through the engines: the same behaviour in every cycle -------------------------------------
+
+from conftest import INT8_CYCLES, cycle  # noqa: E402
+
+FLOAT = {name: ({"quantization": None} if name in INT8_CYCLES else {}) for name in CYCLES}
+PROMPT = [5, 17, 42, 9, 77, 3, 120, 64]
+
+
+def greedy_tokens(llm, SP, **fields):
+    out = llm.generate([PROMPT], SP(temperature=0, max_tokens=8, ignore_eos=True, **fields))[0]
+    return out.token_ids, out.finish_reason
+
+
+@pytest.mark.parametrize("name", CYCLES)
+def test_stop_token_ids_and_min_tokens_in_the_engine(name, tiny_llms, one_thread):
+    llm = tiny_llms(name, dtype="float32", **FLOAT[name])
+    SP = cycle(name).SamplingParams
+    plain, _ = greedy_tokens(llm, SP)
+    stop = next(t for i, t in enumerate(plain) if i >= 1 and t not in plain[:i])
+    cut = plain.index(stop) + 1
+    assert greedy_tokens(llm, SP, stop_token_ids=[stop]) == (plain[:cut], "stop")   # kept in token_ids
+    first = plain[0]
+    tokens, _ = greedy_tokens(llm, SP, stop_token_ids=[first], min_tokens=3)
+    assert first not in tokens[:3]                       # masked until 3 tokens were generated
+
+
+@pytest.mark.parametrize("name", CYCLES)
+def test_penalized_greedy_tokens_are_the_same_in_every_cycle(name, tiny_llms, one_thread):
+    """cycle 1 is the reference; a penalty changes the tokens, identically in every cycle."""
+    fields = dict(repetition_penalty=1.8, frequency_penalty=0.5, presence_penalty=0.3)
+    ref_llm = tiny_llms("cycle1_naive", dtype="float32")
+    want, _ = greedy_tokens(ref_llm, cycle("cycle1_naive").SamplingParams, **fields)
+    plain, _ = greedy_tokens(ref_llm, cycle("cycle1_naive").SamplingParams)
+    assert want != plain
+    llm = tiny_llms(name, dtype="float32", **FLOAT[name])
+    assert greedy_tokens(llm, cycle(name).SamplingParams, **fields)[0] == want
+
+
+@pytest.mark.parametrize("name", [c for c in CYCLES if c >= "cycle4"])
+def test_include_stop_str_in_output(name, char_checkpoint, one_thread):
+    llm = cycle(name).LLM(char_checkpoint, device="cpu", dtype="float32", **FLOAT[name])
+    SP = cycle(name).SamplingParams
+    full = llm.generate(["Hello"], SP(temperature=0, max_tokens=12, ignore_eos=True))[0].text
+    stop = full[4:6]
+    at = full.index(stop)
+    cut = llm.generate(["Hello"], SP(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop]))[0]
+    kept = llm.generate(["Hello"], SP(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop],
+                                      include_stop_str_in_output=True))[0]
+    assert cut.text == full[:at] and kept.text == full[:at + len(stop)]
+    assert cut.finish_reason == kept.finish_reason == "stop"
