@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The CPU runs behind the guide's CPU tables that issues 10-13 added, one after another on an idle
+# The CPU runs behind the guide's later CPU tables, one after another on an idle
 # machine (any other torch process on 2 cores distorts every figure): results land in docs/results/.
 # About 45 minutes on a 2-core machine. STEPS="online throughput" runs just those.
 set -u
 cd "$(dirname "$0")/.."
-steps=${STEPS:-"online timeout throughput bench_step http slots int8 sweep c56 paired compile decode2"}
+steps=${STEPS:-"online timeout throughput bench_step http slots int8 sweep c56 paired compile decode2 detok sse"}
 has() { [[ " $steps " == *" $1 "* ]]; }
 has online && python compare.py --workload online --cycles 3,4 --plot --out docs/results/cpu-online
 has timeout && python compare.py --cycles 1,2 --num-requests 8 --timeout 25 --plot --out docs/results/cpu-timeout
@@ -40,4 +40,16 @@ if has decode2; then   # one decode step at 2 running sequences, cycles 7 and 8,
     for e in cycle7_int8 cycle8_graphs; do
         python scripts/decode_step_cpu.py $e 2>/dev/null | grep -v USDT > docs/results/cpu-decode-2seqs-$e.txt
     done
+fi
+has detok && python scripts/detokenizer_example.py > docs/results/detokenizer-emoji.txt
+if has sse; then   # chapter 9's SSE transcript: cycle 4's server, one short streamed completion
+    python -m cycle4_batching.serve HuggingFaceTB/SmolLM2-135M-Instruct --port 8012 > /tmp/serve-sse.log 2>&1 & server=$!
+    body='{"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}}'
+    if python -m common.benchmark.http_bench wait http://127.0.0.1:8012 120; then
+        { echo "# python -m cycle4_batching.serve HuggingFaceTB/SmolLM2-135M-Instruct --host 127.0.0.1 --port PORT"
+          echo "# curl -sN localhost:PORT/v1/completions -H 'content-type: application/json' -d '$body'"
+          echo "# (CPU, fp32, real weights; the server killed by pid afterwards)"
+          curl -sN localhost:8012/v1/completions -H 'content-type: application/json' -d "$body"; } > docs/results/sse-completions.txt
+    fi
+    kill $server
 fi

@@ -275,27 +275,36 @@ def test_prefix_wait():
 
 # --- chapter 6: fused attention ---------------------------------------------------------------
 
-@pytest.mark.parametrize("num_keys", [1, 3, 7, 64, 200])
+@pytest.mark.parametrize("num_keys", [1, 3, 64, 65, 200])
 def test_online_softmax(num_keys):
-    """Cycle 6's fused attention, whose kernel walks the keys in tiles with a running max and sum,
-    equals the softmax over all keys at once (in float64), for one query over 1 to 200 paged keys,
-    with scores far beyond 88, where exp of an unshifted score overflows fp32."""
-    attention = importlib.import_module("cycle6_flash.attention")
-    ModelRunner = importlib.import_module("cycle6_flash.model_runner").ModelRunner
+    """Cycle 6's own Triton decode kernel (run by Triton's interpreter on a CPU) walks the keys in
+    tiles of BLOCK_N with a running max, sum and output: for one query over 1 to 200 paged keys
+    (up to 4 tiles, blocks scattered in the pool), whose largest score sits in the last tile and
+    is far above 88 (where exp of an unshifted score overflows fp32), it equals the softmax over
+    all keys at once, in float64. A wrong rescaling (exp(m - m_new)) fails here."""
+    kernels = importlib.import_module("cycle6_flash.triton_attention")
     gen = torch.Generator().manual_seed(num_keys)
-    bm = block_manager("cycle6_flash", 16, 16)
-    seq = new_seq("cycle6_flash", 0, range(num_keys))
-    seq.block_table = list(range(15, 15 - bm.blocks_for(num_keys), -1))   # blocks in reverse order
-    _, _, meta = ModelRunner(None, None, bm, None, torch.device("cpu"))._prepare([seq], is_prefill=False)
-    q = torch.randn(1, 2, 8, generator=gen) * 40                          # 2 query heads, 1 KV head
-    k_cache, v_cache = torch.randn(16, 16, 1, 8, generator=gen), torch.randn(16, 16, 1, 8, generator=gen)
-    out = attention.sdpa_attention(q, k_cache, v_cache, meta, 1.0)
-    keys = k_cache[seq.block_table].reshape(-1, 8)[:num_keys].double()
-    values = v_cache[seq.block_table].reshape(-1, 8)[:num_keys].double()
-    scores = q[0].double() @ keys.T                                       # [heads, keys]
-    if num_keys >= 7:
-        assert scores.abs().max() > 88
-    torch.testing.assert_close(out[0].double(), torch.softmax(scores, dim=-1) @ values, atol=1e-5, rtol=1e-5)
+    block_size, num_blocks, D = 16, 16, 16
+    direction = torch.nn.functional.normalize(torch.randn(D, generator=gen), dim=0)
+    q = (direction * 10 + 0.1 * torch.randn(1, 2, D, generator=gen))    # 2 query heads, 1 KV head
+    # Keys along the query's direction, growing with their position: later tiles raise the max.
+    growth = torch.linspace(0.5, 1.0, num_keys).unsqueeze(1)
+    keys = (direction * 12 + 0.01 * torch.randn(num_keys, D, generator=gen)) * growth
+    values = torch.randn(num_keys, D, generator=gen)
+    k_cache, v_cache = torch.zeros(num_blocks, block_size, 1, D), torch.zeros(num_blocks, block_size, 1, D)
+    table = list(range(num_blocks - 1, num_blocks - 1 - -(-num_keys // block_size), -1))   # reverse order
+    for i in range(num_keys):
+        k_cache[table[i // block_size], i % block_size, 0] = keys[i]
+        v_cache[table[i // block_size], i % block_size, 0] = values[i]
+    out = kernels.paged_decode_attention(q, k_cache, v_cache, torch.tensor([table], dtype=torch.int32),
+                                         torch.tensor([num_keys], dtype=torch.int32), 1.0)
+    scores = q[0].double() @ keys.double().T                              # [heads, keys]
+    if num_keys > 1:
+        assert scores.max(dim=1).values.gt(88).all()
+        assert scores.argmax(dim=1).ge((num_keys - 1) // 64 * 64).all()    # the max is in the last tile
+    assert kernels.tile_sizes(q)[1] == 64                                 # 200 keys: 4 tiles
+    torch.testing.assert_close(out[0].double(), torch.softmax(scores, dim=-1) @ values.double(),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_score_bytes(monkeypatch):
@@ -344,15 +353,44 @@ def test_masked_nan():
     assert all((t == 0).all() for t in pool.k + pool.v)
 
 
-def test_backend(tiny_llms):
-    """On a CPU, cycle 6 runs sdpa with 16-token blocks; flash_attn is refused there."""
+BACKEND_CASES = [   # device, dtype, flash-attn importable, asked for -> backend (block size) or error
+    ("cpu", torch.float32, False, None, "sdpa"),
+    ("cpu", torch.float32, False, "triton", "triton"),
+    ("cpu", torch.float32, False, "flash_attn", "CUDA only"),
+    ("cpu", torch.bfloat16, False, "triton", "bf16"),
+    ("cuda", torch.bfloat16, True, None, "flash_attn"),
+    ("cuda", torch.bfloat16, False, None, "triton (note)"),
+    ("cuda", torch.float32, True, None, "triton (note)"),
+    ("cuda", torch.bfloat16, True, "sdpa", "sdpa"),
+    ("cuda", torch.bfloat16, False, "flash_attn", "does not import"),
+]
+
+
+@pytest.mark.parametrize("device, dtype, has_flash, requested, expected", BACKEND_CASES)
+def test_backend(monkeypatch, device, dtype, has_flash, requested, expected):
+    """Which backend cycle 6 picks follows its inputs: the device, the dtype, whether flash-attn
+    imports, and what was asked for; a fallback nobody asked for carries a note, an impossible
+    request is an error; the block size follows the backend. (select_backend reads only the
+    device's type, so the CUDA rows run without a GPU.)"""
     attention = importlib.import_module("cycle6_flash.attention")
-    assert attention.DEFAULT_BLOCK_SIZE["flash_attn"] % 256 == 0
-    with pytest.raises(ValueError, match="flash-attn"):
-        attention.select_backend(torch.device("cpu"), torch.float32, "flash_attn")
-    llm = tiny_llms("cycle6_flash")
-    llm.generate([[1, 2, 3]], greedy("cycle6_flash", 2))
-    assert llm.stats["attention_backend"] == "sdpa" and llm.block_manager.block_size == 16
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    def flash_problem(dev, dt):   # stands in for the import attempt: the rest of the choice is the engine's
+        if dev.type != "cuda":
+            return "flash-attn runs on CUDA only"
+        if dt not in attention.HALF_DTYPES:
+            return "flash-attn takes fp16/bf16 only"
+        return None if has_flash else "flash-attn does not import: ImportError"
+
+    monkeypatch.setattr(attention, "flash_attn_problem", flash_problem)
+    monkeypatch.setitem(attention.PROBLEMS, "flash_attn", flash_problem)
+    if expected in attention.BACKENDS or expected.endswith("(note)"):
+        backend, note = attention.select_backend(torch.device(device), dtype, requested)
+        assert backend == expected.split()[0]
+        assert (note is not None) == expected.endswith("(note)")
+        assert attention.DEFAULT_BLOCK_SIZE[backend] == (256 if backend == "flash_attn" else 16)
+    else:
+        with pytest.raises(ValueError, match=expected):
+            attention.select_backend(torch.device(device), dtype, requested)
 
 
 # --- chapter 7: int8 --------------------------------------------------------------------------
@@ -432,6 +470,66 @@ def test_int8_stats(tiny_llms):
     assert llm.model.lm_head.qweight is llm.model.model.embed_tokens.qweight
 
 
+# --- chapter 9: serving -----------------------------------------------------------------------
+
+def one_token_per_byte_tokenizer():
+    """A byte-level tokenizer with no merges: every UTF-8 byte is one token, as the rarest
+    characters are in SmolLM2's and Qwen3's tokenizers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    symbol = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}   # GPT-2's byte map
+    tok = Tokenizer(models.BPE(vocab={symbol[b]: b for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def test_stream_emoji():
+    """'a👋b' is 6 byte tokens; the emoji's 4 bytes show nothing until the last one completes it."""
+    from common.engine.detokenizer import IncrementalDetokenizer
+
+    tokenizer = one_token_per_byte_tokenizer()
+    ids = tokenizer.encode("a👋b", add_special_tokens=False)
+    assert ids == [97, 0xF0, 0x9F, 0x91, 0x8B, 98]
+    detok = IncrementalDetokenizer(tokenizer, [])
+    deltas = [detok.update(t, finishing=i == len(ids) - 1) for i, t in enumerate(ids)]
+    assert deltas == ["a", "", "", "", "👋", "b"] and detok.text == "a👋b"
+
+
+def test_stop_holdback():
+    """stop=["END"], one character per token, 'abENxyEND': the stream lags len("END") - 1 = 2
+    characters behind the text; the stop string and what follows it are never shown."""
+    from common.engine.detokenizer import IncrementalDetokenizer
+    from conftest import _byte_tokenizer
+
+    tokenizer = _byte_tokenizer()                       # one token per printable character
+    detok = IncrementalDetokenizer(tokenizer, tokenizer.encode("Say:", add_special_tokens=False), ("END",))
+    deltas = []
+    for token in tokenizer.encode("abENxyEND", add_special_tokens=False):
+        deltas.append(detok.update(token))
+        if detok.stopped:
+            break
+    assert deltas == ["", "", "a", "b", "E", "N", "x", "y", ""]
+    assert detok.stopped and detok.text == "abENxy"
+
+
+def test_serving_metrics():
+    """Arrival 0 s, tokens at 0.4, 0.5, 0.6, 1.0, 1.1 s: TTFT 0.4, E2EL 1.1, TPOT 0.7 / 4 = 0.175,
+    ITLs 0.1, 0.1, 0.4, 0.1; against SLOs of 0.5 s TTFT and 0.15 s TPOT it misses goodput (TPOT)."""
+    online = importlib.import_module("common.benchmark.online")
+    times = [0.4, 0.5, 0.6, 1.0, 1.1]
+    record = online.RequestRecord(0.0, times, finish_s=1.1, num_output_tokens=5)
+    m = online.serving_metrics([record], slo_ttft_s=0.5, slo_tpot_s=0.15)
+    assert m["ttft_mean_s"] == pytest.approx(0.4) and m["e2el_mean_s"] == pytest.approx(1.1)
+    assert m["tpot_mean_s"] == pytest.approx(0.175)
+    assert m["itl_p50_s"] == pytest.approx(0.1) and m["itl_p99_s"] > 0.35
+    assert m["goodput"] == 0
+    assert online.serving_metrics([record], slo_ttft_s=0.5, slo_tpot_s=0.2)["goodput"] == pytest.approx(1 / 1.1)
+
+
 # --- chapter 10: CUDA graphs (bonus) ---------------------------------------------------------
 
 def graphs_module():
@@ -439,13 +537,25 @@ def graphs_module():
 
 
 def test_graph_buckets():
-    """max_num_seqs=64: steps of 3, 17, 33, 50 replay buckets 4, 32, 48, 64 (1, 15, 15, 14 padding rows)."""
+    """max_num_seqs=64: the buckets are 1, 2, 4, 8, 16, 32, 48, 64."""
     g = graphs_module()
-    buckets = g.batch_buckets(64)
-    assert buckets == [1, 2, 4, 8, 16, 32, 48, 64]
-    chosen = [g.bucket_for(buckets, n) for n in (3, 17, 33, 50)]
-    assert chosen == [4, 32, 48, 64]
-    assert [b - n for b, n in zip(chosen, (3, 17, 33, 50))] == [1, 15, 15, 14]
+    assert g.batch_buckets(64) == [1, 2, 4, 8, 16, 32, 48, 64]
+    assert [g.bucket_for(g.batch_buckets(64), n) for n in (3, 17, 33, 50)] == [4, 32, 48, 64]
+
+
+@pytest.mark.parametrize("n, bucket", [(3, 4), (17, 32)])
+def test_graph_buckets_padding(tiny_llms, n, bucket):
+    """A decode step of n sequences runs its forward over the bucket's rows (3 -> 4, 17 -> 32): the
+    bucket - n padding rows are computed too, on the CPU as on a GPU, and their block tables point
+    at the scratch block, the one block past what the BlockManager hands out."""
+    llm = tiny_llms("cycle8_graphs")
+    assert llm.scheduler.max_num_seqs == 64
+    fed = count_fed_tokens(llm)
+    llm.generate([[10 + i, 11, 12] for i in range(n)], greedy("cycle8_graphs", 2))   # 1 prefill, 1 decode
+    assert fed == [3 * n, bucket]
+    graphs, scratch = llm.model_runner.graphs, llm.block_manager.num_blocks
+    assert (graphs.block_tables[n:bucket] == scratch).all()
+    assert (graphs.block_tables[:n, 0] != scratch).all()
 
 
 def test_graph_rows(tiny_llms):

@@ -7,6 +7,7 @@ hanging the suite. A new last cycle joins by being CYCLES[-1].
 """
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -20,6 +21,8 @@ from conftest import CYCLES, cycle
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
+from common.serving.chat_template import chat_prompt_ids  # noqa: E402
+from common.serving.inprocess_adapter import InProcessEngine  # noqa: E402
 from common.serving.server import build_app, parse_metrics  # noqa: E402
 
 SERVER_CYCLES = sorted({"cycle4_batching", CYCLES[-1]})
@@ -36,6 +39,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def serve(app):
+    """Run `app` with uvicorn in a thread on a free localhost port; yields its base URL."""
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + TIMEOUT_S
+    while not srv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(TIMEOUT_S)
+
+
 @pytest.fixture(scope="module", params=SERVER_CYCLES)
 def server(request, char_checkpoint):
     name = request.param
@@ -43,19 +64,8 @@ def server(request, char_checkpoint):
     llm.tokenizer.chat_template = TEMPLATE
     reference = cycle(name).LLM(char_checkpoint, device="cpu")   # offline generate() on the same weights
     reference.tokenizer.chat_template = TEMPLATE
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(build_app(llm, cycle(name), MODEL), host="127.0.0.1", port=port,
-                                       log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + TIMEOUT_S
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{port}"
-    yield {"name": name, "base": base, "llm": llm, "reference": reference}
-    srv.should_exit = True
-    thread.join(TIMEOUT_S)
+    with serve(build_app(InProcessEngine(llm), MODEL)) as base:
+        yield {"name": name, "base": base, "llm": llm, "reference": reference}
 
 
 @pytest.fixture
@@ -67,8 +77,7 @@ def offline(server, prompt, max_tokens, chat=False):
     """What generate() gives for the same prompt on another engine of the same checkpoint."""
     llm, name = server["reference"], server["name"]
     if chat:
-        from common.serving.server import chat_prompt_ids
-        prompt = chat_prompt_ids(llm.tokenizer, [{"role": "user", "content": prompt}], True)
+        prompt = chat_prompt_ids(llm.tokenizer, [{"role": "user", "content": prompt}])
     params = cycle(name).SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     return llm.generate([prompt], params)[0]
 
@@ -205,3 +214,15 @@ def test_http_benchmark_client_times_every_token(server):
     assert [len(r.token_times_s) for r in records] == [6, 3]   # one chunk per token
     assert records[1].token_times_s[0] >= 0.05
     assert serving_metrics(records, 10, 10)["completed"] == 2
+
+
+def test_http_benchmark_records_the_server_it_measured(server):
+    """A stored HTTP result names what answered: the server's own /v1/models, beside its URL."""
+    from common.benchmark.http_bench import server_identity
+
+    found = server_identity(server["base"] + "/v1")
+    assert found["base_url"] == server["base"] + "/v1"
+    assert [m["id"] for m in found["models"]] == [MODEL]
+    assert found["models"][0]["root"] == server["llm"].source.name
+    gone = server_identity(f"http://127.0.0.1:{_free_port()}/v1")   # nothing listens there
+    assert gone["models"] is None and gone["error"]

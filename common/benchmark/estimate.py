@@ -212,7 +212,7 @@ def main() -> None:
     rows = [estimate_workload(name, source, tokenizer, speed) for name in ("throughput", "nano_vllm_bench")]
     print("Qwen3-0.6B, bf16, max_num_seqs 256, max_num_batched_tokens 16384, CUDA sizes of common/benchmark/workloads.py")
     print(format_table(rows, speed))
-    # The one observation to hold the estimate against (issue 10): on an H200 (139 GiB usable),
+    # The one observation to hold the estimate against: on an H200 (139 GiB usable),
     # cycle 1 on nano_vllm_bench's sizes ran ~40 minutes and ran out of memory near T = 1,850.
     at_oom = static_batch_bytes(source.config, 256, 1850, torch.bfloat16)["total"] / GIB
     print(f"\ncheck: cycle 1, 256 sequences at T = 1,850 tokens: est. {at_oom:.0f} GiB beside the weights "

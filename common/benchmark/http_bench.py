@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from common.benchmark.bench import machine_info
 from common.engine.device import resolve_device
 from common.benchmark.online import (RequestRecord, arrival_times, format_online_table, online_row, online_settings,
                            parse_rates)
@@ -60,6 +61,18 @@ async def run_http(base_url: str, model: str, requests, arrivals: list[float]) -
     return records
 
 
+def server_identity(base_url: str) -> dict:
+    """What the server says it is (GET BASE/models), beside the URL it was reached at: a stored
+    result then names the model served, not only the name the client asked for."""
+    import httpx
+
+    try:
+        models = httpx.get(base_url.rstrip("/") + "/models", timeout=10).json().get("data", [])
+    except (httpx.HTTPError, ValueError) as error:
+        return {"base_url": base_url, "models": None, "error": repr(error)}
+    return {"base_url": base_url, "models": models}
+
+
 def main_http(args) -> int:
     """compare.py --base-url: one row per request rate, for the server at args.base_url."""
     from common.engine.model_source import load_tokenizer, resolve_model
@@ -82,8 +95,11 @@ def main_http(args) -> int:
                         "same_tokens_as_c1": "-", **online_row(records, settings)})
     out_dir = Path(args.out or Path("results") / "http-online")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps({"run": {"argv": sys.argv, "base_url": args.base_url},
-                                                      "results": results}, indent=1, default=str))
+    # The machine is the client's (the one this runs on); the server may be elsewhere.
+    run = {"argv": sys.argv, "base_url": args.base_url, "machine": machine_info(device),
+           "server": server_identity(args.base_url)}
+    results_json = json.dumps({"run": run, "results": results}, indent=1, default=str)
+    (out_dir / "results.json").write_text(results_json)
     print(format_online_table(results))
     print(f"results: {out_dir / 'results.json'}")
     return 0 if all(r["failed"] == 0 for r in results) else 1

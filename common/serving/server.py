@@ -1,336 +1,503 @@
-"""An OpenAI-compatible HTTP server around any engine with add_request/step/abort_request (cycle 4 on).
+"""An OpenAI-compatible HTTP server in front of an engine client (cycle 4 on).
 
     python -m cycle4_batching.serve HuggingFaceTB/SmolLM2-135M-Instruct --host 127.0.0.1 --port 8000
 
 Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (with
-`stream`: server-sent events ending in `data: [DONE]`), GET /metrics (Prometheus text).
+`stream`: server-sent events ending in `data: [DONE]`), POST /tokenize, POST /detokenize, GET
+/metrics (Prometheus text, vLLM's names).
 
-The handlers never touch the engine: common/serving/engine_loop.py's thread owns it. A handler parses and
-checks the JSON (pydantic), builds SamplingParams (their own checks), then hands the engine loop a
-function that tokenizes the prompt and adds it; the engine's own validation runs there, before
-anything is queued, and its ValueError comes back as a 400. Errors are OpenAI-shaped:
-{"error": {"message", "type", "code"}}.
+The front end does everything but the engine's steps: it parses and checks the request
+(common/serving/openai_protocol.py: which fields are honoured and which are refused, and why),
+renders chat templates in a sandbox (chat_template.py), tokenizes, builds SamplingParams
+(sampling.py), then hands token ids to the engine client and turns the deltas that come back into
+OpenAI's responses. So a bad request, a template that raises or a prompt that does not fit fails
+that request alone, with a 400 before the engine sees anything; if the engine itself fails, the
+requests in flight get an error, /health answers 503 and later requests get 503 at once.
+Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}}.
 """
 
+from __future__ import annotations
+
 import argparse
-import dataclasses
+import asyncio
+import contextlib
 import importlib
 import json
+import os
 import sys
 import time
 import uuid
-from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
-from common.serving.engine_loop import EngineError, EngineLoop
+from common.engine.args import add_model_args, parse_options
+from common.serving.chat_template import chat_prompt_ids
+from common.serving.inprocess_adapter import EngineError, InProcessEngine
+from common.serving.metrics import RequestTimer, ServerMetrics, parse_metrics  # noqa: F401  (parse_metrics: re-exported)
+from common.serving.middleware import ApiKey, BodyLimit
+from common.serving.openai_protocol import (REFUSED_CHAT, REFUSED_COMPLETIONS, APIError, ChatRequest,
+                                            CompletionRequest, DetokenizeRequest, TokenizeRequest, check_fields,
+                                            normalize_prompts, unknown_fields)
+from common.serving.openai_responses import Reply, echo_only, sse, usage
+from common.serving.sampling import NEUTRAL, build_sampling_params, default_max_tokens, unusable_defaults
 
-DEFAULT_MAX_TOKENS = 16        # OpenAI's default for completions; chat uses what is left of the context
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class _SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")   # unknown OpenAI fields (user, logit_bias, ...) are ignored
-    model: str
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0                  # vLLM's extension; 0 or -1: off
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    ignore_eos: bool = False        # vLLM's extension, used by benchmarks
-    n: int = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
+MAX_BODY_BYTES = 16 * 2**20      # a 100k-token prompt as JSON token ids is under 1 MiB
+RETRY_AFTER_S = 1
 
 
-class CompletionRequest(_SamplingFields):
-    prompt: str | list[int] | list[str]
+@dataclass
+class ServerOptions:
+    served_model_name: str
+    generation_defaults: dict = field(default_factory=lambda: dict(NEUTRAL))
+    api_keys: list[str] = field(default_factory=list)
+    allowed_origins: list[str] = field(default_factory=list)
+    max_waiting_requests: int | None = None
+    max_body_bytes: int = MAX_BODY_BYTES
+    trust_request_chat_template: bool = False
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: str
-    content: str
+class OpenAIServer:
+    """What the handlers share: the engine client, the options, the metrics."""
+
+    def __init__(self, engine, options: ServerOptions):
+        self.engine, self.options = engine, options
+        # As vLLM: the longest sequence served is what both the model and the KV pool can hold.
+        self.max_model_len = min(engine.max_model_len, getattr(engine, "kv_pool_tokens", engine.max_model_len))
+        self.metrics = ServerMetrics(options.served_model_name)
+        self.num_waiting = 0                  # added to the engine, no token yet (--max-waiting-requests)
+        self._unknown_logged: set[str] = set()
+
+    # --- checks shared by the endpoints ----------------------------------------------------------
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.options.served_model_name:
+            raise APIError(404, f"the model {model!r} does not exist; this server has "
+                           f"{self.options.served_model_name!r}", "not_found_error", param="model")
+
+    def check_request(self, body, table: dict) -> None:
+        self.check_model(body.model)
+        check_fields(body, table, self.engine.sampling_params_cls)
+        for name in unknown_fields(body, table):
+            if name not in self._unknown_logged:
+                self._unknown_logged.add(name)
+                print(f"note: request field {name!r} is unknown to this server and ignored "
+                      "(logged once)", file=sys.stderr)
+
+    def check_fits(self, ids: list[int], max_tokens: int, param: str, index: int = 0) -> None:
+        limit, vocab = self.max_model_len, self.engine.vocab_size
+        if (bad := next((t for t in ids if not 0 <= t < vocab), None)) is not None:
+            raise APIError(400, f"prompt {index} holds token id {bad}, outside the vocabulary [0, {vocab})", param=param)
+        if len(ids) + max_tokens > limit:
+            raise APIError(400, f"this model's maximum context length is {limit} tokens; prompt {index} has "
+                           f"{len(ids)} and max_tokens is {max_tokens} ({len(ids) + max_tokens} in all)",
+                           param="max_tokens" if len(ids) < limit else param)
+
+    def tokenize(self, prompt: str | list[int], add_special_tokens: bool) -> list[int]:
+        if isinstance(prompt, list):
+            return prompt
+        ids = self.engine.tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids
+        if not ids:
+            raise APIError(400, "the prompt tokenizes to no tokens", param="prompt")
+        return ids
+
+    # --- the engine -------------------------------------------------------------------------------
+
+    async def submit(self, prompts: list[list[int]], params) -> list:
+        """Add every prompt to the engine, all or none: a refusal aborts those already added."""
+        if not self.engine.alive:
+            raise APIError(503, "the engine is not running", "server_error")
+        limit = self.options.max_waiting_requests
+        if limit is not None and self.num_waiting + len(prompts) > limit:
+            raise APIError(429, f"{self.num_waiting} requests are waiting (--max-waiting-requests {limit}); "
+                           "retry later", "rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)})
+        streams = []
+        try:
+            for ids in prompts:
+                streams.append(await self.engine.add(ids, params))
+        except (ValueError, TypeError) as error:
+            self._abort(streams)
+            raise APIError(400, str(error), param="prompt" if len(prompts) > 1 else None) from None
+        except EngineError as error:          # 503 once the engine is dead, 500 for a failure adding one request
+            self._abort(streams)
+            dead = not self.engine.alive
+            raise APIError(503 if dead else 500, f"the engine {'is not running' if dead else 'failed'}: {error}",
+                           "server_error") from None
+        except BaseException:
+            self._abort(streams)
+            raise
+        self.num_waiting += len(streams)
+        return streams
+
+    def _abort(self, streams) -> None:
+        for stream in streams:
+            self.engine.abort(stream.request_id)
+
+    async def deltas(self, flight: "_Flight"):
+        """(choice index, delta) of every stream of a request as they come, with the metrics kept;
+        whatever has not finished when this ends (the client left, the engine failed) is aborted."""
+        try:
+            async with contextlib.aclosing(_merge(flight.streams)) as merged:
+                async for i, delta in merged:
+                    flight.on_delta(i, delta)
+                    yield i, delta
+        except EngineError:
+            flight.close("error")
+            raise
+        finally:
+            flight.close("abort")
+
+    # --- the endpoints ------------------------------------------------------------------------------
+
+    async def completions(self, body: CompletionRequest, request: Request):
+        arrival = time.perf_counter()
+        self.check_request(body, REFUSED_COMPLETIONS)
+        prompts = normalize_prompts(body.prompt)
+        ids = [self.tokenize(p, body.add_special_tokens is not False) for p in prompts]
+        max_tokens = body.max_tokens if body.max_tokens is not None else \
+            default_max_tokens(body, self.options.generation_defaults, False, 0)
+        echoes = [p if isinstance(p, str) else self.engine.tokenizer.decode(i) for p, i in zip(prompts, ids)] \
+            if body.echo else None
+        reply = Reply(f"cmpl-{uuid.uuid4().hex}", self.options.served_model_name, chat=False, echoes=echoes)
+        if max_tokens == 0 and body.echo:
+            return echo_only(reply, body, [len(i) for i in ids])
+        params = build_sampling_params(body, self.options.generation_defaults, self.engine.sampling_params_cls,
+                                       max_tokens)
+        for index, prompt_ids in enumerate(ids):
+            self.check_fits(prompt_ids, max_tokens, "prompt", index)
+        streams = await self.submit(ids, params)
+        return await self.respond(request, body, streams, reply, arrival)
+
+    async def chat(self, body: ChatRequest, request: Request):
+        arrival = time.perf_counter()
+        self.check_request(body, REFUSED_CHAT)
+        if body.chat_template is not None and not self.options.trust_request_chat_template:
+            raise APIError(400, "chat_template in a request runs the client's code on the server: start the "
+                           "server with --trust-request-chat-template to allow it", param="chat_template")
+        ids = chat_prompt_ids(self.engine.tokenizer, body.messages, add_special_tokens=bool(body.add_special_tokens),
+                              template=body.chat_template, kwargs=body.chat_template_kwargs,
+                              add_generation_prompt=body.add_generation_prompt is not False,
+                              continue_final_message=bool(body.continue_final_message))
+        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        room = self.max_model_len - len(ids)
+        max_tokens = requested if requested is not None else \
+            default_max_tokens(body, self.options.generation_defaults, True, max(room, 1))
+        params = build_sampling_params(body, self.options.generation_defaults, self.engine.sampling_params_cls,
+                                       max_tokens)
+        self.check_fits(ids, max_tokens, "messages")
+        reply = Reply(f"chatcmpl-{uuid.uuid4().hex}", self.options.served_model_name, chat=True)
+        streams = await self.submit([ids], params)
+        return await self.respond(request, body, streams, reply, arrival)
+
+    async def respond(self, request: Request, body, streams, reply: Reply, arrival: float):
+        flight = _Flight(self, streams, arrival)
+        if body.stream:
+            return _FlightResponse(self.events(flight, reply, body), flight)
+        work = asyncio.ensure_future(self.collect(flight, reply))
+        gone = asyncio.ensure_future(_until_disconnected(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not work.done():          # the client left (or the server stops): abort its requests
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+            flight.close("abort")
+        if work.cancelled():
+            return Response(status_code=499)
+        return work.result()
+
+    async def collect(self, flight: "_Flight", reply: Reply) -> dict:
+        streams = flight.streams
+        n = len(streams)
+        texts, reasons, tokens = [""] * n, [None] * n, [0] * n
+        try:
+            async for i, delta in self.deltas(flight):
+                texts[i] += delta.delta_text
+                tokens[i] += len(delta.new_token_ids)
+                reasons[i] = delta.finish_reason if delta.finished else None
+        except EngineError as error:
+            raise APIError(500, f"the engine failed: {error}", "server_error") from None
+        choices = [reply.choice(i, text, reason, chunk=False) for i, (text, reason) in enumerate(zip(texts, reasons))]
+        totals = usage(sum(s.num_prompt_tokens for s in streams), sum(tokens))
+        return {**reply.envelope(chunk=False), "choices": choices, "usage": totals}
+
+    async def events(self, flight: "_Flight", reply: Reply, body):
+        """The SSE stream: one chunk per delta (with its choice index), a usage chunk if asked, [DONE]."""
+        options = body.stream_options
+        include_usage = bool(options and options.include_usage)
+        continuous = bool(options and options.continuous_usage_stats)
+        prompt_tokens, completion_tokens = sum(s.num_prompt_tokens for s in flight.streams), 0
+        started = set()
+        try:
+            async for i, delta in self.deltas(flight):
+                completion_tokens += len(delta.new_token_ids)
+                choice = reply.choice(i, delta.delta_text, delta.finish_reason if delta.finished else None,
+                                      chunk=True, first=i not in started)
+                started.add(i)
+                chunk = {**reply.envelope(chunk=True), "choices": [choice]}
+                if include_usage or continuous:
+                    chunk["usage"] = usage(prompt_tokens, completion_tokens) if continuous else None
+                yield sse(chunk)
+        except EngineError as error:
+            yield sse(APIError(500, f"the engine failed: {error}", "server_error").body())
+        if include_usage:
+            yield sse({**reply.envelope(chunk=True), "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+        yield "data: [DONE]\n\n"
+
+    async def tokenize_endpoint(self, body: TokenizeRequest) -> dict:
+        self.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give either prompt or messages", param="prompt")
+        if body.messages is not None:
+            if body.chat_template is not None and not self.options.trust_request_chat_template:
+                raise APIError(400, "chat_template needs --trust-request-chat-template", param="chat_template")
+            ids = chat_prompt_ids(self.engine.tokenizer, body.messages, add_special_tokens=bool(body.add_special_tokens),
+                                  template=body.chat_template, kwargs=body.chat_template_kwargs,
+                                  add_generation_prompt=body.add_generation_prompt,
+                                  continue_final_message=body.continue_final_message)
+        else:
+            ids = self.engine.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens is not False).input_ids
+        strs = self.engine.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids, "token_strs": strs}
+
+    async def detokenize_endpoint(self, body: DetokenizeRequest) -> dict:
+        self.check_model(body.model)
+        vocab = self.engine.vocab_size
+        if (bad := next((t for t in body.tokens if not 0 <= t < vocab), None)) is not None:
+            raise APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab})", param="tokens")
+        return {"prompt": self.engine.tokenizer.decode(body.tokens)}
 
 
-class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
-    chat_template_kwargs: dict[str, Any] | None = None   # vLLM's extension, e.g. {"enable_thinking": false}
+class _Flight:
+    """The engine requests of one HTTP request, from submit to their end. close() is idempotent and
+    is called on every way out (finished, client gone before or during the stream, engine failed),
+    so no request stays in the engine and the waiting count stays exact."""
+
+    def __init__(self, server: OpenAIServer, streams: list, arrival: float):
+        self.server, self.streams = server, streams
+        self.timers = [RequestTimer(s.num_prompt_tokens, arrival) for s in streams]
+
+    def on_delta(self, i: int, delta) -> None:
+        if self.timers[i].last_token is None:
+            self.server.num_waiting -= 1
+        self.server.metrics.on_delta(self.timers[i], delta)
+
+    def close(self, reason: str) -> None:
+        for stream, timer in zip(self.streams, self.timers):
+            if timer.ended:
+                continue
+            if timer.last_token is None:
+                self.server.num_waiting -= 1
+            if reason == "abort":
+                self.server.engine.abort(stream.request_id)
+            self.server.metrics.on_end(timer, reason)
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error"):
-        self.status, self.message, self.type = status, message, type_
+class _FlightResponse(StreamingResponse):
+    """A streamed response that closes its flight however it ends, even when the client left
+    before the first chunk (the event generator then never starts, so its own finally never runs)."""
+
+    def __init__(self, content, flight: _Flight):
+        super().__init__(content, media_type="text/event-stream")
+        self.flight = flight
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.flight.close("abort")
 
 
-def error_response(status: int, message: str, type_: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "code": status}}, status_code=status)
+async def _merge(streams):
+    """(index, delta) from several streams, in arrival order; one stream is read directly."""
+    if len(streams) == 1:
+        async for delta in streams[0]:
+            yield 0, delta
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, stream):
+        try:
+            async for delta in stream:
+                await queue.put((i, delta, None))
+        except Exception as error:  # noqa: BLE001  (handed to the reader, which raises it)
+            await queue.put((i, None, error))
+        await queue.put((i, None, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            i, delta, error = await queue.get()
+            if error is not None:
+                raise error
+            if delta is None:
+                running -= 1
+            else:
+                yield i, delta
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
-def build_app(llm, engine_module, served_model_name: str) -> FastAPI:
-    """The FastAPI app for one engine; its lifespan starts and stops the engine loop."""
-    engine = EngineLoop(llm)
-    max_model_len = llm.source.config.max_position_embeddings
-    has_template = bool(getattr(llm.tokenizer, "chat_template", None))
-    if not has_template:
-        print(f"note: {served_model_name} has no chat template: chat messages are joined as plain text", file=sys.stderr)
+async def _until_disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
-    @asynccontextmanager
+
+# --- the app ----------------------------------------------------------------------------------------
+
+def build_app(engine, options: ServerOptions | str) -> FastAPI:
+    """The FastAPI app around one engine client; its lifespan starts and stops the engine.
+    `options` may be just the served model name."""
+    if isinstance(options, str):
+        options = ServerOptions(served_model_name=options)
+    server = OpenAIServer(engine, options)
+    if not getattr(engine.tokenizer, "chat_template", None):
+        print(f"note: {options.served_model_name} has no chat template: chat messages are joined as plain text",
+              file=sys.stderr)
+
+    @contextlib.asynccontextmanager
     async def lifespan(app):
         engine.start()
         yield
-        engine.stop()
+        engine.shutdown()
 
     app = FastAPI(title="vllm-learn", lifespan=lifespan)
-    app.state.engine = engine
+    app.state.server = server
+    _add_error_handlers(app)
+    _add_routes(app, server)
+    _add_middleware(app, options)
+    return app
 
+
+def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
-        return error_response(exc.status, exc.message, exc.type)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
-        details = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
-        return error_response(400, f"invalid request: {details}")
+        errors = exc.errors()
+        where = [".".join(str(p) for p in e.get("loc", ()) if p != "body") for e in errors]
+        details = "; ".join(f"{w or 'body'}: {e.get('msg')}" for w, e in zip(where, errors))
+        return JSONResponse(APIError(400, f"invalid request: {details}", param=where[0] or None if where else None)
+                            .body(), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, str(exc.detail), "not_found_error" if exc.status_code == 404 else "invalid_request_error")
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(APIError(exc.status_code, str(exc.detail), kind).body(), status_code=exc.status_code)
+
+
+def _add_routes(app: FastAPI, server: OpenAIServer) -> None:
+    engine, options = server.engine, server.options
 
     @app.get("/health")
     async def health():
         if not engine.alive:
-            return error_response(503, "the engine loop is not running", "server_error")
+            return JSONResponse(APIError(503, "the engine is not running", "server_error").body(), status_code=503)
         return {"status": "ok"}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": 0,
-                                            "owned_by": "vllm-learn", "root": llm.source.name,
-                                            "max_model_len": max_model_len}]}
+        return {"object": "list", "data": [{"id": options.served_model_name, "object": "model", "created": 0,
+                                            "owned_by": "vllm-learn", "root": engine.model_name,
+                                            "max_model_len": server.max_model_len}]}
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(prometheus_text(engine.snapshot, served_model_name))
+        return PlainTextResponse(server.metrics.render(engine.snapshot))
 
-    def sampling_params(body: _SamplingFields, max_tokens: int | None):
-        if body.model != served_model_name:
-            raise APIError(404, f"the model {body.model!r} does not exist; this server has {served_model_name!r}",
-                           "not_found_error")
-        if body.n != 1:
-            raise APIError(400, f"n={body.n}: this server returns one choice per request (n=1)")
-        try:
-            return engine_module.SamplingParams(
-                temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
-                max_tokens=max_tokens if max_tokens is not None else DEFAULT_MAX_TOKENS,
-                ignore_eos=body.ignore_eos, stop=body.stop)
-        except (ValueError, TypeError) as error:
-            raise APIError(400, str(error))
-
-    async def submit(build):
-        try:
-            return await engine.add(build)
-        except (ValueError, TypeError) as error:
-            raise APIError(400, str(error))
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        params = sampling_params(body, body.max_tokens)
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise APIError(400, f"got {len(prompt)} prompts: this server takes one prompt per request")
-            prompt = prompt[0]
-
-        def build(llm):
-            ids = prompt if isinstance(prompt, list) else llm.tokenizer(prompt).input_ids
-            return ids, params
-
-        request_id, prompt_tokens, outputs = await submit(build)
-        response = _Response(f"cmpl-{uuid.uuid4().hex}", served_model_name, chat=False)
-        if body.stream:
-            return _stream(engine, request_id, prompt_tokens, outputs, response, body)
-        return await _collect(engine, request_id, prompt_tokens, outputs, response)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
-        if not body.messages:
-            raise APIError(400, "messages is empty")
-        messages = [m.model_dump() for m in body.messages]
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        params = sampling_params(body, max_tokens if max_tokens is not None else 1)  # checked now
-
-        def build(llm):
-            ids = chat_prompt_ids(llm.tokenizer, messages, has_template, body.chat_template_kwargs or {})
-            if max_tokens is not None:
-                return ids, params
-            # As vLLM: what is left of the context (and of the KV pool, which must hold it all).
-            pool = llm.block_manager.num_blocks * llm.block_manager.block_size
-            return ids, dataclasses.replace(params, max_tokens=max(1, min(max_model_len, pool) - len(ids)))
-
-        request_id, prompt_tokens, outputs = await submit(build)
-        response = _Response(f"chatcmpl-{uuid.uuid4().hex}", served_model_name, chat=True)
-        if body.stream:
-            return _stream(engine, request_id, prompt_tokens, outputs, response, body)
-        return await _collect(engine, request_id, prompt_tokens, outputs, response)
-
-    return app
+    app.post("/v1/completions")(server.completions)
+    app.post("/v1/chat/completions")(server.chat)
+    app.post("/tokenize")(server.tokenize_endpoint)
+    app.post("/detokenize")(server.detokenize_endpoint)
 
 
-def chat_prompt_ids(tokenizer, messages: list[dict], has_template: bool, template_kwargs: dict | None = None) -> list[int]:
-    """The chat rendered with the tokenizer's template, encoded without adding special tokens again
-    (the template has its own). Without a template the contents are joined as plain text."""
-    if has_template:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **(template_kwargs or {}))
-        return tokenizer(text, add_special_tokens=False).input_ids
-    return tokenizer("\n\n".join(m["content"] for m in messages) + "\n").input_ids
+def _add_middleware(app: FastAPI, options: ServerOptions) -> None:
+    """Added last runs first: CORS (answers preflights), then the API key, then the body limit."""
+    app.add_middleware(BodyLimit, max_bytes=options.max_body_bytes)
+    if options.api_keys:
+        app.add_middleware(ApiKey, keys=options.api_keys)
+    if options.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=options.allowed_origins, allow_methods=["*"],
+                           allow_headers=["*"])
 
 
-class _Response:
-    """The pieces every response and chunk of one request share."""
-
-    def __init__(self, response_id: str, model: str, chat: bool):
-        self.id, self.model, self.chat, self.created = response_id, model, chat, int(time.time())
-
-    def envelope(self, chunk: bool) -> dict:
-        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
-
-    def choice(self, text: str, finish_reason: str | None, chunk: bool, first: bool = False) -> dict:
-        if not self.chat:
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        if chunk:
-            delta = {"role": "assistant", "content": text} if first else {"content": text}
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": finish_reason}
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-async def _next(outputs):
-    out = await outputs.get()
-    if isinstance(out, EngineError):
-        raise APIError(500, str(out), "server_error")
-    return out
-
-
-async def _collect(engine: EngineLoop, request_id: int, prompt_tokens: int, outputs, response: _Response):
-    """A non-streamed response: wait for the finished output. Were the handler cancelled, abort."""
-    finished = False
-    try:
-        while True:
-            out = await _next(outputs)
-            if out.finished:
-                finished = True
-                break
-    finally:
-        if not finished:
-            engine.abort(request_id)
-    return {**response.envelope(chunk=False), "choices": [response.choice(out.text, out.finish_reason, chunk=False)],
-            "usage": _usage(prompt_tokens, len(out.token_ids))}
-
-
-def _stream(engine: EngineLoop, request_id: int, prompt_tokens: int, outputs, response: _Response, body):
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    def sse(data: dict) -> str:
-        if include_usage:
-            data.setdefault("usage", None)
-        return f"data: {json.dumps(data)}\n\n"
-
-    async def events():
-        finished, first, completion_tokens = False, True, 0
-        try:
-            while not finished:
-                try:
-                    out = await _next(outputs)
-                except APIError as error:
-                    yield f"data: {json.dumps({'error': {'message': error.message, 'type': error.type, 'code': error.status}})}\n\n"
-                    finished = True   # the engine loop dropped the request already
-                    break
-                finished = out.finished
-                completion_tokens += len(out.new_token_ids)
-                choice = response.choice(out.delta_text, out.finish_reason if finished else None, chunk=True, first=first)
-                first = False
-                yield sse({**response.envelope(chunk=True), "choices": [choice]})
-            if include_usage:
-                yield sse({**response.envelope(chunk=True), "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
-            yield "data: [DONE]\n\n"
-        finally:
-            if not finished:   # the client went away mid-stream: free its blocks now
-                engine.abort(request_id)
-
-    return StreamingResponse(events(), media_type="text/event-stream")
-
-
-def prometheus_text(snapshot: dict, model: str) -> str:
-    """The engine snapshot in Prometheus' text format, under vLLM's metric names."""
-    rows = [("num_requests_running", "gauge", "Requests in the running batch."),
-            ("num_requests_waiting", "gauge", "Requests waiting to be scheduled."),
-            ("kv_cache_usage_perc", "gauge", "Fraction of KV cache blocks in use (1 = full)."),
-            ("prompt_tokens_total", "counter", "Prompt tokens of the requests added."),
-            ("generation_tokens_total", "counter", "Tokens generated.")]
-    lines = []
-    for name, kind, help_text in rows:
-        lines += [f"# HELP vllm:{name} {help_text}", f"# TYPE vllm:{name} {kind}",
-                  f'vllm:{name}{{model_name="{model}"}} {snapshot[name]}']
-    return "\n".join(lines) + "\n"
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text -> {name without the vllm: prefix: value}, for tests and benchmarks."""
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            values[name.split("{")[0].removeprefix("vllm:")] = float(value)
-    return values
-
+# --- the command line ---------------------------------------------------------------------------------
 
 def build_parser(package: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m {package}.serve",
                                 description=f"An OpenAI-compatible server for {package}.")
-    p.add_argument("model", help="HF id or local directory")
+    add_model_args(p, model_positional=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="the name clients use (default: MODEL as given)")
-    p.add_argument("--weights", default="auto", choices=["auto", "real", "random"])
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
     p.add_argument("--seed", type=int, default=None, help="seed of the requests that bring none")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="an engine option, e.g. --option max_num_seqs=8 (repeatable)")
+    p.add_argument("--generation-config", default="auto", choices=["auto", "vllm"],
+                   help="sampling defaults: the model's generation_config.json (auto) or the neutral ones (vllm)")
+    p.add_argument("--api-key", action="append", default=None,
+                   help="require `Authorization: Bearer KEY` on /v1/* (repeatable; default: $VLLM_API_KEY)")
+    p.add_argument("--allowed-origins", default=None,
+                   help='CORS origins, a JSON list or commas: \'["https://a.example"]\' (default: none)')
+    p.add_argument("--max-waiting-requests", type=int, default=None,
+                   help="past this many requests waiting for their first token, answer 429 (default: no bound)")
+    p.add_argument("--max-request-body-bytes", type=int, default=MAX_BODY_BYTES, help="larger bodies get 413")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   help="allow a chat_template in requests (it runs on the server, sandboxed)")
     return p
+
+
+def parse_origins(value: str | None) -> list[str]:
+    if not value:
+        return []
+    origins = json.loads(value) if value.lstrip().startswith("[") else value.split(",")
+    return [o.strip() for o in origins if o.strip()]
+
+
+def server_options(args, generation_defaults: dict) -> ServerOptions:
+    keys = [k for k in (args.api_key or [os.environ.get("VLLM_API_KEY", "")]) if k]
+    if args.max_waiting_requests is not None and args.max_waiting_requests < 1:
+        raise SystemExit("error: --max-waiting-requests must be >= 1")
+    return ServerOptions(served_model_name=args.served_model_name or args.model,
+                         generation_defaults=generation_defaults, api_keys=keys,
+                         allowed_origins=parse_origins(args.allowed_origins),
+                         max_waiting_requests=args.max_waiting_requests,
+                         max_body_bytes=args.max_request_body_bytes,
+                         trust_request_chat_template=args.trust_request_chat_template)
+
+
+def make_engine(package: str, args, options: dict):
+    """The engine client: the cycle's LLM, stepped by a thread of this process."""
+    module = importlib.import_module(package)
+    llm = module.LLM(args.model, device=args.device, dtype=args.dtype, weights=args.weights, seed=args.seed,
+                     **options)
+    print(f"{package}: {llm.source.name} ({llm.source.weights} weights) on {llm.device}", file=sys.stderr)
+    return InProcessEngine(llm), llm.source.path
 
 
 def main(package: str, argv: list[str] | None = None) -> None:
     import uvicorn
 
-    from common.engine.cli import parse_options
+    from common.serving.sampling import generation_defaults
 
     args = build_parser(package).parse_args(argv)
-    module = importlib.import_module(package)
-    options: dict[str, Any] = parse_options(args.option)
     try:
-        llm = module.LLM(args.model, device=args.device, dtype=args.dtype, weights=args.weights,
-                         seed=args.seed, **options)
+        engine, model_dir = make_engine(package, args, parse_options(args.option))
+        defaults = generation_defaults(model_dir, args.generation_config)
     except (ValueError, TypeError) as error:
         raise SystemExit(f"error: {error}")
-    print(f"{package}: {llm.source.name} ({llm.source.weights} weights) on {llm.device}, "
-          f"serving as {args.served_model_name or args.model!r} at http://{args.host}:{args.port}/v1", file=sys.stderr)
-    uvicorn.run(build_app(llm, module, args.served_model_name or args.model), host=args.host, port=args.port,
-                log_level="info")
+    for name in unusable_defaults(defaults, engine.sampling_params_cls):
+        print(f"FALLBACK: generation_config.json sets {name}={defaults[name]}, which this engine cannot apply: "
+              f"served without it", file=sys.stderr)
+    options = server_options(args, defaults)
+    print(f"serving {options.served_model_name!r} at http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(build_app(engine, options), host=args.host, port=args.port, log_level="info")
