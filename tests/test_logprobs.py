@@ -140,3 +140,73 @@ def test_logprobs_equal_hf_on_real_smollm2(name, smollm2_hf):
     sp = cycle(name).SamplingParams(temperature=0, max_tokens=6, logprobs=5, prompt_logprobs=5)
     out = llm.generate(["The capital of France is"], sp)[0]
     check_against_hf(out, model, k=5, prompt_k=5)
+
+
+# --- through the server: the OpenAI forms of a real response -------------------------------------
+
+import httpx  # noqa: E402
+
+from test_server import MODEL, TEMPLATE, TIMEOUT_S, serve  # noqa: E402
+
+SERVED = "cycle6_flash"
+
+
+@pytest.fixture(scope="module")
+def served(char_checkpoint):
+    from common.serving.inprocess_adapter import InProcessEngine
+    from common.serving.server import build_app
+
+    llm = cycle(SERVED).LLM(char_checkpoint, device="cpu", dtype="float32")
+    llm.tokenizer.chat_template = TEMPLATE
+    reference = cycle(SERVED).LLM(char_checkpoint, device="cpu", dtype="float32")
+    with serve(build_app(InProcessEngine(llm), MODEL)) as base:
+        yield base, reference
+
+
+def post(base, path, body):
+    response = httpx.post(base + path, json={"model": MODEL, **body}, timeout=TIMEOUT_S)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_echo_with_logprobs_is_lm_evals_loglikelihood_form(served, one_thread):
+    """lm-eval's local-completions: token-id prompts, echo, logprobs 1, max_tokens 1."""
+    base, reference = served
+    prompts = [[40, 41, 42, 43, 44], [50, 60, 70]]
+    body = post(base, "/v1/completions", {"prompt": prompts, "echo": True, "logprobs": 1, "max_tokens": 1,
+                                          "temperature": 0})
+    want = reference.generate(prompts, cycle(SERVED).SamplingParams(temperature=0, max_tokens=1, logprobs=1,
+                                                                    prompt_logprobs=1))
+    for choice in body["choices"]:
+        out = want[choice["index"]]
+        lp = choice["logprobs"]
+        assert len(lp["tokens"]) == len(out.prompt_token_ids) + 1
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        wanted = [d[t] for d, t in zip(out.prompt_logprobs[1:] + out.logprobs,
+                                       out.prompt_token_ids[1:] + out.token_ids)]
+        assert lp["token_logprobs"][1:] == pytest.approx(wanted, abs=1e-5)
+        assert all(1 <= len(top) <= 2 for top in lp["top_logprobs"][1:])
+
+
+def test_chat_logprobs_have_k_alternatives(served, one_thread):
+    base, _ = served
+    body = post(base, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                                               "temperature": 0, "ignore_eos": True, "logprobs": True,
+                                               "top_logprobs": 2})
+    content = body["choices"][0]["logprobs"]["content"]
+    assert len(content) == body["usage"]["completion_tokens"] == 4
+    assert all(len(c["top_logprobs"]) == 2 and c["logprob"] <= 0 for c in content)
+    assert "".join(c["token"] for c in content) == body["choices"][0]["message"]["content"]
+
+
+def test_streamed_completion_chunks_carry_their_tokens_logprobs(served, one_thread):
+    base, _ = served
+    with httpx.stream("POST", base + "/v1/completions", timeout=TIMEOUT_S,
+                      json={"model": MODEL, "prompt": "abc", "max_tokens": 5, "temperature": 0, "ignore_eos": True,
+                            "logprobs": 0, "stream": True}) as response:
+        chunks = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    import json
+    choices = [json.loads(c)["choices"][0] for c in chunks if c != "[DONE]"]
+    tokens = [t for c in choices for t in c["logprobs"]["tokens"]]
+    assert len(tokens) == 5 and "".join(tokens) == "".join(c["text"] for c in choices)
+    assert all(len(top) == 1 for c in choices for top in c["logprobs"]["top_logprobs"])

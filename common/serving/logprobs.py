@@ -64,3 +64,41 @@ def chat_logprobs(token_ids: list[int], logprobs: list[Logprobs], decode: Callab
         item["top_logprobs"] = [_chat_entry(decode(t), v) for t, v in list(entry.items())[:top_logprobs]]
         content.append(item)
     return {"content": content}
+
+
+class LogprobsForm:
+    """What one request asked for and how its choices write it; the server keeps one per request.
+
+    chat: the chat form with `top` alternatives. Otherwise the completions form; `prompts` (one
+    token-id list per choice) when `echo` puts the prompt's positions first."""
+
+    def __init__(self, decode: Callable[[int], str], chat: bool, top: int,
+                 prompts: list[list[int]] | None = None):
+        self.decode, self.chat, self.top, self.prompts = decode, chat, top, prompts
+
+    def format(self, index: int, token_ids: list[int], logprobs: list[Logprobs],
+               prompt_logprobs: list[Logprobs | None] | None = None, text_offset: int = 0) -> dict:
+        if self.chat:
+            return chat_logprobs(token_ids, logprobs, self.decode, self.top)
+        if self.prompts is not None and prompt_logprobs is not None:
+            return echo_completion_logprobs(self.prompts[index], prompt_logprobs, token_ids, logprobs, self.decode)
+        return completion_logprobs(token_ids, logprobs, self.decode, text_offset)
+
+
+def logprob_params(body, chat: bool) -> dict:
+    """A request's OpenAI logprob fields -> SamplingParams fields ({} when it asks for none).
+    completions: `logprobs: k`, and with `echo` the prompt's too (prompt_logprobs k);
+    chat: `logprobs: true` with `top_logprobs: k` (0 when absent)."""
+    extra = body.model_extra or {}
+    field = lambda name: getattr(body, name, None) if getattr(body, name, None) is not None else extra.get(name)
+    if chat:
+        top = field("top_logprobs")
+        if not field("logprobs"):
+            if top:
+                raise ValueError("top_logprobs needs logprobs: true")
+            return {}
+        return {"logprobs": 0 if top is None else top}
+    k = field("logprobs")
+    if k is None:
+        return {}
+    return {"logprobs": k, "prompt_logprobs": k} if field("echo") else {"logprobs": k}
