@@ -665,7 +665,7 @@ def test_guide_names_existing_tests():
 
 
 def test_logprob_shapes(tiny_llms):
-    """9.1: 12 prompt entries (the first None), 5 generated; at most k + 1 keys (top-k and the chosen)."""
+    """9.9: 12 prompt entries (the first None), 5 generated; at most k + 1 keys (top-k and the chosen)."""
     llm = tiny_llms("cycle4_batching", dtype="float32")
     sp = cycle("cycle4_batching").SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=2,
                                                  prompt_logprobs=3)
@@ -677,7 +677,7 @@ def test_logprob_shapes(tiny_llms):
 
 
 def test_penalty_logits():
-    """9.2: 7 (prompt, 3.0 > 0): 3 / 2 = 1.5. 9 (output twice, -1.0 < 0): -1 * 2 - 0.5 * 2 - 0.25 = -3.25.
+    """9.10: 7 (prompt, 3.0 > 0): 3 / 2 = 1.5. 9 (output twice, -1.0 < 0): -1 * 2 - 0.5 * 2 - 0.25 = -3.25.
     4 (never seen): 2.0."""
     sampler = importlib.import_module("cycle4_batching.sampler")
     SP = cycle("cycle4_batching").SamplingParams
