@@ -201,14 +201,14 @@ def test_plots_write_four_pngs(tmp_path):
 
 
 def test_memory_plot_and_table_star_peaks_that_include_loading(tmp_path):
-    import compare
+    from common.benchmark import report
 
     results = [_fake_result("cycle1_naive", 5.0, 0), _fake_result("hf_generate", 40.0, None)]
     results[1]["peak_memory_scope"] = PEAK_WITH_LOADING
     for r, same in zip(results, ["yes", "-"]):
         r.update(weights="real", same_tokens={"cell": same, "reference": "cycle1_naive"})
     assert len(plot_results(results, tmp_path)) == 4
-    table = compare.format_table(results).splitlines()
+    table = report.format_table(results).splitlines()
     assert "900*" in table[3] and "900*" not in table[2] and table[-1].startswith("* peak memory includes")
     assert table[2].rstrip().endswith("yes")
 
@@ -234,7 +234,7 @@ def test_short_names():
 # ------------------------------------------------------------------------------------------------
 
 def _run_compare(*args, out: Path):
-    proc = subprocess.run([sys.executable, "compare.py", "--quick", "--plot", "--cycles", "1", "--out", str(out),
+    proc = subprocess.run([sys.executable, "compare.py", "--workload", "throughput", "--quick", "--plot", "--cycles", "1", "--out", str(out),
                            *args], cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())

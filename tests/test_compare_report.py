@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import compare
+from common.benchmark import report, runner
 from common.benchmark.bench import EXIT_OUT_OF_MEMORY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,50 +29,50 @@ def _result(engine, token_ids, dtype="float32", int8_path=None):
 def test_token_agreement_share_and_first_difference():
     reference = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 9, 9, 9], [1, 1]]
     ours = [[1, 2, 3, 4], [5, 6, 0, 8], [0, 9, 9, 9], [1, 1, 1]]   # equal, diff @ 2, diff @ 0, longer
-    share, first = compare.token_agreement(ours, reference)
+    share, first = report.token_agreement(ours, reference)
     assert share == 0.25
     assert first == pytest.approx((2 + 0 + 2) / 3)   # the longer one differs where the shorter ends
-    assert compare.token_agreement(reference, reference) == (1.0, None)
+    assert report.token_agreement(reference, reference) == (1.0, None)
 
 
 def test_fp32_exact_cycles_must_match_token_for_token():
     c1 = _result("cycle1_naive", [[1, 2], [3, 4]])
-    assert compare.same_tokens(c1, c1)["cell"] == "yes"
-    assert compare.same_tokens(_result("cycle4_batching", [[1, 2], [3, 4]]), c1)["cell"] == "yes"
-    verdict = compare.same_tokens(_result("cycle6_flash", [[1, 2], [3, 5]]), c1)
+    assert report.same_tokens(c1, c1)["cell"] == "yes"
+    assert report.same_tokens(_result("cycle4_batching", [[1, 2], [3, 4]]), c1)["cell"] == "yes"
+    verdict = report.same_tokens(_result("cycle6_flash", [[1, 2], [3, 5]]), c1)
     assert verdict["cell"] == "no" and verdict["exact_required"] and verdict["share"] == 0.5
 
 
 def test_bf16_reports_the_share_and_the_first_difference_instead():
     c1 = _result("cycle1_naive", [[1, 2, 3], [3, 4, 5]], dtype="bfloat16")
     c4 = _result("cycle4_batching", [[1, 2, 3], [3, 4, 0]], dtype="bfloat16")
-    verdict = compare.same_tokens(c4, c1)
+    verdict = report.same_tokens(c4, c1)
     assert verdict["cell"] == "50% (first diff @ 2)" and not verdict["exact_required"]
-    assert compare.same_tokens(c1, c1)["cell"] == "reference"
-    assert compare.same_tokens(_result("cycle5_prefix", [[1, 2, 3], [3, 4, 5]], "bfloat16"), c1)["cell"] == "100%"
+    assert report.same_tokens(c1, c1)["cell"] == "reference"
+    assert report.same_tokens(_result("cycle5_prefix", [[1, 2, 3], [3, 4, 5]], "bfloat16"), c1)["cell"] == "100%"
 
 
 def test_int8_and_hf_get_the_share_even_in_fp32():
     c1 = _result("cycle1_naive", [[1, 2], [3, 4]])
-    assert compare.same_tokens(_result("cycle7_int8", [[1, 2], [3, 0]], int8_path="cast"), c1)["cell"] == \
+    assert report.same_tokens(_result("cycle7_int8", [[1, 2], [3, 0]], int8_path="cast"), c1)["cell"] == \
         "50% (first diff @ 1)"
-    assert compare.same_tokens(_result("hf_generate", [[1, 2], [3, 4]]), c1)["cell"] == "100%"
-    assert compare.same_tokens(_result("cycle4_batching", [[1, 2]]), None)["cell"] == "-"
+    assert report.same_tokens(_result("hf_generate", [[1, 2], [3, 4]]), c1)["cell"] == "100%"
+    assert report.same_tokens(_result("cycle4_batching", [[1, 2]]), None)["cell"] == "-"
 
 
 def test_reference_is_cycle1_else_the_lowest_exact_cycle():
     results = [_result("cycle7_int8", [], int8_path="cast"), _result("cycle5_prefix", []),
                _result("cycle4_batching", []), _result("hf_generate", [])]
-    assert compare.reference_result(results)["engine"] == "cycle4_batching"
-    assert compare.reference_result([_result("cycle1_naive", [])] + results)["engine"] == "cycle1_naive"
-    assert compare.reference_result([_result("hf_generate", [])]) is None
+    assert report.reference_result(results)["engine"] == "cycle4_batching"
+    assert report.reference_result([_result("cycle1_naive", [])] + results)["engine"] == "cycle1_naive"
+    assert report.reference_result([_result("hf_generate", [])]) is None
 
 
 def test_fp32_mismatch_warns_and_bf16_difference_does_not(tmp_path, monkeypatch, capsys):
     for dtype, warned in (("float32", True), ("bfloat16", False)):
         tokens = {"cycle1_naive": [[1, 2], [5, 6]], "cycle2_kvcache": [[1, 3], [5, 6]]}
         _fake_compare(monkeypatch, lambda engine: (_full_result(engine, tokens[engine], dtype), None))
-        compare.main(["--cycles", "1,2", "--no-hf", "--device", "cpu", "--out", str(tmp_path / dtype)])
+        compare.main(["--workload", "throughput", "--cycles", "1,2", "--no-hf", "--device", "cpu", "--out", str(tmp_path / dtype)])
         out = capsys.readouterr().out
         assert ("WARNING: in fp32" in out) == warned
         assert ("50% (first diff @ 1)" in out) == (not warned)
@@ -97,7 +98,7 @@ def _fake_compare(monkeypatch, outcome):
 
     monkeypatch.setattr(compare, "resolve_once",
                         lambda model, weights: SimpleNamespace(name="tiny", weights="real", origin="local", fallback_reason=None))
-    monkeypatch.setattr(compare, "run_one", lambda cmd, out_path, timeout: outcome(cmd[cmd.index("--engine") + 1]))
+    monkeypatch.setattr(runner, "run_one", lambda cmd, out_path, timeout: outcome(cmd[cmd.index("--engine") + 1]))
 
 
 def test_a_timed_out_engine_is_reported_and_the_others_kept(tmp_path, monkeypatch, capsys):
@@ -107,10 +108,10 @@ def test_a_timed_out_engine_is_reported_and_the_others_kept(tmp_path, monkeypatc
         return _full_result(engine, [[1, 2]]), None
 
     _fake_compare(monkeypatch, outcome)
-    status = compare.main(["--cycles", "1,2", "--no-hf", "--device", "cpu", "--plot", "--out", str(tmp_path)])
+    status = compare.main(["--workload", "throughput", "--cycles", "1,2", "--no-hf", "--device", "cpu", "--plot", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     data = json.loads((tmp_path / "results.json").read_text())
-    assert status == compare.EXIT_INCOMPLETE == data["exit_status"]
+    assert status == report.EXIT_INCOMPLETE == data["exit_status"]
     assert [r["engine"] for r in data["results"]] == ["cycle2_kvcache"]
     assert data["failures"] == [{"engine": "cycle1_naive", "kind": "timeout", "seconds": 25.0,
                                  "error": "timed out after 25 s"}]
@@ -130,25 +131,25 @@ def test_out_of_memory_shows_the_estimate_and_a_crash_fails_the_run(tmp_path, mo
         return _full_result(engine, [[1, 2]]), None
 
     _fake_compare(monkeypatch, outcome)
-    status = compare.main(["--cycles", "1-3", "--no-hf", "--device", "cpu", "--out", str(tmp_path)])
+    status = compare.main(["--workload", "throughput", "--cycles", "1-3", "--no-hf", "--device", "cpu", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert status == compare.EXIT_FAILED
+    assert status == report.EXIT_FAILED
     assert "cycle1_naive    out of memory (est. 116.0 GiB)" in out
     assert "cycle2_kvcache  failed (exit code 1): torch.OutOfMemoryError: CUDA out of memory." in out
 
 
 def test_exit_status():
-    assert compare.exit_status([]) == compare.EXIT_OK
-    assert compare.exit_status([{"kind": "skipped"}]) == compare.EXIT_OK
-    assert compare.exit_status([{"kind": "timeout"}, {"kind": "out_of_memory"}]) == compare.EXIT_INCOMPLETE
-    assert compare.exit_status([{"kind": "timeout"}, {"kind": "error"}]) == compare.EXIT_FAILED
+    assert report.exit_status([]) == report.EXIT_OK
+    assert report.exit_status([{"kind": "skipped"}]) == report.EXIT_OK
+    assert report.exit_status([{"kind": "timeout"}, {"kind": "out_of_memory"}]) == report.EXIT_INCOMPLETE
+    assert report.exit_status([{"kind": "timeout"}, {"kind": "error"}]) == report.EXIT_FAILED
 
 
 def test_nano_vllm_bench_skips_cycle1_unless_named(tmp_path, monkeypatch, capsys):
     _fake_compare(monkeypatch, lambda engine: (_full_result(engine, [[1]]), None))
     status = compare.main(["--workload", "nano_vllm_bench", "--no-hf", "--device", "cpu", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "results.json").read_text())
-    assert status == compare.EXIT_OK
+    assert status == report.EXIT_OK
     assert data["failures"][0]["engine"] == "cycle1_naive" and data["failures"][0]["kind"] == "skipped"
     assert "cycle1_naive" not in [r["engine"] for r in data["results"]]
     assert "skipping cycle1_naive" in capsys.readouterr().out
@@ -184,7 +185,7 @@ def test_timeout_kills_the_engine_and_what_it_started(tmp_path):
         time.sleep(60)
     """)
     start = time.perf_counter()
-    result, failure = compare.run_one([sys.executable, "-c", script], tmp_path / "out.json", timeout=2)
+    result, failure = runner.run_one([sys.executable, "-c", script], tmp_path / "out.json", timeout=2)
     assert result is None and failure["kind"] == "timeout" and failure["error"] == "timed out after 2 s"
     assert time.perf_counter() - start < 30
     child = int(pid_file.read_text())
@@ -212,9 +213,9 @@ def test_a_memory_refusal_is_told_apart_from_a_crash(tmp_path):
     refusal = {"engine": "cycle1_naive", "refused": "out_of_memory", "message": "est. 9 GiB > 1 GiB",
                "estimate_bytes": 9 * 2**30, "limit_bytes": 2**30}
     script = f"import json, sys; open({str(out)!r}, 'w').write({json.dumps(refusal)!r}); sys.exit({EXIT_OUT_OF_MEMORY})"
-    result, failure = compare.run_one([sys.executable, "-c", script], out, timeout=60)
+    result, failure = runner.run_one([sys.executable, "-c", script], out, timeout=60)
     assert result is None and failure["kind"] == "out_of_memory" and failure["estimate_bytes"] == 9 * 2**30
-    result, failure = compare.run_one([sys.executable, "-c", "raise SystemExit('boom')"], out, timeout=60)
+    result, failure = runner.run_one([sys.executable, "-c", "raise SystemExit('boom')"], out, timeout=60)
     assert failure["kind"] == "error" and "boom" in failure["error"]
 
 
@@ -232,11 +233,11 @@ def test_cycle1_times_out_and_cycle2_is_kept(tmp_path):
         resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
     except ValueError as error:
         pytest.skip(f"SmolLM2 is not available offline here: {error}")
-    proc = subprocess.run([sys.executable, "compare.py", "--cycles", "1,2", "--num-requests", "8", "--timeout", "25",
+    proc = subprocess.run([sys.executable, "compare.py", "--workload", "throughput", "--cycles", "1,2", "--num-requests", "8", "--timeout", "25",
                            "--no-hf", "--device", "cpu", "--plot", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     data = json.loads((tmp_path / "results.json").read_text())
-    assert proc.returncode == compare.EXIT_INCOMPLETE, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == report.EXIT_INCOMPLETE, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert [f["engine"] for f in data["failures"]] == ["cycle1_naive"] and data["failures"][0]["kind"] == "timeout"
     assert [r["engine"] for r in data["results"]] == ["cycle2_kvcache"]
     assert "timed out after 25 s" in proc.stdout and (tmp_path / "throughput.png").exists()
@@ -252,7 +253,7 @@ def test_results_name_each_engines_attention_and_int8_path(tiny_checkpoints):
     assert rows["cycle6_flash"]["attention_backend"] == rows["cycle6_flash"]["stats"]["attention_backend"]
     assert rows["cycle6_flash"]["int8_path"] is None
     assert rows["cycle7_int8"]["int8_path"] == rows["cycle7_int8"]["stats"]["int8_matmul"] is not None
-    table = compare.format_table(list(rows.values()))
+    table = report.format_table(list(rows.values()))
     assert rows["cycle7_int8"]["int8_path"] in table.splitlines()[4]
 
 

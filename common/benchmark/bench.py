@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from common.engine.cli import engine_options, parse_options
+from common.engine.args import add_model_args, parse_options
+from common.engine.cli import engine_options
 from common.engine.device import default_model, resolve_device, resolve_dtype
 from common.engine.memory import MemoryEstimateError
 from common.engine.metrics import (PEAK_GENERATION, PEAK_WITH_LOADING, peak_memory_bytes, peak_rss_bytes,
@@ -251,15 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m common.benchmark.bench", description="Benchmark one engine on one workload.")
     p.add_argument("--engine", required=True, help=f"a cycle package (e.g. cycle4_batching) or one of {', '.join(HF_ENGINES)}")
     p.add_argument("--workload", default="throughput", choices=WORKLOADS)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--model", default=None, help="HF id or local directory (default: Qwen3-0.6B on CUDA, SmolLM2-135M on CPU)")
-    p.add_argument("--weights", default="auto", choices=["auto", "real", "random"])
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
+    add_model_args(p)
     p.add_argument("--quick", action="store_true", help="the tiny smoke-test size of the workload")
     p.add_argument("--num-requests", type=int, default=None, help="override the workload size's request count")
     p.add_argument("--prompt-len", type=int, default=None, help="give every prompt this many tokens of its own")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="an engine option, e.g. --option max_num_seqs=8 (repeatable)")
     p.add_argument("--out", default=None, help="write the JSON here (default: print it)")
     # --workload online only (common/benchmark/online.py); unset: the size's defaults there
     p.add_argument("--request-rate", type=float, default=None, help="online: requests per second (inf: all at once)")

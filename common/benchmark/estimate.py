@@ -203,12 +203,56 @@ def format_table(rows: list[dict], speed: GpuSpeed) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+CYCLES_PRESENT = 8   # a part whose cycles are "all" (None) runs cycles 1-8
+
+
+def suite_estimate(source, tokenizer, speed: GpuSpeed) -> list[dict]:
+    """Seconds of each part of the CUDA course suite (common/benchmark/suite.py): every engine's
+    load (an HF baseline with random weights counts two, see compare_seconds), cycle 1's own cost
+    where it runs, the batched cost of the others; an online part lasts at least its arrivals."""
+    from common.benchmark.online import ONLINE_DEFAULTS
+    from common.benchmark.suite import suite
+    from common.benchmark.workloads import make_workload
+
+    rows = []
+    for part in suite("cuda"):
+        work = make_workload(part.workload, tokenizer, "cuda", max_model_len=source.config.max_position_embeddings,
+                             num_requests=part.num_requests, prompt_len=part.prompt_len)
+        cycles = list(range(1, CYCLES_PRESENT + 1)) if part.cycles is None else list(part.cycles)
+        hf = 2 if part.hf else 0
+        _, others = batched_seconds(source.config, work.requests, 256, 16384, torch.bfloat16, speed)
+        if part.workload == "online":
+            rate = part.request_rates[0] or ONLINE_DEFAULTS["cuda"]["request_rate"]
+            others = max(others, len(work.requests) / rate)
+        naive = naive_cost(source.config, work.requests, 256, torch.bfloat16, speed).seconds if 1 in cycles else 0.0
+        batched = len([c for c in cycles if c != 1]) + hf
+        seconds = (len(cycles) + 2 * hf) * speed.load_s + naive + batched * others
+        rows.append({"part": part.name, "requests": len(work.requests), "engines": len(cycles) + hf, "seconds": seconds})
+    return rows
+
+
+def format_suite(rows: list[dict]) -> str:
+    lines = ["| part | requests | engines | est. s |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['part']} | {r['requests']} | {r['engines']} | {r['seconds']:.0f} |" for r in rows]
+    total = sum(r["seconds"] for r in rows)
+    return "\n".join(lines + [f"| all | | {sum(r['engines'] for r in rows)} | {total:.0f} (x{MARGIN:g}: {MARGIN * total:.0f}) |"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
     from common.engine.model_source import load_tokenizer, resolve_model
 
+    p = argparse.ArgumentParser(prog="python -m common.benchmark.estimate", description=__doc__.splitlines()[0])
+    p.add_argument("--suite", action="store_true", help="estimate the CUDA course suite (compare.py with no --workload)")
+    args = p.parse_args(argv)
     source = resolve_model("Qwen/Qwen3-0.6B", "random")
     tokenizer = load_tokenizer(source)
     speed = h200_speed()
+    if args.suite:
+        print("Qwen3-0.6B, bf16, the CUDA course suite (common/benchmark/suite.py), H200 speed as below")
+        print(format_suite(suite_estimate(source, tokenizer, speed)))
+        return
     rows = [estimate_workload(name, source, tokenizer, speed) for name in ("throughput", "nano_vllm_bench")]
     print("Qwen3-0.6B, bf16, max_num_seqs 256, max_num_batched_tokens 16384, CUDA sizes of common/benchmark/workloads.py")
     print(format_table(rows, speed))

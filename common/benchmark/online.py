@@ -21,6 +21,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
+from common.benchmark.tables import cell, format_columns
 from common.engine.metrics import percentile
 
 # Request rate and latency targets of the default online run, per workload size (the lengths are
@@ -199,22 +200,20 @@ def run_online_engine(llm, engine_module, work, settings: dict, seed: int = ARRI
     return drive_static(llm, prompts, params, arrivals, llm.config.max_num_seqs)
 
 
-def _cell(value, fmt="{:.3f}") -> str:
-    return "-" if value is None else fmt.format(value)
+def _same_tokens_cell(r: dict) -> str:
+    """compare.py's verdict (r["same_tokens"]) or, for a server measured over HTTP, its own field."""
+    return (r.get("same_tokens") or {}).get("cell") or r.get("same_tokens_as_c1", "-")
 
 
 def format_online_table(results: list[dict]) -> str:
     """One row per (engine, request rate)."""
     header = ["engine", "rate req/s", "TTFT p50 s", "TTFT p99 s", "TPOT mean s", "ITL p99 s", "E2EL p99 s",
               "req/s", "tok/s", "goodput req/s", "same tokens as c1"]
-    rows = [[r["engine"], _cell(r.get("request_rate"), "{:g}"), _cell(r.get("ttft_p50_s")), _cell(r.get("ttft_p99_s")),
-             _cell(r.get("tpot_mean_s")), _cell(r.get("itl_p99_s")), _cell(r.get("e2el_p99_s")),
-             _cell(r.get("request_throughput")), _cell(r.get("output_throughput"), "{:.1f}"),
-             _cell(r.get("goodput")), r.get("same_tokens_as_c1", "-")] for r in results]
-    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in [header] + rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    rows = [[r["engine"], cell(r.get("request_rate"), fmt="{:g}"), cell(r.get("ttft_p50_s")), cell(r.get("ttft_p99_s")),
+             cell(r.get("tpot_mean_s")), cell(r.get("itl_p99_s")), cell(r.get("e2el_p99_s")),
+             cell(r.get("request_throughput")), cell(r.get("output_throughput"), fmt="{:.1f}"),
+             cell(r.get("goodput")), _same_tokens_cell(r)] for r in results]
+    lines = format_columns(header, rows)
     if results:
         r = results[0]
         lines.append(f"goodput: requests with TTFT <= {r['slo_ttft_s']:g} s and TPOT <= {r['slo_tpot_s']:g} s, "

@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display needed, works on headless machines and CI
 import matplotlib.pyplot as plt  # noqa: E402  (must follow the backend choice)
+import matplotlib.ticker  # noqa: E402
 
 from common.engine.metrics import PEAK_WITH_LOADING  # noqa: E402
 
@@ -82,8 +83,8 @@ def _bar_chart(path: Path, title: str, subtitle: str, labels: list[str], series:
     if len(series) > 1:  # outside, on the right: inside it would cover bars
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     if footnote:
-        fig.text(0.01, 0.01, footnote, fontsize=8, ha="left", va="bottom")
-    fig.tight_layout(rect=(0, 0.04 if footnote else 0, 1, 1))
+        fig.text(0.01, 0.01, footnote, fontsize=7, ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.01 + 0.03 * len(footnote.splitlines()) if footnote else 0, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -104,8 +105,10 @@ def _mib(value) -> float | None:
     return None if value is None else value / MIB
 
 
-def plot_results(results: list[dict], out_dir) -> list[Path]:
-    """Write latency.png, throughput.png, ttft.png and memory.png into out_dir; return their paths."""
+def plot_results(results: list[dict], out_dir, timeline: bool = True) -> list[Path]:
+    """Write latency.png, throughput.png, ttft.png and memory.png into out_dir, and the lesson
+    charts the engines present teach; return their paths. timeline=False: no c3/c4 timeline (the
+    suite draws it from the run where the two differ, the online one)."""
     if not results:
         raise ValueError("no results to plot")
     out_dir = Path(out_dir)
@@ -117,18 +120,29 @@ def plot_results(results: list[dict], out_dir) -> list[Path]:
     def column(key, convert=lambda v: v):
         return [convert(r.get(key)) for r in results]
 
+    speed_note = _speed_costs(results)
     return [
         _bar_chart(out_dir / "latency.png", "Request latency (lower is better)", subtitle, labels,
-                   {"mean": column("latency_mean_s"), "p90": column("latency_p90_s")}, "seconds"),
+                   {"mean": column("latency_mean_s"), "p90": column("latency_p90_s")}, "seconds", speed_note),
         _bar_chart(out_dir / "throughput.png", "Output throughput (higher is better)", subtitle, labels,
-                   {"throughput": column("throughput_tok_s")}, "tokens / s"),
+                   {"throughput": column("throughput_tok_s")}, "tokens / s", speed_note),
         _bar_chart(out_dir / "ttft.png", "Mean time to first token (lower is better)", subtitle, labels,
-                   {"mean TTFT": column("ttft_mean_s")}, "seconds"),
+                   {"mean TTFT": column("ttft_mean_s")}, "seconds", speed_note),
         _bar_chart(out_dir / "memory.png", "Memory (lower is better)", subtitle, memory_labels,
                    {peak_legend: column("peak_memory_bytes", _mib),
                     "KV cache peak": column("kv_cache_peak_bytes", _mib),
                     "weights": column("weight_bytes", _mib)}, "MiB", footnote),
-    ] + _lesson_charts(results, out_dir, subtitle)
+    ] + _lesson_charts(results, out_dir, subtitle, timeline)
+
+
+def _speed_costs(results: list[dict]) -> str | None:
+    """One line per cycle present (with its predecessor) that may cost speed on a metric its lesson
+    does not target, saying why: a speed chart never shows a lesson going backwards unexplained."""
+    from common.benchmark.summary import STEPS
+
+    engines = {short_name(r["engine"]).split()[0] for r in results}
+    lines = [f"c{s.cycle}: {s.cost}" for s in STEPS if s.cost and {f"c{s.cycle - 1}", f"c{s.cycle}"} <= engines]
+    return "\n".join(lines) or None
 
 
 def _save(fig, path: Path) -> Path:
@@ -138,7 +152,7 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _lesson_charts(results: list[dict], out_dir: Path, subtitle: str) -> list[Path]:
+def _lesson_charts(results: list[dict], out_dir: Path, subtitle: str, timeline: bool) -> list[Path]:
     by_engine = {r["engine"]: r for r in results}
     paths = []
     steps = [by_engine[e] for e in ("cycle1_naive", "cycle2_kvcache") if e in by_engine]
@@ -148,9 +162,9 @@ def _lesson_charts(results: list[dict], out_dir: Path, subtitle: str) -> list[Pa
     for r in results:
         if r["engine"] not in online or math.isfinite(r.get("request_rate") or 0):
             online[r["engine"]] = r
-    timeline = [online[e] for e in ("cycle3_paged", "cycle4_batching") if e in online]
-    if timeline:
-        paths.append(_timeline_chart(out_dir / "timeline.png", timeline, subtitle))
+    rows = [online[e] for e in ("cycle3_paged", "cycle4_batching") if e in online]
+    if rows and timeline:
+        paths.append(_timeline_chart(out_dir / "timeline.png", rows, subtitle))
     return paths
 
 
@@ -233,6 +247,51 @@ def plot_online(results: list[dict], out_dir) -> list[Path]:
 def _rate_x(r: dict) -> float:
     """An infinite rate (everything at once) has no place on a rate axis: it is left out of the lines."""
     return r["request_rate"] if math.isfinite(r["request_rate"]) else math.nan
+
+
+def plot_summary(summary: list[dict], run_info: dict, path) -> Path:
+    """"What each cycle adds": per step, how many times better the lesson's home metric got
+    (measured, and the design's expectation beside it), on a log axis where 1x is no change and a
+    bar left of it is a regression. The caption names the home workloads and why a cycle may cost
+    speed on a metric it does not target."""
+    from common.benchmark.summary import DESIGN, change_text, gain_factor
+
+    rows = [r for r in summary if r["verdict"] != "not measured"]
+    fig, ax = plt.subplots(figsize=(10, 1.0 + 0.7 * max(1, len(rows))))
+    for y, r in enumerate(rows):
+        measured = min(gain_factor(r["change"], r["lower_is_better"]), 1e3)   # from 0: off the scale
+        expected = gain_factor(r["expected_change"], r["lower_is_better"])
+        color = "tab:gray" if r["verdict"] == "GPU only" else ("tab:green" if measured > 1 else "tab:red")
+        ax.barh(y - 0.18, measured - 1, 0.36, left=1, color=color)   # from 1x: a regression grows leftwards
+        ax.annotate(f"{change_text(r['change'])} {r['label']}" + (" (GPU only)" if r["verdict"] == "GPU only" else ""),
+                    (max(measured, 1.0), y - 0.18), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+        if expected is not None:
+            ax.barh(y + 0.18, expected - 1, 0.36, left=1, color="tab:blue", alpha=0.45)
+            ax.annotate(f"{r['expected_change']:+.0%}", (expected, y + 0.18), xytext=(3, 0),
+                        textcoords="offset points", va="center", fontsize=8)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    factors = [f for r in rows for f in (min(gain_factor(r["change"], r["lower_is_better"]), 1e3),
+                                         gain_factor(r["expected_change"], r["lower_is_better"])) if f]
+    lo, hi = min(factors + [0.5]) / 1.3, max(factors + [2.0]) * 2.5   # room for the labels
+    ax.set_xlim(lo, hi)
+    ax.set_xticks([t for t in (0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000) if lo <= t <= hi])
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_yticks(range(len(rows)), [f"{r['step']} {r['lesson']}\n{r['part']}" for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("times better on the home metric (log; 1 = no change, left of 1 = worse)")
+    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color="tab:green"), plt.Rectangle((0, 0), 1, 1, color="tab:blue", alpha=0.45)],
+              labels=["measured", DESIGN], fontsize=8, loc="lower right")
+    machine = (run_info.get("machine") or {}).get("name", "?")
+    ax.set_title(f"What each cycle adds, each lesson on its home workload\n{run_info['model']} · "
+                 f"{run_info['weights']} weights · {run_info['device']} ({machine})", fontsize=9)
+    notes = [f"c{r['cycle']}: {r['cost']}" for r in rows if r["cost"]]
+    fig.text(0.01, 0.01, "\n".join(notes), fontsize=6.5, ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.03 + 0.022 * len(notes), 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
 
 
 def plot_memory_vs_context(results: list[dict], path) -> Path:

@@ -1,0 +1,89 @@
+"""The course suite: what `python compare.py` runs when no --workload is named.
+
+Each lesson's gain lives on its own workload (its "home"): the suite runs the throughput workload
+for every engine, then each home workload for the two cycles of its step only, at a size chosen to
+show the gain and to fit the budget: 7 minutes on a 2-core CPU, cycle 1 included, about 3 minutes
+on an H100/H200 (`python -m common.benchmark.estimate --suite` prints the estimate per part).
+Paging and int8 need no run of their own: their home metric is memory, which the throughput part
+already measures. `--workload NAME` runs one workload, as a suite of one part.
+
+Each size below is a named constant with the stored run it was chosen from (docs/results/).
+"""
+
+from dataclasses import dataclass, field
+
+# -- CPU (SmolLM2-135M, fp32, 2 cores) ------------------------------------------------------------
+# Cycle 1 reruns every sequence each step: on the throughput workload's CPU size (16 requests)
+# it took 113-157 s (docs/results/cpu-throughput, cpu-throughput-all), two thirds of the budget.
+# Its step cost grows with the batch, so 4 requests take about a quarter of that, ~30-40 s.
+CPU_NAIVE_REQUESTS = 4
+# Online: at 2 req/s the static server (cycle 3) is saturated while continuous batching is not:
+# with 32 requests its goodput was 0.089 req/s against 1.06 and its p99 TTFT 14.8 s against
+# 0.31 s (docs/results/cpu-online-sweep, 30-34 s per engine). Half the requests halve the time.
+CPU_ONLINE_REQUESTS = 16
+CPU_ONLINE_RATE = 2.0
+# Long context: one prompt of 2,048 tokens. Cycle 6 (sdpa) against cycle 5 (explicit attention):
+# 5.6 s against 10.3 s (docs/results/cpu-context-sweep/prompt-2048); at 1,024 tokens the margin is
+# smaller (2.3 s against 3.8 s) and at 256 tokens cycle 6 is slower (sdpa's fixed cost).
+CPU_LONG_PROMPT = 2048
+CPU_LONG_REQUESTS = 1
+
+# -- CUDA (Qwen3-0.6B, bf16, H100/H200), from common/benchmark/estimate.py -------------------------
+# Cycle 1 on the full throughput size (256 requests): est. 28 s on an H200, so it needs no reduced
+# size there. Engine start-up (~11 s each, measured) dominates the rest of the budget.
+CUDA_NAIVE_REQUESTS = None
+# Online: 50 requests at 10 req/s arrive over ~5 s; est. ~9 s of decode steps per engine.
+CUDA_ONLINE_REQUESTS = 50
+CUDA_ONLINE_RATE = 10.0
+# Long context: 8 requests of 4,096-8,192 tokens (the CUDA size's lengths); est. ~5 s per engine.
+CUDA_LONG_PROMPT = None
+CUDA_LONG_REQUESTS = 8
+
+HF = ("hf_generate", "hf_generate_batch")
+
+
+@dataclass(frozen=True)
+class Part:
+    """One workload run for some engines: a per-workload table, a folder of results."""
+    name: str                        # the folder and the table's title
+    workload: str
+    cycles: tuple[int, ...] | None   # cycle numbers; None: every cycle present
+    hf: bool = False                 # also the HF baselines
+    num_requests: int | None = None  # None: the workload size's own
+    prompt_len: int | None = None
+    request_rates: tuple = (None,)   # online: the rates to run each engine at (None: the size's default)
+    note: str = ""                   # printed under the part's table
+    options: tuple[str, ...] = field(default_factory=tuple)
+
+
+def suite(device_kind: str, quick: bool = False) -> list[Part]:
+    """The course suite on a device ("cpu" or "cuda"); quick: every part at its smoke-test size."""
+    cpu = device_kind == "cpu"
+    naive_requests = None if quick else (CPU_NAIVE_REQUESTS if cpu else CUDA_NAIVE_REQUESTS)
+    parts = []
+    if naive_requests is None:   # cycle 1 can afford the full size: one throughput part for all
+        parts.append(Part("throughput", "throughput", None, hf=True))
+    else:
+        parts.append(Part("throughput", "throughput", tuple(range(2, 100)), hf=True,
+                          note=f"cycle 1 runs a reduced size ({naive_requests} requests): see the kv_cache table"))
+        parts.append(Part("kv_cache", "throughput", (1, 2), num_requests=naive_requests,
+                          note=f"the throughput workload reduced to {naive_requests} requests so cycle 1 fits "
+                               "the budget; cycle 2 runs the same requests"))
+    online_requests, rate = (CPU_ONLINE_REQUESTS, CPU_ONLINE_RATE) if cpu else (CUDA_ONLINE_REQUESTS, CUDA_ONLINE_RATE)
+    long_prompt, long_requests = (CPU_LONG_PROMPT, CPU_LONG_REQUESTS) if cpu else (CUDA_LONG_PROMPT, CUDA_LONG_REQUESTS)
+    parts += [
+        Part("online", "online", (3, 4), num_requests=None if quick else online_requests,
+             request_rates=(None,) if quick else (rate,)),
+        Part("shared_prefix", "shared_prefix", (4, 5)),
+        Part("long_context", "long_context", (5, 6), num_requests=None if quick else long_requests,
+             prompt_len=None if quick else long_prompt),
+    ]
+    return parts
+
+
+def part_engines(part: Part, cycles: list[str], hf_allowed: bool) -> list[str]:
+    """The engines a part runs: its cycles among those selected (--cycles), then the HF baselines."""
+    from common.benchmark.report import cycle_number
+
+    chosen = [c for c in cycles if part.cycles is None or cycle_number(c) in part.cycles]
+    return chosen + (list(HF) if part.hf and hf_allowed else [])

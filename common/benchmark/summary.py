@@ -1,0 +1,154 @@
+""""What each cycle adds": for every step N-1 -> N, the metric its lesson moves, on its home workload,
+measured, beside the design's expectation (the course's starting design document, section 6).
+
+The summary is computed from the suite's results only (compare.py's parts), so a test can build it
+from a fake run: each step names the parts that may hold its home workload (the first present
+wins), the metric, and which direction is better.
+"""
+
+import statistics
+from dataclasses import dataclass
+
+from common.benchmark.tables import format_columns
+
+MIB = 2**20
+DESIGN = "the design's expectation"
+
+
+@dataclass(frozen=True)
+class Step:
+    cycle: int                 # the step cycle-1 -> cycle
+    lesson: str
+    parts: tuple[str, ...]     # the parts that may hold the home workload, in order of preference
+    metric: str                # a result key, or DECODE_STEP (derived from the engine's step times)
+    label: str
+    lower_is_better: bool
+    expected: float | None     # the design's expected change (-0.6: 60% less); None: it states none
+    # Why this cycle may cost speed where its lesson does not pay: one line under the table.
+    cost: str = ""
+
+
+DECODE_STEP = "decode_step_s"
+
+STEPS = (
+    Step(2, "KV cache", ("kv_cache", "throughput"), "latency_mean_s", "mean latency", True, -0.60),
+    Step(3, "paging", ("throughput",), "kv_cache_peak_bytes", "KV cache peak", True, -0.30,
+         cost="paging's block tables: each step gathers a sequence's blocks into a dense K/V, "
+              "so speed may drop while KV memory does"),
+    Step(4, "continuous batching", ("online",), "goodput", "goodput (req/s within the SLOs)", False, 2.00,
+         cost="with all requests present at once and slots for all, there is nothing to schedule: "
+              "the gain needs arrivals over time (the online part)"),
+    Step(5, "prefix caching", ("shared_prefix",), "ttft_mean_s", "mean TTFT", True, -0.50),
+    Step(6, "flash attention", ("long_context",), "latency_mean_s", "mean latency", True, -0.30,
+         cost="on short prompts a fused attention call's fixed cost may outweigh what it saves"),
+    Step(7, "int8 weights", ("throughput",), "weight_bytes", "weight memory", True, -0.50,
+         cost="int8's cast on a CPU: each matmul first casts the int8 weights back to float, "
+              "so tokens/s drop while weight memory does"),
+    Step(8, "CUDA graphs", ("throughput",), DECODE_STEP, "decode step time", True, None,
+         cost="CUDA graphs are GPU only: on a CPU the decode runs eagerly over the same static buffers"),
+)
+
+
+def metric_value(result: dict, metric: str) -> float | None:
+    """A result's value of the metric; the decode step time is the median of the engine's steps
+    after the first (the first is the prefill)."""
+    if metric != DECODE_STEP:
+        return result.get(metric)
+    steps = (result.get("stats") or {}).get("step_times") or []
+    return statistics.median(s[1] for s in steps[1:]) if len(steps) > 1 else None
+
+
+def _find(parts: dict[str, list[dict]], step: Step, cycle: int) -> tuple[str, dict] | tuple[None, None]:
+    """The result of `cycle` in the first of the step's parts that holds both of its cycles."""
+    for name in step.parts:
+        by_cycle = {_cycle(r["engine"]): r for r in parts.get(name, [])}
+        if step.cycle - 1 in by_cycle and step.cycle in by_cycle:
+            return name, by_cycle[cycle]
+    return None, None
+
+
+def _cycle(engine: str) -> int | None:
+    head = engine.partition("_")[0].removeprefix("cycle")
+    return int(head) if head.isdigit() else None
+
+
+def summarize(parts: dict[str, list[dict]]) -> list[dict]:
+    """One row per step whose two cycles ran: the home part, the metric before and after, the
+    ratio after/before, the change, the design's expected change, and a verdict:
+    'better', 'NO GAIN' (exactly equal), 'REGRESSED', 'GPU only' (cycle 8 where no graph replays) or
+    'not measured'."""
+    rows = []
+    for step in STEPS:
+        part, before = _find(parts, step, step.cycle - 1)
+        _, after = _find(parts, step, step.cycle)
+        row = {"step": f"c{step.cycle - 1} -> c{step.cycle}", "cycle": step.cycle, "lesson": step.lesson,
+               "part": part, "workload": after and after.get("workload"), "metric": step.metric,
+               "label": step.label, "lower_is_better": step.lower_is_better,
+               "expected_change": step.expected, "cost": step.cost}
+        old = metric_value(before, step.metric) if before else None
+        new = metric_value(after, step.metric) if after else None
+        row.update(before=old, after=new, ratio=None, change=None)
+        if old is None or new is None:
+            rows.append(row | {"verdict": "not measured"})
+            continue
+        ratio = new / old if old else (float("inf") if new else 1.0)
+        improved = ratio < 1 if step.lower_is_better else ratio > 1
+        verdict = "better" if improved else ("NO GAIN" if ratio == 1 else "REGRESSED")
+        if step.metric == DECODE_STEP and not (after.get("stats") or {}).get("cuda_graphs"):
+            verdict = "GPU only"   # no graph replays here: the step measures nothing of the lesson
+        rows.append(row | {"ratio": ratio, "change": ratio - 1, "verdict": verdict})
+    return rows
+
+
+def gain_factor(change: float | None, lower_is_better: bool) -> float | None:
+    """How many times better: 2.0 for half the latency or twice the goodput; below 1: worse."""
+    if change is None:
+        return None
+    ratio = 1 + change
+    if lower_is_better:
+        return 1 / ratio if ratio > 0 else float("inf")
+    return ratio
+
+
+def change_text(change: float | None) -> str:
+    if change is None:
+        return "-"
+    if change == float("inf"):
+        return "from 0"
+    return f"{change:+.0%}"
+
+
+def _ratio_text(ratio: float | None) -> str:
+    if ratio is None:
+        return "-"
+    return "from 0" if ratio == float("inf") else f"{ratio:.2f}x"
+
+
+def _value_text(value, metric: str) -> str:
+    if value is None:
+        return "-"
+    if metric.endswith("_bytes"):
+        return f"{value / MIB:.1f} MiB"
+    if metric == "goodput":
+        return f"{value:.3f} req/s"
+    return f"{value * 1000:.1f} ms" if metric == DECODE_STEP else f"{value:.3f} s"
+
+
+def format_summary(rows: list[dict]) -> str:
+    """The summary table printed first, and one line per cycle that costs speed elsewhere."""
+    header = ["step", "lesson", "home workload", "metric", "before", "after", "after/before", "measured",
+              DESIGN, "verdict"]
+    table = [[r["step"], r["lesson"], r["part"] or "-", r["label"], _value_text(r["before"], r["metric"]),
+              _value_text(r["after"], r["metric"]), _ratio_text(r["ratio"]),
+              change_text(r["change"]),
+              change_text(r["expected_change"]) if r["expected_change"] is not None else "(none stated)",
+              r["verdict"]] for r in rows]
+    lines = ["What each cycle adds (measured on each lesson's home workload; the design's expectation "
+             "from its section 6)"] + format_columns(header, table)
+    notes = [f"  c{r['cycle']}: {r['cost']}" for r in rows if r["cost"]]
+    if notes:
+        lines += ["where a cycle costs speed on a metric it does not target:"] + notes
+    flagged = [f"{r['step']} ({r['verdict']})" for r in rows if r["verdict"] in ("REGRESSED", "NO GAIN")]
+    if flagged:
+        lines.append(f"no gain on the home metric: {', '.join(flagged)}")
+    return "\n".join(lines)

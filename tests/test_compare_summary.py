@@ -1,0 +1,161 @@
+"""The course suite's summary, "what each cycle adds", computed from a fake run: no engine runs."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+import compare
+from common.benchmark import runner
+from common.benchmark.suite import CPU_NAIVE_REQUESTS, part_engines, suite
+from common.benchmark.summary import STEPS, format_summary, summarize
+
+CYCLES = ["cycle1_naive", "cycle2_kvcache", "cycle3_paged", "cycle4_batching", "cycle5_prefix",
+          "cycle6_flash", "cycle7_int8", "cycle8_graphs"]
+
+
+def _row(engine, workload="throughput", **values):
+    base = {"engine": engine, "workload": workload, "latency_mean_s": 1.0, "ttft_mean_s": 1.0, "goodput": 1.0,
+            "kv_cache_peak_bytes": 100, "weight_bytes": 1000, "stats": {"step_times": [[8, 1.0], [9, 0.1], [10, 0.1]]}}
+    return base | values
+
+
+def _fake_parts(**overrides):
+    """Every part of the CPU suite, each engine's home metric set apart from its neighbour's; a
+    metric the step does not read is equal everywhere, so a wrong pick shows as a ratio of 1."""
+    parts = {
+        "throughput": [_row("cycle2_kvcache", latency_mean_s=9.0, kv_cache_peak_bytes=100),
+                       _row("cycle3_paged", kv_cache_peak_bytes=60),
+                       _row("cycle6_flash", weight_bytes=1000),
+                       _row("cycle7_int8", weight_bytes=250, stats={"step_times": [[8, 1.0], [9, 0.2], [10, 0.2]]}),
+                       _row("cycle8_graphs", weight_bytes=250,
+                            stats={"step_times": [[8, 1.0], [9, 0.1], [10, 0.1]], "cuda_graphs": False})],
+        "kv_cache": [_row("cycle1_naive", latency_mean_s=10.0), _row("cycle2_kvcache", latency_mean_s=4.0)],
+        "online": [_row("cycle3_paged", "online", goodput=0.1), _row("cycle4_batching", "online", goodput=0.5)],
+        "shared_prefix": [_row("cycle4_batching", "shared_prefix", ttft_mean_s=6.0),
+                          _row("cycle5_prefix", "shared_prefix", ttft_mean_s=1.5)],
+        "long_context": [_row("cycle5_prefix", "long_context", latency_mean_s=10.0),
+                         _row("cycle6_flash", "long_context", latency_mean_s=5.0)],
+    }
+    return parts | overrides
+
+
+def test_each_step_reads_its_home_workload_and_metric():
+    rows = {r["cycle"]: r for r in summarize(_fake_parts())}
+    expected = {2: ("kv_cache", "latency_mean_s", 10.0, 4.0), 3: ("throughput", "kv_cache_peak_bytes", 100, 60),
+                4: ("online", "goodput", 0.1, 0.5), 5: ("shared_prefix", "ttft_mean_s", 6.0, 1.5),
+                6: ("long_context", "latency_mean_s", 10.0, 5.0), 7: ("throughput", "weight_bytes", 1000, 250),
+                8: ("throughput", "decode_step_s", 0.2, 0.1)}
+    assert sorted(rows) == sorted(expected) == [s.cycle for s in STEPS]
+    for cycle, (part, metric, before, after) in expected.items():
+        r = rows[cycle]
+        assert (r["part"], r["metric"], r["before"], r["after"]) == (part, metric, before, after), cycle
+        assert r["step"] == f"c{cycle - 1} -> c{cycle}"
+
+
+def test_ratio_and_change_against_the_designs_expectation():
+    rows = {r["cycle"]: r for r in summarize(_fake_parts())}
+    assert rows[2]["ratio"] == pytest.approx(0.4) and rows[2]["change"] == pytest.approx(-0.6)
+    assert rows[4]["ratio"] == pytest.approx(5.0) and rows[4]["change"] == pytest.approx(4.0)   # higher is better
+    assert [rows[c]["expected_change"] for c in range(2, 9)] == [-0.6, -0.3, 2.0, -0.5, -0.3, -0.5, None]
+    assert all(rows[c]["verdict"] == "better" for c in range(2, 8))
+    assert rows[8]["verdict"] == "GPU only"     # no graph replays: the CPU's decode step says nothing
+    table = format_summary(list(rows.values()))
+    assert "c1 -> c2" in table and "-60%" in table and "+400%" in table and "+200%" in table
+    assert "REGRESSED" not in table and "no gain" not in table and "int8's cast on a CPU" in table and "block tables" in table
+
+
+def test_a_cycle_that_regresses_on_its_home_metric_is_flagged():
+    parts = _fake_parts(shared_prefix=[_row("cycle4_batching", "shared_prefix", ttft_mean_s=1.0),
+                                       _row("cycle5_prefix", "shared_prefix", ttft_mean_s=1.2)])
+    rows = {r["cycle"]: r for r in summarize(parts)}
+    assert rows[5]["verdict"] == "REGRESSED" and rows[5]["change"] == pytest.approx(0.2)
+    assert format_summary(list(rows.values())).splitlines()[-1] == "no gain on the home metric: c4 -> c5 (REGRESSED)"
+    parts["shared_prefix"][1]["ttft_mean_s"] = 1.0       # exactly equal: no gain, not a regression
+    assert {r["cycle"]: r for r in summarize(parts)}[5]["verdict"] == "NO GAIN"
+
+
+def test_graphs_that_replay_are_judged_and_a_missing_part_is_not_measured():
+    parts = _fake_parts()
+    parts["throughput"][-1]["stats"]["cuda_graphs"] = True
+    del parts["long_context"]
+    rows = {r["cycle"]: r for r in summarize(parts)}
+    assert rows[8]["verdict"] == "better" and rows[6]["verdict"] == "not measured" and rows[6]["ratio"] is None
+
+
+def test_without_a_reduced_part_cycle_1_is_read_from_the_throughput_part():
+    parts = _fake_parts()
+    del parts["kv_cache"]
+    parts["throughput"].insert(0, _row("cycle1_naive", latency_mean_s=18.0))
+    assert summarize(parts)[0]["part"] == "throughput" and summarize(parts)[0]["ratio"] == pytest.approx(0.5)
+
+
+def test_the_suite_puts_each_step_where_its_lesson_lives():
+    cpu = {p.name: p for p in suite("cpu")}
+    assert list(cpu) == ["throughput", "kv_cache", "online", "shared_prefix", "long_context"]
+    assert part_engines(cpu["throughput"], CYCLES, hf_allowed=True) == CYCLES[1:] + ["hf_generate", "hf_generate_batch"]
+    assert part_engines(cpu["kv_cache"], CYCLES, True) == CYCLES[:2] and cpu["kv_cache"].num_requests == CPU_NAIVE_REQUESTS
+    assert part_engines(cpu["online"], CYCLES, True) == CYCLES[2:4] and cpu["online"].request_rates[0] > 0
+    assert part_engines(cpu["shared_prefix"], CYCLES, True) == CYCLES[3:5]
+    assert part_engines(cpu["long_context"], CYCLES, False) == CYCLES[4:6] and cpu["long_context"].prompt_len >= 1024
+    assert "reduced" in cpu["throughput"].note
+    cuda = {p.name: p for p in suite("cuda")}
+    assert "kv_cache" not in cuda and part_engines(cuda["throughput"], CYCLES, False) == CYCLES
+    every_home = {name for step in STEPS for name in step.parts}
+    assert every_home <= set(cpu) | {"throughput"}
+
+
+def _fake_engine(cmd):
+    """A bench result for the command's engine and workload, the home metrics showing each gain."""
+    engine, workload = cmd[cmd.index("--engine") + 1], cmd[cmd.index("--workload") + 1]
+    n = int(engine[5]) if engine.startswith("cycle") else 0
+    result = {"engine": engine, "model": "tiny", "weights": "real", "device": "cpu", "dtype": "float32",
+              "workload": workload, "workload_size": "cpu", "num_requests": 1, "machine": {"name": "test cpu", "cpu_count": 2},
+              "token_ids": [[1, 2]], "latency_mean_s": 10.0 / (n + 1), "latency_p90_s": 1.0, "throughput_tok_s": 10.0,
+              "ttft_mean_s": 1.0 / (n + 1), "peak_memory_bytes": 2**20, "peak_memory_scope": "generation",
+              "kv_cache_peak_bytes": 2**20 / (n + 1), "weight_bytes": 2**20 / (n + 1), "attention_backend": "explicit",
+              "int8_path": None, "ignored_options": [], "stats": {"step_times": [[1, 1.0], [2, 0.1]]},
+              "ttft_s": [0.1], "latency_s": [1.0]}
+    if workload == "online":
+        result |= {"goodput": 0.1 * (n + 1), "request_rate": 2.0, "burstiness": 1.0, "slo_ttft_s": 2.0,
+                   "slo_tpot_s": 0.25, "arrival_s": [0.0], "request_throughput": 1.0}
+    return result, None
+
+
+def test_the_suite_prints_the_summary_first_then_one_table_per_workload(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(compare, "resolve_once",
+                        lambda model, weights: SimpleNamespace(name="tiny", weights="real", origin="local", fallback_reason=None))
+    monkeypatch.setattr(runner, "run_one", lambda cmd, out_path, timeout: _fake_engine(cmd))
+    status = compare.main(["--device", "cpu", "--no-hf", "--plot", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert status == compare.EXIT_OK
+    order = [out.index(s) for s in ("What each cycle adds", "== throughput", "== kv_cache", "== online",
+                                    "== shared_prefix", "== long_context")]
+    assert order == sorted(order)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert [r["verdict"] for r in data["summary"]][:6] == ["better"] * 6 and data["summary"][6]["verdict"] == "GPU only"
+    assert set(data["parts"]) == {"throughput", "kv_cache", "online", "shared_prefix", "long_context"}
+    assert json.loads((tmp_path / "online" / "results.json").read_text())["results"][0]["engine"] == "cycle3_paged"
+    assert (tmp_path / "summary.png").exists() and (tmp_path / "online" / "timeline.png").exists()
+    assert not (tmp_path / "throughput" / "timeline.png").exists()   # there cycles 3 and 4 do not differ
+
+
+def test_suite_refuses_a_size_override():
+    with pytest.raises(SystemExit, match="go with --workload NAME"):
+        compare.main(["--device", "cpu", "--num-requests", "3"])
+
+
+def test_speed_charts_say_why_a_cycle_costs_speed_where_its_lesson_does_not_pay():
+    from common.benchmark.plots import _speed_costs
+
+    note = _speed_costs([{"engine": e} for e in ("cycle2_kvcache", "cycle3_paged", "cycle5_prefix", "cycle7_int8",
+                                                  "hf_generate")])
+    assert note.splitlines() == [f"c3: {STEPS[1].cost}"]   # c7 without c6 has no step to explain
+    assert "block tables" in note
+    assert _speed_costs([{"engine": "cycle1_naive"}, {"engine": "cycle2_kvcache"}]) is None
+
+
+def test_a_home_part_runs_only_with_both_cycles_of_its_step(capsys):
+    chosen = ["cycle4_batching", "cycle5_prefix"]
+    assert [p.name for p in compare.suite_parts("cpu", False, chosen)] == ["throughput", "shared_prefix"]
+    assert "skipping the online part: it compares cycles 3 and 4" in capsys.readouterr().out
