@@ -71,11 +71,12 @@ def bench(name: str, model: str, device: torch.device, args, options: dict) -> d
         llm.step()
     sync(device)
     wall = time.perf_counter() - start
+    graphs = getattr(llm.model_runner, "graphs", None)
     result = {"engine": name, "num_seqs": n, "steps": args.steps, "steps_per_s": args.steps / wall,
               "ms_per_step": 1000 * wall / args.steps, "output_tok_per_s": n * args.steps / wall,
-              "cuda_graphs": getattr(llm, "graphs", None) is not None and bool(llm.graphs.graphs),
-              "compile_s": getattr(llm, "compile_s", None), "graph_capture_s": getattr(llm.graphs, "capture_s", None)
-              if hasattr(llm, "graphs") else None,
+              "cuda_graphs": graphs is not None and bool(graphs.graphs),
+              "compile_s": getattr(llm.model_runner, "compile_s", None),
+              "graph_capture_s": graphs.capture_s if graphs is not None else None,
               "options": options}
     if args.profile:
         result.update(profile(llm, name, device, args))

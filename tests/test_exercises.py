@@ -36,7 +36,7 @@ def count_fed_tokens(llm) -> list[int]:
     """Wrap the engine's model forward; the returned list gets the number of token ids of each call."""
     fed = []
     model = llm.model_runner.model
-    forward = type(model).forward.__get__(model)     # the class's forward: wraps never stack
+    forward = type(model).forward.__get__(model)             # the class's forward: wraps never stack
 
     def counting(input_ids, *args, **kwargs):
         fed.append(input_ids.numel())
@@ -189,7 +189,8 @@ def test_flat_batch():
     for seq in seqs:
         bm.allocate(seq)
     assert [s.block_table for s in seqs] == [[0], [1, 2], [3]]
-    runner = ModelRunner(None, None, bm, None, torch.device("cpu"))
+    runner = object.__new__(ModelRunner)              # no model: only what the step layout reads
+    runner.device, runner.block_size = torch.device("cpu"), bm.block_size
     input_ids, positions, meta = runner._prepare(seqs, is_prefill=True)
     assert input_ids.shape == (10,)
     assert meta.cu_seqlens_q.tolist() == [0, 3, 8, 10]
@@ -461,13 +462,14 @@ def test_int8_stats(tiny_llms):
     llm = tiny_llms("cycle7_int8")
     llm.generate([[1, 2, 3]], greedy("cycle7_int8", 2))
     quant = importlib.import_module("cycle7_int8.quantization")
-    used = {m.matmul for m in llm.model.modules() if isinstance(m, quant.Int8Linear)}
+    used = {m.matmul for m in llm.model_runner.model.modules() if isinstance(m, quant.Int8Linear)}
     assert used == {quant.matmul_function(llm.stats["int8_matmul"])}   # the path reported is the path run
     forced = tiny_llms("cycle7_int8", int8_matmul="cast")
     forced.generate([[1, 2, 3]], greedy("cycle7_int8", 2))
     assert forced.stats["int8_matmul"] == "cast"
     assert llm.stats["quantize_s"] > 0
-    assert llm.model.lm_head.qweight is llm.model.model.embed_tokens.qweight
+    model = llm.model_runner.model
+    assert model.lm_head.qweight is model.model.embed_tokens.qweight
 
 
 # --- chapter 9: serving -----------------------------------------------------------------------
@@ -544,12 +546,14 @@ def test_graph_buckets():
 
 
 @pytest.mark.parametrize("n, bucket", [(3, 4), (17, 32)])
-def test_graph_buckets_padding(tiny_llms, n, bucket):
-    """A decode step of n sequences runs its forward over the bucket's rows (3 -> 4, 17 -> 32): the
-    bucket - n padding rows are computed too, on the CPU as on a GPU, and their block tables point
-    at the scratch block, the one block past what the BlockManager hands out."""
+def test_graph_buckets_padding(tiny_llms, monkeypatch, n, bucket):
+    """A decode step of n sequences that replays a graph runs its forward over the bucket's rows
+    (3 -> 4, 17 -> 32): the bucket - n padding rows are computed too (forced here: the CPU replays
+    no graph), and their block tables point at the scratch block, the one block past what the
+    BlockManager hands out."""
     llm = tiny_llms("cycle8_graphs")
     assert llm.scheduler.max_num_seqs == 64
+    monkeypatch.setattr(llm.model_runner.graphs, "pad_eager", True)
     fed = count_fed_tokens(llm)
     llm.generate([[10 + i, 11, 12] for i in range(n)], greedy("cycle8_graphs", 2))   # 1 prefill, 1 decode
     assert fed == [3 * n, bucket]
@@ -562,9 +566,10 @@ def test_graph_rows(tiny_llms):
     """Rows A..E; B and D finish, F joins: rows A, E, C, F; the host writes rows 1, 3 and 4 only."""
     g = graphs_module()
     llm = tiny_llms("cycle8_graphs")
-    runner = g.DecodeGraphs(llm.model, "sdpa", 4, 8, 64, torch.device("cpu"))
+    runner = g.DecodeGraphs(llm.model_runner.model, "sdpa", 4, 8, 64, torch.device("cpu"))
     bm = block_manager("cycle8_graphs", 32, 4)
-    runner.bind(None, bm, scratch_block=32)
+    runner.bind(None, scratch_block=32)
+    runner.follow(bm)
     written = []
     copy_rows = runner._copy_rows
     runner._copy_rows = lambda rows: written.append(rows) or copy_rows(rows)
@@ -589,12 +594,13 @@ def test_graph_table(tiny_llms):
     longest sequence has 100 tokens attends over 7 blocks, 112 keys."""
     g = graphs_module()
     llm = tiny_llms("cycle8_graphs")
-    qwen = g.DecodeGraphs(llm.model, "flash_attn", 256, 256, qwen3_0_6b()["max_position_embeddings"],
+    qwen = g.DecodeGraphs(llm.model_runner.model, "flash_attn", 256, 256, qwen3_0_6b()["max_position_embeddings"],
                           torch.device("cpu"))
     assert qwen.block_tables.shape == (256, 160)
     assert qwen.block_tables.numel() * qwen.block_tables.element_size() == 163_840
-    smol = g.DecodeGraphs(llm.model, "sdpa", 16, 64, 8192, torch.device("cpu"))
-    smol.bind(None, block_manager("cycle8_graphs", 64, 16), scratch_block=64)
+    smol = g.DecodeGraphs(llm.model_runner.model, "sdpa", 16, 64, 8192, torch.device("cpu"))
+    smol.bind(None, scratch_block=64)
+    smol.follow(block_manager("cycle8_graphs", 64, 16))
     assert smol.max_blocks == 512
     width = smol._width([new_seq("cycle8_graphs", 0, [5] * 100), new_seq("cycle8_graphs", 1, [5] * 40)])
     assert (width, width * 16) == (7, 112)
