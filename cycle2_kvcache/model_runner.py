@@ -27,6 +27,7 @@ class ModelRunner:
         self.sampler = Sampler(config.device, config.seed, eos_token_ids)   # eos: for min_tokens
         self.kv_cache: ContiguousKVCache | None = None
         self.num_columns = 0      # cache columns filled so far, the same for every row
+        self.pads = None          # each row's left padding, set by the prefill
 
     def allocate_kv_cache(self, seqs: list[Sequence]) -> None:
         """Room for the longest prompt plus the largest max_tokens, for every row of the batch."""

@@ -28,14 +28,105 @@ IDENTICAL = {"run.py": CYCLES, "__init__.py": CYCLES, "serve.py": CYCLES[3:]}   
 NEW = "new file"
 
 ALLOWED = {
+    # The cache: the runner reserves it per static group and splits a step into prefill and decode.
     ("cycle1_naive", "cycle2_kvcache"): {
         "kv_cache.py": NEW,
-        "llm.py": {"<docstring>", "LLM.generate", "LLM._check_memory", "LLM._run_group", "LLM._postprocess",
-                   "LLM._stats"},
-        "model.py": {"<docstring>", "Attention.forward", "DecoderLayer.forward", "CausalLM.forward"},
-        "model_runner.py": {"<docstring>", "<imports>", "ModelRunner.__init__", "ModelRunner.allocate_kv_cache",
-                            "ModelRunner.free_kv_cache", "ModelRunner.run", "ModelRunner._prepare",
-                            "ModelRunner._prepare_prefill", "ModelRunner._prepare_decode"},
+        "llm.py": {"<docstring>", "LLM._check_memory", "LLM._run_group", "LLM._stats", "LLM.generate"},
+        "model.py": {"<docstring>", "Attention.forward", "CausalLM.forward", "DecoderLayer.forward"},
+        "model_runner.py": {"<docstring>", "<imports>", "ModelRunner.__init__", "ModelRunner._prepare",
+                            "ModelRunner._prepare_decode", "ModelRunner._prepare_prefill",
+                            "ModelRunner.allocate_kv_cache", "ModelRunner.free_kv_cache", "ModelRunner.run"},
+    },
+    # Paging: the block pool (sized and profiled by the runner), block tables, slot mapping.
+    ("cycle2_kvcache", "cycle3_paged"): {
+        "block_manager.py": NEW,
+        "config.py": {"<imports>", "Config", "Config.__post_init__", "DEFAULTS"},
+        "kv_cache.py": {"<docstring>", "<imports>", "CPU_KV_CACHE_BYTES", "ContiguousKVCache",
+                        "ContiguousKVCache.__init__", "GPU_MEMORY_UTILIZATION", "PagedKVCache",
+                        "PagedKVCache.__init__", "block_bytes", "plan_kv_pool", "profile_activation_peak",
+                        "profile_batches"},
+        "llm.py": {"<docstring>", "<imports>", "LLM.__init__", "LLM._check_memory", "LLM._groups",
+                   "LLM._postprocess", "LLM._run_group", "LLM._stats", "LLM._track_peak", "LLM.generate"},
+        "model.py": {"<docstring>", "<imports>", "Attention.forward", "AttentionMetadata", "CausalLM.forward",
+                     "DecoderLayer.forward", "gather_blocks", "store_kv"},
+        "model_runner.py": {"<docstring>", "<imports>", "ModelRunner.__init__", "ModelRunner._kv_cache",
+                            "ModelRunner._metadata", "ModelRunner._plan_kv_pool", "ModelRunner._prepare_decode",
+                            "ModelRunner._prepare_prefill", "ModelRunner._profile_run", "ModelRunner._slot",
+                            "ModelRunner.allocate_kv_cache", "ModelRunner.free_kv_cache", "ModelRunner.run",
+                            "ModelRunner.stats"},
+        "sequence.py": {"Sequence.__init__", "Sequence.max_len"},
+    },
+    # Continuous batching: the scheduler, the flat batch, the engine loop (add_request, step,
+    # abort_request) and its streaming hooks (stop strings, delta_text), serve.py.
+    ("cycle3_paged", "cycle4_batching"): {
+        "config.py": {"Config", "Config.__post_init__", "DEFAULTS"},
+        "llm.py": {"<docstring>", "<imports>", "LLM.__init__", "LLM._add", "LLM._groups", "LLM._output",
+                   "LLM._postprocess", "LLM._reset_counters", "LLM._run_group", "LLM._stats", "LLM._track_peak",
+                   "LLM.abort_request", "LLM.add_request", "LLM.generate", "LLM.has_unfinished_requests",
+                   "LLM.step"},
+        "model.py": {"<docstring>", "Attention.forward", "AttentionMetadata", "CausalLM.forward", "store_kv"},
+        "model_runner.py": {"<docstring>", "ModelRunner._layout", "ModelRunner._metadata", "ModelRunner._prepare",
+                            "ModelRunner._prepare_decode", "ModelRunner._prepare_prefill",
+                            "ModelRunner._profile_run", "ModelRunner._slot", "ModelRunner.run"},
+        "sampling_params.py": {"<imports>", "SamplingParams", "SamplingParams.__post_init__"},
+        "scheduler.py": NEW,
+        "sequence.py": {"Sequence.__init__"},
+        "serve.py": NEW,
+    },
+    # Prefix caching: hash-chained blocks with ref counts in the BlockManager; the scheduler admits
+    # a prompt's cached blocks; the runner starts a prefill after them.
+    ("cycle4_batching", "cycle5_prefix"): {
+        "block_manager.py": {"<docstring>", "<imports>", "Block", "Block.__init__", "BlockManager.__init__",
+                             "BlockManager._take_free_block", "BlockManager.allocate",
+                             "BlockManager.append_slot", "BlockManager.cache_full_blocks",
+                             "BlockManager.cached_blocks", "BlockManager.can_allocate", "BlockManager.free",
+                             "BlockManager.needs_block", "BlockManager.prompt_block_hashes",
+                             "BlockManager.stats", "chain_hash"},
+        "config.py": {"Config"},
+        "llm.py": {"<docstring>", "LLM.__init__", "LLM._postprocess"},
+        "model_runner.py": {"ModelRunner._prepare"},
+        "scheduler.py": {"<docstring>", "Scheduler._admit", "Scheduler.describe", "Scheduler.reset_stats",
+                         "Scheduler.stats"},
+        "sequence.py": {"Sequence.__init__"},
+    },
+    # Fused attention: the backends (attention.py, triton_attention.py), chosen in Config, and the
+    # layout each needs.
+    ("cycle5_prefix", "cycle6_flash"): {
+        "attention.py": NEW,
+        "config.py": {"<imports>", "Config", "Config.__post_init__"},
+        "model.py": {"<docstring>", "<imports>", "Attention.__init__", "Attention.forward",
+                     "AttentionMetadata", "Backbone.__init__", "CausalLM.__init__", "DecoderLayer.__init__",
+                     "gather_blocks", "grouped_attention"},
+        "model_runner.py": {"<imports>", "ModelRunner.__init__", "ModelRunner._dense_layout",
+                            "ModelRunner._layout", "ModelRunner._prepare", "ModelRunner.run",
+                            "ModelRunner.stats", "build_model"},
+        "triton_attention.py": NEW,
+    },
+    # int8 weight-only quantization: the runner quantizes after loading; our int8 matmul kernel.
+    ("cycle6_flash", "cycle7_int8"): {
+        "config.py": {"<imports>", "Config", "Config.__post_init__"},
+        "llm.py": {"<docstring>"},
+        "model_runner.py": {"<imports>", "ModelRunner.__init__", "ModelRunner._quantize",
+                            "ModelRunner.stats"},
+        "quantization.py": NEW,
+        "triton_int8.py": NEW,
+    },
+    # CUDA graphs: the runner measures, holds, sizes and captures; decode rows follow the
+    # BlockManager; the compiled small ops (a flag) in model.py and compiled_ops.py.
+    ("cycle7_int8", "cycle8_graphs"): {
+        "block_manager.py": {"BlockManager.__init__", "BlockManager.allocate", "BlockManager.append_slot",
+                             "BlockManager.free"},
+        "compiled_ops.py": NEW,
+        "config.py": {"Config", "Config.__post_init__"},
+        "cuda_graphs.py": NEW,
+        "kv_cache.py": {"<imports>", "held"},
+        "llm.py": {"<docstring>", "LLM.__init__"},
+        "model.py": {"Attention.__init__", "Attention.forward", "MLP.__init__", "MLP.forward",
+                     "RMSNorm.__init__", "RMSNorm.forward", "rms_norm", "silu_mul"},
+        "model_runner.py": {"<docstring>", "<imports>", "ModelRunner.__init__",
+                            "ModelRunner._blocks_with_scratch", "ModelRunner._profile_run",
+                            "ModelRunner.follow", "ModelRunner.run", "ModelRunner.stats"},
+        "sampler.py": {"Sampler.__call__", "Sampler.sample"},
     },
 }
 
