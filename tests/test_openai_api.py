@@ -140,8 +140,9 @@ def test_generation_config_gives_the_defaults_and_vllm_mode_the_neutral_ones(tmp
     assert (params.temperature, params.top_p, params.top_k) == (0.2, 0.95, 3)   # the request wins
     (tmp_path / "generation_config.json").write_text(json.dumps({"repetition_penalty": 1.1, "max_new_tokens": 7}))
     penalized = generation_defaults(str(tmp_path), "auto")
-    assert unusable_defaults(penalized, sp) == ["repetition_penalty"]       # printed as a FALLBACK at start-up
-    assert build_sampling_params(protocol.CompletionRequest(prompt="x"), penalized, sp, 4).max_tokens == 4
+    assert unusable_defaults(penalized, sp) == []          # the engine has repetition_penalty: it applies
+    params = build_sampling_params(protocol.CompletionRequest(prompt="x"), penalized, sp, 4)
+    assert (params.max_tokens, params.repetition_penalty) == (4, 1.1)
     assert default_max_tokens(protocol.CompletionRequest(prompt="x"), penalized, False, 0) == 7
 
 
@@ -189,7 +190,8 @@ def test_a_field_not_honoured_is_refused_naming_it(api, endpoint, field, value):
 def test_no_field_of_the_tables_is_silently_ignored(api):
     """Every refusable field, set to a value no default equals, gets 400 naming it."""
     for endpoint, table in (("completions", protocol.REFUSED_COMPLETIONS), ("chat", protocol.REFUSED_CHAT)):
-        for field in [*table, *protocol.ENGINE_FIELDS]:
+        engine_lacks = [f for f in protocol.ENGINE_FIELDS if f not in cycle(CYCLE).SamplingParams.__dataclass_fields__]
+        for field in [*table, *engine_lacks]:           # the engine's own fields are honoured
             response = post(api["base"], *_request(endpoint, **{field: 12345}))
             assert response.status_code == 400 and response.json()["error"]["param"] == field, (endpoint, field)
 
@@ -206,16 +208,18 @@ def test_defaults_of_refused_fields_are_accepted(api, endpoint, fields):
 
 
 def test_engine_fields_pass_through_when_the_sampling_params_has_them():
-    """The day a cycle's SamplingParams gains min_p, the server passes it on instead of refusing."""
+    """The day a cycle's SamplingParams gains a field (spaces_between_special_tokens: none has it
+    yet), the server passes it on instead of refusing."""
     import dataclasses
     base = cycle(CYCLE).SamplingParams
-    with_min_p = dataclasses.make_dataclass("WithMinP", [("min_p", float, 0.0)], bases=(base,), frozen=True)
-    body = protocol.CompletionRequest(prompt="x", min_p=0.1)
+    field = "spaces_between_special_tokens"
+    with_field = dataclasses.make_dataclass("WithIt", [(field, bool, True)], bases=(base,), frozen=True)
+    body = protocol.CompletionRequest(prompt="x", **{field: False})
     with pytest.raises(protocol.APIError) as refused:
         protocol.check_fields(body, protocol.REFUSED_COMPLETIONS, base)
-    assert refused.value.param == "min_p"
-    protocol.check_fields(body, protocol.REFUSED_COMPLETIONS, with_min_p)
-    assert build_sampling_params(body, {}, with_min_p, 3).min_p == 0.1
+    assert refused.value.param == field
+    protocol.check_fields(body, protocol.REFUSED_COMPLETIONS, with_field)
+    assert getattr(build_sampling_params(body, {}, with_field, 3), field) is False
 
 
 def test_unknown_fields_are_logged_once(api, capfd):
