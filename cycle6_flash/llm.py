@@ -108,7 +108,8 @@ class LLM:
             # decodes each request once, at the end.
             seq.detokenize = detokenize
             if detokenize and (stream or r.sampling_params.stop):
-                seq.detokenizer = IncrementalDetokenizer.for_request(self.tokenizer, r.prompt_token_ids, r.sampling_params)
+                seq.detokenizer = IncrementalDetokenizer.for_request(self.tokenizer, r.prompt_token_ids,
+                                                                     r.sampling_params)
             self._next_id += 1
             seqs.append(seq)
         self.block_manager.check_fits([s.max_len for s in seqs])   # all pass before any is queued
@@ -139,8 +140,9 @@ class LLM:
                 outputs.append(RequestOutput(seq.seq_id, None, [], [], "", None, finished=False,
                                              new_token_ids=[token], delta_text=delta,
                                              logprobs=None if seq.logprobs is None else seq.logprobs[-1:],
-                                             prompt_logprobs=seq.prompt_logprobs if len(seq) == seq.num_prompt_tokens + 1
-                                             else None))   # the prompt's come with the first token
+                                             # the prompt's logprobs come with the first token
+                                             prompt_logprobs=seq.prompt_logprobs
+                                             if len(seq) == seq.num_prompt_tokens + 1 else None))
         return outputs
 
     def _finish_reason(self, token_ids: list[int], params: SamplingParams) -> str | None:

@@ -176,9 +176,8 @@ class DecodeGraphs:
         else:      # eager: the step's own n rows (padding them buys nothing without a replay)
             self._forward(bucket if self.pad_eager else n, self._width(seqs))
         logits = self.model.compute_logits(self.hidden[:n])       # padding rows are never sampled
-        full = None
-        if self.num_full_rows:          # the whole sampler, in row order (it reads the rows' tokens)
-            full = sampler(logits, self.rows)
+        full = sampler(logits, self.rows) if self.num_full_rows else None   # the whole sampler: it reads tokens
+        if full is not None:
             tokens = torch.tensor(full.token_ids, device=logits.device)
         elif self.num_sampled_rows == 0:
             tokens = sampler.sample(logits)                        # greedy: one argmax on the device
@@ -189,10 +188,8 @@ class DecodeGraphs:
         self.input_ids[:n].copy_(tokens)
         self.positions[:n] += 1
         self.context_lens[:n] += 1
-        by_row = tokens.tolist()                                   # the step's one host-device sync
-        order = [self.row_of[s.seq_id] for s in seqs]
-        logprobs = None if full is None or full.logprobs is None else [full.logprobs[r] for r in order]
-        return SamplerOutput([by_row[r] for r in order], logprobs)
+        by_row = SamplerOutput(tokens.tolist(), full and full.logprobs)   # the step's one host-device sync
+        return by_row.take([self.row_of[s.seq_id] for s in seqs])
 
     def _width(self, seqs: list[Sequence]) -> int:
         """Block-table columns the step attends over: all of them for in-place kernels; for sdpa only

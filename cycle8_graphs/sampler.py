@@ -28,6 +28,10 @@ class SamplerOutput:
     logprobs: list[Logprobs | None] | None = None  # per sequence (None: it did not ask); None: none asked
     prompt_logprobs: list[list[Logprobs | None] | None] | None = None   # per sequence, set on its prefill
 
+    def take(self, rows: list[int]) -> "SamplerOutput":
+        """The outputs of these rows, in this order (no prompt logprobs: a decode step has none)."""
+        return SamplerOutput([self.token_ids[r] for r in rows], self.logprobs and [self.logprobs[r] for r in rows])
+
 
 class Sampler:
     def __init__(self, device: torch.device, seed: int | None = None, eos_token_ids=()):
