@@ -15,7 +15,9 @@ query (the online softmax), so the scores never leave the chip.
   context in the batch.
 
 On CUDA the order is flash_attn, then triton; a step down that was not asked for is reported
-(`select_backend` returns a note, which the engine prints and puts in its stats).
+(`select_backend` returns a note, which the engine prints and puts in its stats). The model's
+head_dim is checked with the rest, before any weight is loaded: our triton kernels pad any head
+size up to triton_attention.MAX_HEAD_DIM to a power of two, and refuse a wider one.
 """
 
 import importlib
@@ -29,33 +31,37 @@ DENSE_LAYOUT = ("sdpa",)   # the backends that need AttentionMetadata's query_in
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def select_backend(device: torch.device, dtype: torch.dtype, requested: str | None) -> tuple[str, str | None]:
-    """The backend to run, and a note when it is a fallback nobody asked for (else None)."""
+def select_backend(device: torch.device, dtype: torch.dtype, requested: str | None,
+                   head_dim: int | None = None) -> tuple[str, str | None]:
+    """The backend to run, and a note when it is a fallback nobody asked for (else None). head_dim
+    (the model config's) is checked when given."""
     if requested is not None and requested not in BACKENDS:
         raise ValueError(f"unknown attention backend {requested!r}: choose one of {BACKENDS}")
     if requested is not None:
-        problem = PROBLEMS[requested](device, dtype)
+        problem = PROBLEMS[requested](device, dtype, head_dim=head_dim)
         if problem:
             raise ValueError(f"attention_backend={requested!r} cannot run here: {problem}")
         return requested, None
     if device.type != "cuda":
         return "sdpa", None
-    flash = flash_attn_problem(device, dtype)
+    flash = flash_attn_problem(device, dtype, head_dim)
     if flash is None:
         return "flash_attn", None
-    triton = triton_problem(device, dtype)
+    triton = triton_problem(device, dtype, head_dim=head_dim)
     if triton is None:
         return "triton", f"flash_attn not used ({flash}); attention runs on our triton kernels"
     return "sdpa", f"flash_attn not used ({flash}) nor triton ({triton}); attention runs on torch sdpa"
 
 
-def flash_attn_problem(device: torch.device, dtype: torch.dtype) -> str | None:
+def flash_attn_problem(device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> str | None:
     """Why flash_attn cannot run here, or None. Tried at start-up: a wheel built for another torch or
     CUDA fails to import with OSError or RuntimeError, not only ImportError."""
     if device.type != "cuda":
         return f"flash-attn runs on CUDA only, the engine runs on {device.type}"
     if dtype not in HALF_DTYPES:
         return f"flash-attn takes fp16/bf16 only, the model runs in {dtype}"
+    if head_dim is not None and head_dim > 256:
+        return f"flash-attn takes head_dim up to 256, the model has {head_dim}"
     try:
         from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache  # noqa: F401
     except Exception as error:   # noqa: BLE001 (any failure to load means: not usable)
@@ -63,10 +69,11 @@ def flash_attn_problem(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-def triton_problem(device: torch.device, dtype: torch.dtype, kernels: str = "triton_attention") -> str | None:
+def triton_problem(device: torch.device, dtype: torch.dtype, kernels: str = "triton_attention",
+                   head_dim: int | None = None) -> str | None:
     """Why our triton kernels (the module `kernels` of this package) cannot run here, or None. On a
     CPU they run only in Triton's interpreter, which reads TRITON_INTERPRET when a kernel is
-    defined (when its module is first imported)."""
+    defined (when its module is first imported). head_dim, when given, must fit the attention tiles."""
     if device.type not in ("cuda", "cpu"):
         return f"triton runs on CUDA (or the CPU, interpreted), the engine runs on {device.type}"
     try:
@@ -79,13 +86,16 @@ def triton_problem(device: torch.device, dtype: torch.dtype, kernels: str = "tri
     if device.type == "cpu" and dtype == torch.bfloat16:   # numpy has no bf16: the interpreter keeps raw bits
         return "Triton's interpreter computes bf16 wrongly (triton-lang/triton#11584): use float32 on the CPU"
     try:
-        importlib.import_module(f".{kernels}", __package__)   # defines the kernels: fails now, not mid-step
+        module = importlib.import_module(f".{kernels}", __package__)   # defines the kernels: fails now, not mid-step
     except Exception as error:   # noqa: BLE001
         return f"the triton kernels do not compile: {type(error).__name__}: {error}"
+    if head_dim is not None and kernels == "triton_attention":
+        return module.head_dim_problem(head_dim)
     return None
 
 
-PROBLEMS = {"flash_attn": flash_attn_problem, "triton": triton_problem, "sdpa": lambda device, dtype: None}
+PROBLEMS = {"flash_attn": flash_attn_problem, "triton": triton_problem,
+            "sdpa": lambda device, dtype, head_dim=None: None}
 
 
 def check_block_size(backend: str, block_size: int) -> None:

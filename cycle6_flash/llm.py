@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from common.engine.detokenizer import IncrementalDetokenizer
 from common.engine.inputs import prepare_requests
+from common.engine.memory import head_dim_of
 from common.engine.metrics import peak_memory_bytes, reset_peak_memory
 from common.engine.model_source import eos_token_ids, load_tokenizer, resolve_model
 from common.engine.outputs import RequestMetrics, RequestOutput
@@ -34,6 +35,7 @@ class LLM:
         self.config = config = Config(model, **options)    # every option checked before any loading
         self.device, self.dtype = config.device, config.dtype
         self.source = resolve_model(config.model, config.weights)
+        config.fit_head_dim(head_dim_of(self.source.config))   # the attention backend must take it
         self.tokenizer = load_tokenizer(self.source)
         self.eos_token_ids = set(eos_token_ids(self.source, self.tokenizer))
         self.model_runner = ModelRunner(config, self.source, self.eos_token_ids)

@@ -41,10 +41,15 @@ def _int8_matmul_kernel(x_ptr, q_ptr, scale_ptr, out_ptr, M, N, K,
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-def tile_sizes(M: int) -> tuple[int, int, int]:
-    """Fixed tiles, chosen by the number of rows only (deterministic, no autotuning at start-up).
-    Decode (a few rows) is bound by reading the weight: narrow output tiles give many programs to
-    spread that read over the GPU. Prefill (many rows) reuses each weight tile over 64 rows."""
+def tile_sizes(M: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """Fixed tiles, chosen by the number of rows and the dtype only (deterministic, no autotuning at
+    start-up). Decode (a few rows) is bound by reading the weight: narrow output tiles give many
+    programs to spread that read over the GPU. Prefill (many rows) reuses each weight tile over 64
+    rows. fp32 has no tensor-core dot that keeps every bit ("ieee"): tl.dot becomes a loop of FMAs
+    with both operand tiles in registers, which spill at these sizes (2-5 KB per thread on sm_80
+    and sm_90), so fp32 walks K in steps of 32 (docs/results/triton-compile-sm80-sm90.txt)."""
+    if dtype == torch.float32:
+        return (16, 16, 32) if M <= 16 else (32, 32, 32)
     if M <= 16:
         return 16, 16, 256      # tl.dot needs >= 16 rows: a decode batch is padded to 16
     return 64, 64, 64
@@ -56,7 +61,7 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     N = q.shape[0]
     x = x.contiguous()                  # the kernel assumes unit stride along K
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    BLOCK_M, BLOCK_N, BLOCK_K = tile_sizes(M)
+    BLOCK_M, BLOCK_N, BLOCK_K = tile_sizes(M, x.dtype)
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
     _int8_matmul_kernel[grid](x, q, scale, out, M, N, K, x.stride(0), q.stride(0), out.stride(0),
                               BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)

@@ -42,18 +42,15 @@ class Config:
     enforce_eager: bool = False               # decode without CUDA graphs (cuda_graphs.py)
     compile: bool | None = None               # compiled small ops (compiled_ops.py); None: on CUDA only
     attention_backend_note: str | None = field(default=None, init=False)   # why a fallback runs
+    _requested: tuple = field(default=(None, None), init=False, repr=False)   # as the caller gave them
     int8_matmul_note: str | None = field(default=None, init=False)
 
     def __post_init__(self):
         self.device = resolve_device(self.device)
         self.dtype = resolve_dtype(self.dtype, self.device)
         # The backend needs the device and the dtype; its block size is checked with it.
-        self.attention_backend, self.attention_backend_note = select_backend(self.device, self.dtype,
-                                                                             self.attention_backend)
-        self.block_size = self.block_size or DEFAULT_BLOCK_SIZE[self.attention_backend]
-        check_block_size(self.attention_backend, self.block_size)
-        if self.attention_backend_note:   # a fallback nobody asked for: said once, and kept in stats
-            print(f"vllm-learn: {self.attention_backend_note}", file=sys.stderr, flush=True)
+        self._requested = (self.attention_backend, self.block_size)
+        self._choose_backend(head_dim=None)
         if self.quantization not in ("int8", None) or (self.quantization is None and self.int8_matmul is not None):
             raise ValueError(f"quantization={self.quantization!r}, int8_matmul={self.int8_matmul!r}: quantization "
                              "is 'int8' (default) or None, and int8_matmul applies to 'int8' only")
@@ -77,3 +74,17 @@ class Config:
             raise ValueError(f"kv_cache_memory_bytes must be >= 1, got {self.kv_cache_memory_bytes}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+    def fit_head_dim(self, head_dim: int) -> None:
+        """Checked again once the model's config is read, before any weight loads: a backend asked
+        for that cannot take this head size is refused; a default choice falls back, and says so."""
+        self._choose_backend(head_dim)
+
+    def _choose_backend(self, head_dim: int | None) -> None:
+        backend, block_size = self._requested
+        self.attention_backend, note = select_backend(self.device, self.dtype, backend, head_dim)
+        self.block_size = block_size or DEFAULT_BLOCK_SIZE[self.attention_backend]
+        check_block_size(self.attention_backend, self.block_size)
+        if note and note != self.attention_backend_note:   # a fallback nobody asked for: said once, kept in stats
+            print(f"vllm-learn: {note}", file=sys.stderr, flush=True)
+        self.attention_backend_note = note

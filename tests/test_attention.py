@@ -98,6 +98,8 @@ TRITON_SHAPES = [  # block_size, heads, kv_heads, head_dim, max_len
     (16, 6, 2, 128, 70),      # group 3: a group that is not a power of two
     (256, 4, 2, 128, 300),    # group 2, Qwen3-0.6B's head_dim, 2 blocks of 256
     (256, 8, 1, 64, 300),     # group 8
+    (16, 4, 2, 24, 40),       # head_dim 24 and 80: not powers of two, the tiles are padded and masked
+    (16, 4, 1, 80, 40),
 ]
 
 
@@ -111,11 +113,14 @@ def test_triton_matches_explicit_attention(shape, is_prefill):
           seeds=2 if block_size == 16 else 1, heads=heads, kv_heads=kv_heads, head_dim=head_dim, max_len=max_len)
 
 
-def test_triton_kernels_are_the_same_in_cycles_6_and_7():
-    """Cycle 7 carries cycle 6's attention unchanged: the kernel tests above cover both."""
+def test_triton_kernels_are_the_same_in_cycles_6_to_8():
+    """Cycles 7 and 8 carry cycle 6's attention unchanged: the kernel tests above cover all three.
+    (Cycle 7's runner differs: it quantizes the model.)"""
     root = Path(__file__).resolve().parents[1]
-    for name in ("attention.py", "triton_attention.py", "model.py", "model_runner.py"):
+    for name in ("attention.py", "triton_attention.py", "model.py"):
         assert (root / "cycle6_flash" / name).read_text() == (root / "cycle7_int8" / name).read_text(), name
+    for name in ("attention.py", "triton_attention.py", "triton_int8.py"):
+        assert (root / "cycle7_int8" / name).read_text() == (root / "cycle8_graphs" / name).read_text(), name
 
 
 @pytest.mark.cuda
@@ -150,6 +155,12 @@ def test_backend_choice_and_refusal(name, tiny_checkpoints, monkeypatch):
     assert attention.select_backend(cpu, torch.float32, "triton") == ("triton", None)
     with pytest.raises(ValueError, match="bf16"):     # the interpreter has no bf16 arithmetic
         attention.select_backend(cpu, torch.bfloat16, "triton")
+    # A head too wide for our kernels: refused when asked for, and sdpa (said why) when not.
+    with pytest.raises(ValueError, match="head_dim 512 is over the 256"):
+        attention.select_backend(cpu, torch.float32, "triton", head_dim=512)
+    backend, note = attention.select_backend(cuda, torch.float32, None, head_dim=512)
+    assert backend == "sdpa" and "head_dim 512" in note
+    assert attention.select_backend(cpu, torch.float32, "triton", head_dim=80) == ("triton", None)
     llm = importlib.import_module(name).LLM(tiny_checkpoints["llama"][0], device="cpu")
     llm.generate([[1, 2, 3]], importlib.import_module(name).SamplingParams(max_tokens=2))
     assert llm.stats["attention_backend"] == "sdpa" and llm.block_manager.block_size == 16
@@ -157,6 +168,29 @@ def test_backend_choice_and_refusal(name, tiny_checkpoints, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         importlib.import_module(name).LLM(tiny_checkpoints["llama"][0], device="cpu", attention_backend="triton")
+
+
+@pytest.mark.parametrize("name", FUSED)
+def test_the_engine_checks_the_models_head_size_before_loading_weights(name, tmp_path, monkeypatch):
+    """Config.fit_head_dim runs once the model's config is read: a triton engine asked for on a
+    320-wide head is refused before a weight loads; a default CUDA choice falls back to sdpa, said."""
+    from conftest import save_tiny_checkpoint
+
+    save_tiny_checkpoint(tmp_path, "qwen3", head_dim=320)
+    module = importlib.import_module(name)
+    loads = []
+    monkeypatch.setattr(f"{name}.model_runner.load_weights", lambda *a: loads.append(a), raising=False)
+    with pytest.raises(ValueError, match="head_dim 320"):
+        module.LLM(str(tmp_path), device="cpu", attention_backend="triton")
+    assert loads == []
+    config = importlib.import_module(f"{name}.config").Config(str(tmp_path), device="cpu", attention_backend="triton")
+    config.fit_head_dim(80)
+    assert (config.attention_backend, config.attention_backend_note) == ("triton", None)
+    cuda = importlib.import_module(f"{name}.config").Config.__new__(importlib.import_module(f"{name}.config").Config)
+    cuda.device, cuda.dtype, cuda._requested, cuda.attention_backend_note = torch.device("cuda"), torch.float32, (None, None), None
+    cuda.fit_head_dim(320)
+    assert cuda.attention_backend == "sdpa" and "head_dim 320" in cuda.attention_backend_note
+    assert cuda.block_size == 16
 
 
 def test_dense_layout_is_built_for_sdpa_only(tiny_llms):
@@ -206,3 +240,17 @@ def test_triton_engine_equals_hf_with_prefix_hits(name, tiny_checkpoints):
                                             num_kv_blocks=64)
     check_engine_against_hf(llm, hf, name)
     assert llm.stats["attention_backend"] == "triton" and llm.stats["attention_backend_note"] is None
+
+
+@pytest.mark.parametrize("head_dim", [24, 80])
+def test_triton_engine_equals_hf_at_any_head_size(head_dim, tmp_path):
+    """Head sizes that are not a power of two (models with 80 or 96 exist): the kernels pad the
+    tile and mask it; with a cached prefix, token for token against HF in fp32."""
+    from conftest import save_tiny_checkpoint
+
+    hf = save_tiny_checkpoint(tmp_path, "qwen3", head_dim=head_dim)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    llm = importlib.import_module("cycle6_flash").LLM(str(tmp_path), device=device, dtype="float32",
+                                                      attention_backend="triton", num_kv_blocks=64)
+    check_engine_against_hf(llm, hf, "cycle6_flash")
+    assert llm.stats["attention_backend"] == "triton"

@@ -93,7 +93,9 @@ ALLOWED = {
     # layout each needs.
     ("cycle5_prefix", "cycle6_flash"): {
         "attention.py": NEW,
-        "config.py": {"<imports>", "Config", "Config.__post_init__"},
+        "config.py": {"<imports>", "Config", "Config.__post_init__", "Config.fit_head_dim",
+                      "Config._choose_backend"},
+        "llm.py": {"<imports>", "LLM.__init__"},   # the backend must take the model's head size
         "model.py": {"<docstring>", "<imports>", "Attention.__init__", "Attention.forward",
                      "AttentionMetadata", "Backbone.__init__", "CausalLM.__init__", "DecoderLayer.__init__",
                      "gather_blocks", "grouped_attention"},

@@ -36,7 +36,7 @@ def count_fed_tokens(llm) -> list[int]:
     """Wrap the engine's model forward; the returned list gets the number of token ids of each call."""
     fed = []
     model = llm.model_runner.model
-    forward = type(model).forward.__get__(model)             # the class's forward: wraps never stack
+    forward = type(model).forward.__get__(model)     # the class's forward: wraps never stack
 
     def counting(input_ids, *args, **kwargs):
         fed.append(input_ids.numel())

@@ -88,6 +88,18 @@ def test_stop_string_finishes_the_request(name, char_llms):
 
 
 @pytest.mark.parametrize("name", STREAMING)
+def test_detokenize_false_streams_token_ids_only(name, char_llms):
+    """add_request(detokenize=False): the same tokens, no text at all, and a stop string is not
+    checked (the caller, which detokenizes, does that)."""
+    llm = char_llms(name)
+    free = llm.generate(["Hello"], greedy(name, 20))[0]
+    rid = llm.add_request("Hello", greedy(name, 20, stop=free.text[5:7]), detokenize=False)
+    outs = run_until_done(llm)[rid]
+    assert [o.new_token_ids[0] for o in outs] == free.token_ids == outs[-1].token_ids
+    assert all(o.delta_text == "" for o in outs) and outs[-1].text == "" and outs[-1].finish_reason == "length"
+
+
+@pytest.mark.parametrize("name", STREAMING)
 def test_abort_frees_waiting_and_running_requests_at_once(name, char_llms):
     llm = char_llms(name, max_num_seqs=1)
     bm = llm.block_manager
