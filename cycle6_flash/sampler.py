@@ -50,7 +50,7 @@ class Sampler:
         ks = [p.logprobs for p in params]
         raw = torch.log_softmax(logits.float(), dim=-1) if any(k is not None for k in ks) else None
         logits = self._process(logits, seqs, params)
-        token_ids = self._sample(logits, params, [s.generator for s in seqs]).tolist()
+        token_ids = self.sample(logits, params, [s.generator for s in seqs]).tolist()
         return SamplerOutput(token_ids, None if raw is None else top_logprobs(raw, token_ids, ks))
 
     def _process(self, logits: torch.Tensor, seqs: list, params: list[SamplingParams]) -> torch.Tensor:
@@ -67,8 +67,8 @@ class Sampler:
             logits[penalized] = apply_penalties(logits[penalized], [seqs[i] for i in penalized])
         return logits
 
-    def _sample(self, logits: torch.Tensor, params: list[SamplingParams],
-                generators: list[torch.Generator | None]) -> torch.Tensor:
+    def sample(self, logits: torch.Tensor, params: list[SamplingParams],
+               generators: list[torch.Generator | None]) -> torch.Tensor:
         """The token of every row, left on the device; generators[i]: row i's own (None: no seed)."""
         greedy = logits.argmax(dim=-1)
         if all(p.greedy for p in params):
