@@ -375,7 +375,7 @@ def test_backend(monkeypatch, device, dtype, has_flash, requested, expected):
     device's type, so the CUDA rows run without a GPU.)"""
     attention = importlib.import_module("cycle6_flash.attention")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    def flash_problem(dev, dt):   # stands in for the import attempt: the rest of the choice is the engine's
+    def flash_problem(dev, dt, head_dim=None):   # stands in for the import attempt: the rest of the choice is the engine's
         if dev.type != "cuda":
             return "flash-attn runs on CUDA only"
         if dt not in attention.HALF_DTYPES:

@@ -153,7 +153,7 @@ SERVED = "cycle6_flash"
 
 @pytest.fixture(scope="module")
 def served(char_checkpoint):
-    from common.serving.inprocess_adapter import InProcessEngine
+    from common.serving.engine_client import InProcessEngine
     from common.serving.server import build_app
 
     llm = cycle(SERVED).LLM(char_checkpoint, device="cpu", dtype="float32")

@@ -238,8 +238,8 @@ class OpenAIServer:
                 reasons[i] = delta.finish_reason if delta.finished else None
                 if reply.logprobs is not None:
                     ids[i] += delta.new_token_ids
-                    logprobs[i] += delta.logprobs[-len(delta.new_token_ids):]   # a finished output has them all
-                    prompt_logprobs[i] = delta.prompt_logprobs or prompt_logprobs[i]
+                    logprobs[i] += delta.logprobs          # this delta's tokens' (engine_client.Delta)
+                    prompt_logprobs[i] = delta.prompt_logprobs or prompt_logprobs[i]   # the first delta's
         except EngineError as error:
             raise APIError(500, f"the engine failed: {error}", "server_error") from None
         choices = [reply.choice(i, text, reason, chunk=False) for i, (text, reason) in enumerate(zip(texts, reasons))]
@@ -262,10 +262,8 @@ class OpenAIServer:
                 choice = reply.choice(i, delta.delta_text, delta.finish_reason if delta.finished else None,
                                       chunk=True, first=i not in started)
                 if reply.logprobs is not None:
-                    new = delta.new_token_ids
-                    choice["logprobs"] = reply.logprobs.format(
-                        i, new, delta.logprobs[-len(new):], delta.prompt_logprobs if i not in started else None,
-                        text_offset=sent.get(i, 0))
+                    choice["logprobs"] = reply.logprobs.format(i, delta.new_token_ids, delta.logprobs,
+                                                               delta.prompt_logprobs, text_offset=sent.get(i, 0))
                     sent[i] = sent.get(i, 0) + len(choice.get("text", ""))
                 started.add(i)
                 chunk = {**reply.envelope(chunk=True), "choices": [choice]}
