@@ -30,7 +30,7 @@ class LLM:
         self.source = resolve_model(config.model, config.weights)
         self.tokenizer = load_tokenizer(self.source)
         self.eos_token_ids = set(eos_token_ids(self.source, self.tokenizer))
-        self.model_runner = ModelRunner(config, self.source)
+        self.model_runner = ModelRunner(config, self.source, self.eos_token_ids)
         self.stats: dict = {}
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = False) -> list[RequestOutput]:
@@ -87,18 +87,19 @@ class LLM:
         last = time.perf_counter() - start
         while live:
             # Every row runs every step, finished or not: that is static batching.
-            next_tokens = self.model_runner.run(group)
+            out = self.model_runner.run(group)
             now = time.perf_counter() - start
             self._step_times.append([max(len(s) for s in group), now - last])
             last = now
-            self._postprocess(group, next_tokens, now)
+            self._postprocess(group, out, now)
             live = [s for s in group if not s.is_finished]
 
-    def _postprocess(self, seqs: list[Sequence], next_tokens: list[int], now: float) -> None:
-        for seq, token in zip(seqs, next_tokens):
+    def _postprocess(self, seqs: list[Sequence], out, now: float) -> None:
+        for i, (seq, token) in enumerate(zip(seqs, out.token_ids)):
             if seq.is_finished:   # its row ran with the others; the token is dropped
                 continue
             seq.token_ids.append(token)
+            seq.record_logprobs(out, i)
             if seq.first_token_time is None:
                 seq.first_token_time = now
             reason = self._finish_reason(seq.output_token_ids, seq.sampling_params)
@@ -108,6 +109,8 @@ class LLM:
 
     def _finish_reason(self, token_ids: list[int], params: SamplingParams) -> str | None:
         if not params.ignore_eos and token_ids[-1] in self.eos_token_ids:
+            return "stop"
+        if token_ids[-1] in params.stop_token_ids:
             return "stop"
         if len(token_ids) >= params.max_tokens:
             return "length"
@@ -128,8 +131,10 @@ class LLM:
     def _output(self, seq: Sequence) -> RequestOutput:
         tokens = seq.output_token_ids
         return RequestOutput(seq.seq_id, seq.prompt, seq.token_ids[:seq.num_prompt_tokens], tokens,
-                             self.tokenizer.decode(tokens, skip_special_tokens=True), seq.finish_reason,
-                             RequestMetrics(seq.first_token_time, seq.finish_time))
+                             self.tokenizer.decode(tokens, skip_special_tokens=seq.sampling_params.skip_special_tokens),
+                             seq.finish_reason,
+                             RequestMetrics(seq.first_token_time, seq.finish_time),
+                             logprobs=seq.logprobs, prompt_logprobs=seq.prompt_logprobs)
 
 
 def _request_generator(seed: int | None, device: torch.device) -> torch.Generator | None:

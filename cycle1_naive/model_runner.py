@@ -13,16 +13,16 @@ from common.engine.model_source import load_weights
 
 from .config import Config
 from .model import CausalLM
-from .sampler import Sampler
+from .sampler import Sampler, SamplerOutput, prompt_logprobs_for
 from .sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, config: Config, source):
+    def __init__(self, config: Config, source, eos_token_ids=()):
         self.config = config
         self.device = config.device
         self.model = build_model(source, config.device, config.dtype)
-        self.sampler = Sampler(config.device, config.seed)
+        self.sampler = Sampler(config.device, config.seed, eos_token_ids)   # eos: for min_tokens
 
     def stats(self) -> dict:
         return {"weight_bytes": weight_bytes(self.model)}
@@ -30,12 +30,16 @@ class ModelRunner:
     # --- one step ------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence]) -> list[int]:
-        """One forward over every token of every sequence; returns one sampled token per sequence."""
+    def run(self, seqs: list[Sequence]) -> SamplerOutput:
+        """One forward over every token of every sequence; returns one sampled token per sequence
+        (and the logprobs of the sequences that ask)."""
         input_ids, positions, mask = self._prepare(seqs)
         hidden = self.model(input_ids, positions, mask)
         logits = self.model.compute_logits(hidden[:, -1])
-        return self.sampler(logits, [s.sampling_params for s in seqs], [s.generator for s in seqs])
+        out = self.sampler(logits, seqs)
+        prompt_rows = lambda i: hidden[i, -len(seqs[i]):]   # seqs[i]'s positions
+        out.prompt_logprobs = prompt_logprobs_for(seqs, self.model.compute_logits, prompt_rows)
+        return out
 
     def _prepare(self, seqs: list[Sequence]):
         """Pad on the left so every row's last token sits in the last column.

@@ -24,6 +24,15 @@ class Sequence:
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
         self.finish_reason: str | None = None
+        self.logprobs: list | None = [] if sampling_params.logprobs is not None else None  # per output token
+        self.prompt_logprobs: list | None = None    # set by the prefill, when asked
+
+    def record_logprobs(self, out, i: int) -> None:
+        """Keep what the sampler computed for this sequence (row i of its SamplerOutput), if asked."""
+        if self.logprobs is not None:
+            self.logprobs.append(out.logprobs[i])
+        if out.prompt_logprobs is not None and out.prompt_logprobs[i] is not None:
+            self.prompt_logprobs = out.prompt_logprobs[i]
 
     def __len__(self) -> int:
         return len(self.token_ids)

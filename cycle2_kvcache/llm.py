@@ -30,7 +30,7 @@ class LLM:
         self.source = resolve_model(config.model, config.weights)
         self.tokenizer = load_tokenizer(self.source)
         self.eos_token_ids = set(eos_token_ids(self.source, self.tokenizer))
-        self.model_runner = ModelRunner(config, self.source)
+        self.model_runner = ModelRunner(config, self.source, self.eos_token_ids)
         self.stats: dict = {}
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = False) -> list[RequestOutput]:
@@ -91,19 +91,20 @@ class LLM:
         while live:
             # Prefill: the whole padded prompts once. Decode: one new token per row (finished rows
             # too: static batching), attending over every cache column filled so far.
-            next_tokens = self.model_runner.run(group, is_prefill)
+            out = self.model_runner.run(group, is_prefill)
             now = time.perf_counter() - start
             self._step_times.append([self.model_runner.num_columns, now - last])
             last = now
-            self._postprocess(group, next_tokens, now)
+            self._postprocess(group, out, now)
             live, is_prefill = [s for s in group if not s.is_finished], False
         self.model_runner.free_kv_cache()
 
-    def _postprocess(self, seqs: list[Sequence], next_tokens: list[int], now: float) -> None:
-        for seq, token in zip(seqs, next_tokens):
+    def _postprocess(self, seqs: list[Sequence], out, now: float) -> None:
+        for i, (seq, token) in enumerate(zip(seqs, out.token_ids)):
             if seq.is_finished:   # its row ran with the others; the token is dropped
                 continue
             seq.token_ids.append(token)
+            seq.record_logprobs(out, i)
             if seq.first_token_time is None:
                 seq.first_token_time = now
             reason = self._finish_reason(seq.output_token_ids, seq.sampling_params)
@@ -113,6 +114,8 @@ class LLM:
 
     def _finish_reason(self, token_ids: list[int], params: SamplingParams) -> str | None:
         if not params.ignore_eos and token_ids[-1] in self.eos_token_ids:
+            return "stop"
+        if token_ids[-1] in params.stop_token_ids:
             return "stop"
         if len(token_ids) >= params.max_tokens:
             return "length"
@@ -133,8 +136,10 @@ class LLM:
     def _output(self, seq: Sequence) -> RequestOutput:
         tokens = seq.output_token_ids
         return RequestOutput(seq.seq_id, seq.prompt, seq.token_ids[:seq.num_prompt_tokens], tokens,
-                             self.tokenizer.decode(tokens, skip_special_tokens=True), seq.finish_reason,
-                             RequestMetrics(seq.first_token_time, seq.finish_time))
+                             self.tokenizer.decode(tokens, skip_special_tokens=seq.sampling_params.skip_special_tokens),
+                             seq.finish_reason,
+                             RequestMetrics(seq.first_token_time, seq.finish_time),
+                             logprobs=seq.logprobs, prompt_logprobs=seq.prompt_logprobs)
 
 
 def _request_generator(seed: int | None, device: torch.device) -> torch.Generator | None:

@@ -15,16 +15,16 @@ from common.engine.model_source import load_weights
 from .config import Config
 from .kv_cache import ContiguousKVCache
 from .model import CausalLM
-from .sampler import Sampler
+from .sampler import Sampler, SamplerOutput, prompt_logprobs_for
 from .sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, config: Config, source):
+    def __init__(self, config: Config, source, eos_token_ids=()):
         self.config = config
         self.device = config.device
         self.model = build_model(source, config.device, config.dtype)
-        self.sampler = Sampler(config.device, config.seed)
+        self.sampler = Sampler(config.device, config.seed, eos_token_ids)   # eos: for min_tokens
         self.kv_cache: ContiguousKVCache | None = None
         self.num_columns = 0      # cache columns filled so far, the same for every row
         self.pads = None          # each row's left padding, set by the prefill
@@ -46,13 +46,17 @@ class ModelRunner:
     # --- one step ------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
-        """One forward over the step's tokens; returns one sampled token per sequence."""
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> SamplerOutput:
+        """One forward over the step's tokens; returns one sampled token per sequence
+        (and the logprobs of the sequences that ask)."""
         input_ids, positions, mask = self._prepare_prefill(seqs) if is_prefill else self._prepare_decode(seqs)
         hidden = self.model(input_ids, positions, mask, self.kv_cache, start=self.num_columns)
         self.num_columns += input_ids.shape[1]
         logits = self.model.compute_logits(hidden[:, -1])
-        return self.sampler(logits, [s.sampling_params for s in seqs], [s.generator for s in seqs])
+        out = self.sampler(logits, seqs)
+        prompt_rows = lambda i: hidden[i, -len(seqs[i]):]   # seqs[i]'s positions
+        out.prompt_logprobs = prompt_logprobs_for(seqs, self.model.compute_logits, prompt_rows)
+        return out
 
     def _prepare_prefill(self, seqs: list[Sequence]):
         """Pad on the left so every row's last token sits in the last column.

@@ -33,7 +33,7 @@ class LLM:
         self.source = resolve_model(config.model, config.weights)
         self.tokenizer = load_tokenizer(self.source)
         self.eos_token_ids = set(eos_token_ids(self.source, self.tokenizer))
-        self.model_runner = ModelRunner(config, self.source)
+        self.model_runner = ModelRunner(config, self.source, self.eos_token_ids)
         self.block_manager = BlockManager(self.model_runner.num_kv_blocks, config.block_size)
         self.stats: dict = {}
 
@@ -84,18 +84,19 @@ class LLM:
             # Prefill: the prompts once. Decode: only the unfinished sequences run (their cache is
             # paged, not one batch tensor); still no new request joins until the whole group is done.
             self._track_peak(live)
-            next_tokens = self.model_runner.run(live, is_prefill)
+            out = self.model_runner.run(live, is_prefill)
             now = time.perf_counter() - start
             self._step_times.append([max(len(s) for s in live), now - last])
             last = now
-            self._postprocess(live, next_tokens, now)
+            self._postprocess(live, out, now)
             live, is_prefill = [s for s in live if not s.is_finished], False
             for seq in live:
                 self.block_manager.append_slot(seq)
 
-    def _postprocess(self, seqs: list[Sequence], next_tokens: list[int], now: float) -> None:
-        for seq, token in zip(seqs, next_tokens):
+    def _postprocess(self, seqs: list[Sequence], out, now: float) -> None:
+        for i, (seq, token) in enumerate(zip(seqs, out.token_ids)):
             seq.token_ids.append(token)
+            seq.record_logprobs(out, i)
             if seq.first_token_time is None:
                 seq.first_token_time = now
             reason = self._finish_reason(seq.output_token_ids, seq.sampling_params)
@@ -106,6 +107,8 @@ class LLM:
 
     def _finish_reason(self, token_ids: list[int], params: SamplingParams) -> str | None:
         if not params.ignore_eos and token_ids[-1] in self.eos_token_ids:
+            return "stop"
+        if token_ids[-1] in params.stop_token_ids:
             return "stop"
         if len(token_ids) >= params.max_tokens:
             return "length"
@@ -133,8 +136,10 @@ class LLM:
     def _output(self, seq: Sequence) -> RequestOutput:
         tokens = seq.output_token_ids
         return RequestOutput(seq.seq_id, seq.prompt, seq.token_ids[:seq.num_prompt_tokens], tokens,
-                             self.tokenizer.decode(tokens, skip_special_tokens=True), seq.finish_reason,
-                             RequestMetrics(seq.first_token_time, seq.finish_time))
+                             self.tokenizer.decode(tokens, skip_special_tokens=seq.sampling_params.skip_special_tokens),
+                             seq.finish_reason,
+                             RequestMetrics(seq.first_token_time, seq.finish_time),
+                             logprobs=seq.logprobs, prompt_logprobs=seq.prompt_logprobs)
 
 
 def _request_generator(seed: int | None, device: torch.device) -> torch.Generator | None:

@@ -16,17 +16,17 @@ from common.engine.model_source import load_weights
 from .config import Config
 from .kv_cache import PagedKVCache, block_bytes, plan_kv_pool, profile_activation_peak, profile_batches
 from .model import AttentionMetadata, CausalLM
-from .sampler import Sampler
+from .sampler import Sampler, SamplerOutput, prompt_logprobs_for
 from .sampling_params import SamplingParams
 from .sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, config: Config, source):
+    def __init__(self, config: Config, source, eos_token_ids=()):
         self.config = config
         self.device, self.block_size = config.device, config.block_size
         self.model = build_model(source, config.device, config.dtype)
-        self.sampler = Sampler(config.device, config.seed)
+        self.sampler = Sampler(config.device, config.seed, eos_token_ids)   # eos: for min_tokens
         self.kv_cache = None                     # allocated once the pool is sized
         self.kv_pool = self._plan_kv_pool()
         self.num_kv_blocks = self.kv_pool["num_kv_blocks"]
@@ -72,12 +72,16 @@ class ModelRunner:
     # --- one step ------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
-        """One forward over the step's tokens; returns one sampled token per sequence."""
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> SamplerOutput:
+        """One forward over the step's tokens; returns one sampled token per sequence
+        (and the logprobs of the sequences that ask)."""
         input_ids, positions, meta = self._prepare_prefill(seqs) if is_prefill else self._prepare_decode(seqs)
         hidden = self.model(input_ids, positions, meta, self.kv_cache)
         logits = self.model.compute_logits(hidden[:, -1])
-        return self.sampler(logits, [s.sampling_params for s in seqs], [s.generator for s in seqs])
+        out = self.sampler(logits, seqs)
+        prompt_rows = lambda i: hidden[i, -len(seqs[i]):]   # seqs[i]'s positions
+        out.prompt_logprobs = prompt_logprobs_for(seqs, self.model.compute_logits, prompt_rows)
+        return out
 
     def _prepare_prefill(self, seqs: list[Sequence]):
         """Left-padded prompts [B, T]; only the real tokens are written to the cache."""

@@ -35,7 +35,7 @@ class LLM:
         self.source = resolve_model(config.model, config.weights)
         self.tokenizer = load_tokenizer(self.source)
         self.eos_token_ids = set(eos_token_ids(self.source, self.tokenizer))
-        self.model_runner = ModelRunner(config, self.source)
+        self.model_runner = ModelRunner(config, self.source, self.eos_token_ids)
         self.block_manager = BlockManager(self.model_runner.num_kv_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self._next_id = 0
@@ -66,9 +66,9 @@ class LLM:
         if self.config.trace:  # what was scheduled: before the step, so finished sequences still show
             print(f"step {self._num_steps:4d} {self.scheduler.describe(seqs, is_prefill)}")
         started = time.perf_counter()
-        next_tokens = self.model_runner.run(seqs, is_prefill)
+        out = self.model_runner.run(seqs, is_prefill)
         self._step_times.append([max(len(s) for s in seqs), time.perf_counter() - started])
-        return self._postprocess(seqs, next_tokens)
+        return self._postprocess(seqs, out)
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = False) -> list[RequestOutput]:
         if self.has_unfinished_requests():
@@ -106,7 +106,8 @@ class LLM:
             # decodes each request once, at the end.
             seq.detokenize = detokenize
             if detokenize and (stream or r.sampling_params.stop):
-                seq.detokenizer = IncrementalDetokenizer(self.tokenizer, r.prompt_token_ids, r.sampling_params.stop)
+                seq.detokenizer = IncrementalDetokenizer.for_request(self.tokenizer, r.prompt_token_ids,
+                                                                     r.sampling_params)
             self._next_id += 1
             seqs.append(seq)
         self.block_manager.check_fits([s.max_len for s in seqs])   # all pass before any is queued
@@ -114,11 +115,12 @@ class LLM:
             self.scheduler.add(seq)
         return [s.seq_id for s in seqs]
 
-    def _postprocess(self, seqs: list[Sequence], next_tokens: list[int]) -> list[RequestOutput]:
+    def _postprocess(self, seqs: list[Sequence], out) -> list[RequestOutput]:
         now = time.perf_counter()
         outputs = []
-        for seq, token in zip(seqs, next_tokens):
+        for i, (seq, token) in enumerate(zip(seqs, out.token_ids)):
             seq.token_ids.append(token)
+            seq.record_logprobs(out, i)
             if seq.first_token_time is None:
                 seq.first_token_time = now - seq.arrival_time
             reason = self._finish_reason(seq.output_token_ids, seq.sampling_params)
@@ -133,11 +135,17 @@ class LLM:
                 outputs.append(self._output(seq, token, delta))
             else:  # a delta only: copying the whole generation every step would cost O(length)
                 outputs.append(RequestOutput(seq.seq_id, None, [], [], "", None, finished=False,
-                                             new_token_ids=[token], delta_text=delta))
+                                             new_token_ids=[token], delta_text=delta,
+                                             logprobs=None if seq.logprobs is None else seq.logprobs[-1:],
+                                             # the prompt's logprobs come with the first token
+                                             prompt_logprobs=seq.prompt_logprobs
+                                             if len(seq) == seq.num_prompt_tokens + 1 else None))
         return outputs
 
     def _finish_reason(self, token_ids: list[int], params: SamplingParams) -> str | None:
         if not params.ignore_eos and token_ids[-1] in self.eos_token_ids:
+            return "stop"
+        if token_ids[-1] in params.stop_token_ids:
             return "stop"
         if len(token_ids) >= params.max_tokens:
             return "length"
@@ -163,10 +171,12 @@ class LLM:
     def _output(self, seq: Sequence, token: int, delta: str) -> RequestOutput:
         tokens = seq.output_token_ids
         text = (seq.detokenizer.text if seq.detokenizer else
-                self.tokenizer.decode(tokens, skip_special_tokens=True) if seq.detokenize else "")
+                self.tokenizer.decode(tokens, skip_special_tokens=seq.sampling_params.skip_special_tokens)
+                if seq.detokenize else "")
         return RequestOutput(seq.seq_id, seq.prompt, seq.token_ids[:seq.num_prompt_tokens], tokens, text,
                              seq.finish_reason, RequestMetrics(seq.first_token_time, seq.finish_time),
-                             finished=True, new_token_ids=[token], delta_text=delta)
+                             finished=True, new_token_ids=[token], delta_text=delta,
+                             logprobs=seq.logprobs, prompt_logprobs=seq.prompt_logprobs)
 
 
 def _request_generator(seed: int | None, device: torch.device) -> torch.Generator | None:

@@ -17,17 +17,17 @@ from common.engine.model_source import load_weights
 from .config import Config
 from .kv_cache import PagedKVCache, block_bytes, plan_kv_pool, profile_activation_peak, profile_batches
 from .model import AttentionMetadata, CausalLM
-from .sampler import Sampler
+from .sampler import Sampler, SamplerOutput, prompt_logprobs_for
 from .sampling_params import SamplingParams
 from .sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, config: Config, source):
+    def __init__(self, config: Config, source, eos_token_ids=()):
         self.config = config
         self.device, self.block_size = config.device, config.block_size
         self.model = build_model(source, config.device, config.dtype)
-        self.sampler = Sampler(config.device, config.seed)
+        self.sampler = Sampler(config.device, config.seed, eos_token_ids)   # eos: for min_tokens
         self.kv_cache = None                     # allocated once the pool is sized
         self.kv_pool = self._plan_kv_pool()
         self.num_kv_blocks = self.kv_pool["num_kv_blocks"]
@@ -73,13 +73,17 @@ class ModelRunner:
     # --- one step ------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
-        """One forward over the step's tokens; returns one sampled token per sequence."""
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> SamplerOutput:
+        """One forward over the step's tokens; returns one sampled token per sequence
+        (and the logprobs of the sequences that ask)."""
         input_ids, positions, meta = self._prepare(seqs, is_prefill)
         hidden = self.model(input_ids, positions, meta, self.kv_cache)
         last = hidden[meta.cu_seqlens_q[1:] - 1]          # each sequence's last token
         logits = self.model.compute_logits(last)
-        return self.sampler(logits, [s.sampling_params for s in seqs], [s.generator for s in seqs])
+        out = self.sampler(logits, seqs)
+        prompt_rows = lambda i: hidden[int(meta.cu_seqlens_q[i]):int(meta.cu_seqlens_q[i + 1])]   # seqs[i]'s positions
+        out.prompt_logprobs = prompt_logprobs_for(seqs, self.model.compute_logits, prompt_rows)
+        return out
 
     def _prepare(self, seqs: list[Sequence], is_prefill: bool):
         # Prefill computes every token a sequence has (a preempted one: its prompt and what it had

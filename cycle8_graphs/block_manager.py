@@ -74,7 +74,9 @@ class BlockManager:
         Only blocks that end before the last token count: the last token is always computed, so
         the step has logits to sample from (and no shared block is ever written again).
         """
-        if not self.enable_prefix_caching:
+        # A request that asks for prompt logprobs needs logits at every prompt position, so its
+        # prompt is computed whole: it reads no cached block (vLLM does the same).
+        if not self.enable_prefix_caching or seq.sampling_params.prompt_logprobs is not None:
             return []
         hashes, parent = [], None
         for i in range((len(seq) - 1) // self.block_size):

@@ -31,7 +31,7 @@ import torch
 
 from .block_manager import BlockManager
 from .model import AttentionMetadata, CausalLM
-from .sampler import Sampler
+from .sampler import Sampler, SamplerOutput, is_plain
 from .sequence import Sequence
 
 IN_PLACE_BACKENDS = ("flash_attn", "triton")   # decode kernels reading K/V through the block table
@@ -100,6 +100,7 @@ class DecodeGraphs:
         self.row_of: dict[int, int] = {}           # seq_id -> row
         self.pending: dict[int, Sequence] = {}     # sequences whose blocks changed, not yet written
         self.num_sampled_rows = 0                  # rows that do not sample greedily
+        self.num_full_rows = 0                     # rows that ask for logprobs, penalties or min_tokens
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.capture_s, self.graph_pool_bytes, self.reserve_bytes = 0.0, 0, 0
         self.pad_eager = False    # tests: pad eager steps to their bucket too, as a replay would
@@ -162,7 +163,7 @@ class DecodeGraphs:
 
     # --- one decode step -----------------------------------------------------------------------
 
-    def run(self, seqs: list[Sequence], sampler: Sampler) -> list[int]:
+    def run(self, seqs: list[Sequence], sampler: Sampler) -> SamplerOutput:
         """One decode token for every running sequence; tokens come back in `seqs` order."""
         self.collect_changes()
         self._write_rows()
@@ -175,7 +176,10 @@ class DecodeGraphs:
         else:      # eager: the step's own n rows (padding them buys nothing without a replay)
             self._forward(bucket if self.pad_eager else n, self._width(seqs))
         logits = self.model.compute_logits(self.hidden[:n])       # padding rows are never sampled
-        if self.num_sampled_rows == 0:
+        full = sampler(logits, self.rows) if self.num_full_rows else None   # the whole sampler: it reads tokens
+        if full is not None:
+            tokens = torch.tensor(full.token_ids, device=logits.device)
+        elif self.num_sampled_rows == 0:
             tokens = sampler.sample(logits)                        # greedy: one argmax on the device
         else:
             tokens = sampler.sample(logits, [s.sampling_params for s in self.rows],
@@ -184,8 +188,8 @@ class DecodeGraphs:
         self.input_ids[:n].copy_(tokens)
         self.positions[:n] += 1
         self.context_lens[:n] += 1
-        by_row = tokens.tolist()                                   # the step's one host-device sync
-        return [by_row[self.row_of[s.seq_id]] for s in seqs]
+        by_row = SamplerOutput(tokens.tolist(), full and full.logprobs)   # the step's one host-device sync
+        return by_row.take([self.row_of[s.seq_id] for s in seqs])
 
     def _width(self, seqs: list[Sequence]) -> int:
         """Block-table columns the step attends over: all of them for in-place kernels; for sdpa only
@@ -241,6 +245,7 @@ class DecodeGraphs:
                 self.rows.append(seq)
                 self.row_of[seq.seq_id] = row
                 self.num_sampled_rows += not seq.sampling_params.greedy
+                self.num_full_rows += not is_plain(seq.sampling_params)
             touched.add(row)                                  # joined, or gained a block
         self.pending.clear()
         self._copy_rows(sorted(touched))
@@ -255,6 +260,7 @@ class DecodeGraphs:
             seq = self.rows[row]
             del self.row_of[seq.seq_id]
             self.num_sampled_rows -= not seq.sampling_params.greedy
+            self.num_full_rows -= not is_plain(seq.sampling_params)
         holes = sorted(r for r in leaving if r < n_new)
         movers = [r for r in range(n_new, n) if r not in leaving]
         for hole, src in zip(holes, movers):

@@ -28,13 +28,13 @@ from .kv_cache import (PagedKVCache, block_bytes, held, plan_kv_pool, profile_ac
                        profile_batches)
 from .model import AttentionMetadata, CausalLM
 from .quantization import quantize_model
-from .sampler import Sampler
+from .sampler import Sampler, SamplerOutput, prompt_logprobs_for
 from .sampling_params import SamplingParams
 from .sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, config: Config, source):
+    def __init__(self, config: Config, source, eos_token_ids=()):
         self.config = config
         self.device, self.block_size = config.device, config.block_size
         self.model = build_model(source, config.device, config.dtype, config.attention_backend)
@@ -42,7 +42,7 @@ class ModelRunner:
         self.quantize_s = self._quantize() if config.quantization else 0.0
         # Compiled small ops: a flag of their own, apart from the graphs (compiled_ops.py).
         self.compile_s = compile_small_ops(self.model, config.device, config.dtype) if config.compile else 0.0
-        self.sampler = Sampler(config.device, config.seed)
+        self.sampler = Sampler(config.device, config.seed, eos_token_ids)   # eos: for min_tokens
         self.kv_cache = None                     # allocated once the pool is sized
         self.graphs = DecodeGraphs(self.model, config.attention_backend, self.block_size, config.max_num_seqs,
                                    self.model.config.max_position_embeddings, self.device, config.enforce_eager)
@@ -124,8 +124,9 @@ class ModelRunner:
     # --- one step ------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
-        """One forward over the step's tokens; returns one sampled token per sequence."""
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> SamplerOutput:
+        """One forward over the step's tokens; returns one sampled token per sequence
+        (and the logprobs of the sequences that ask)."""
         if self.graphs is not None:
             if not is_prefill:
                 return self.graphs.run(seqs, self.sampler)
@@ -134,7 +135,10 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, meta, self.kv_cache)
         last = hidden[meta.cu_seqlens_q[1:].long() - 1]   # each sequence's last token
         logits = self.model.compute_logits(last)
-        return self.sampler(logits, [s.sampling_params for s in seqs], [s.generator for s in seqs])
+        out = self.sampler(logits, seqs)
+        prompt_rows = lambda i: hidden[int(meta.cu_seqlens_q[i]):int(meta.cu_seqlens_q[i + 1])]   # seqs[i]'s positions
+        out.prompt_logprobs = prompt_logprobs_for(seqs, self.model.compute_logits, prompt_rows)
+        return out
 
     def _prepare(self, seqs: list[Sequence], is_prefill: bool):
         # Prefill computes every token a sequence has (a preempted one: its prompt and what it had

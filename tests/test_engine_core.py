@@ -26,8 +26,10 @@ from conftest import CYCLES, cycle
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
+from common.serving.chat_template import chat_prompt_ids  # noqa: E402
 from common.serving.engine_client import EngineCoreClient  # noqa: E402
 from common.serving.server import build_app, parse_metrics  # noqa: E402
+from test_server import TEMPLATE  # noqa: E402
 
 NAME = CYCLES[-1]
 MODEL = "tiny"
@@ -46,6 +48,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(char_checkpoint):
     engine = EngineCoreClient(NAME, char_checkpoint, {"device": "cpu"}, num_threads=1)
+    engine.tokenizer.chat_template = TEMPLATE     # the front end renders templates, not the core
     dead = []
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(build_app(engine, MODEL), host="127.0.0.1", port=port, log_level="warning"))
@@ -57,6 +60,7 @@ def server(char_checkpoint):
         assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
         time.sleep(0.05)
     reference = cycle(NAME).LLM(char_checkpoint, device="cpu")
+    reference.tokenizer.chat_template = TEMPLATE
     yield {"base": f"http://127.0.0.1:{port}", "engine": engine, "reference": reference, "dead": dead}
     srv.should_exit = True
     thread.join(TIMEOUT_S)
@@ -149,6 +153,77 @@ def test_a_dropped_stream_is_aborted_in_the_core(server):
             assert metrics(server)["num_requests_running"] == 1
     after = _wait_idle(server)   # running 0, waiting 0, KV usage 0: the core freed its blocks
     assert after["generation_tokens_total"] - before["generation_tokens_total"] < 480
+
+
+def _post(server, path, body) -> dict:
+    response = httpx.post(server["base"] + path, json={"model": MODEL, **body}, timeout=TIMEOUT_S)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_through_the_core_process_equal_generates(server, stream):
+    """Greedy, with echo: the prompt's logprobs (first output only) and each step's tokens' logprobs
+    cross the pipe and come out as generate() computes them in this process."""
+    prompt, k, n = [40, 41, 42, 43, 44], 3, 6
+    body = {"prompt": prompt, "echo": True, "logprobs": k, "max_tokens": n, "temperature": 0, "ignore_eos": True}
+    if stream:
+        response = httpx.post(server["base"] + "/v1/completions", json={"model": MODEL, **body, "stream": True},
+                              timeout=TIMEOUT_S)
+        chunks = [json.loads(line[6:]) for line in response.text.splitlines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+        parts = [c["choices"][0]["logprobs"] for c in chunks]
+        got = {key: sum((p[key] for p in parts), []) for key in ("tokens", "token_logprobs", "top_logprobs")}
+    else:
+        got = _post(server, "/v1/completions", body)["choices"][0]["logprobs"]
+    sp = cycle(NAME).SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=k, prompt_logprobs=k)
+    want = server["reference"].generate([prompt], sp)[0]
+    ids = want.prompt_token_ids + want.token_ids
+    decode = server["reference"].tokenizer.decode
+    assert got["tokens"] == [decode([t]) for t in ids]
+    assert got["token_logprobs"][0] is None and got["top_logprobs"][0] is None
+    wanted = [d[t] for d, t in zip(want.prompt_logprobs[1:] + want.logprobs, ids[1:])]
+    assert got["token_logprobs"][1:] == pytest.approx(wanted, abs=1e-5)
+    for top, d in zip(got["top_logprobs"][1:], want.prompt_logprobs[1:] + want.logprobs):
+        assert top == pytest.approx({decode([t]): v for t, v in d.items()}, abs=1e-5)
+
+
+def test_chat_logprobs_through_the_core_process_equal_generates(server):
+    messages = [{"role": "user", "content": "hi there"}]
+    body = _post(server, "/v1/chat/completions", {"messages": messages, "max_tokens": 5, "temperature": 0,
+                                                  "ignore_eos": True, "logprobs": True, "top_logprobs": 2})
+    reference = server["reference"]
+    sp = cycle(NAME).SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=2)
+    want = reference.generate([chat_prompt_ids(reference.tokenizer, messages)], sp)[0]
+    content = body["choices"][0]["logprobs"]["content"]
+    assert [c["token"] for c in content] == [reference.tokenizer.decode([t]) for t in want.token_ids]
+    assert [c["logprob"] for c in content] == pytest.approx([d[t] for d, t in zip(want.logprobs, want.token_ids)],
+                                                            abs=1e-5)
+    assert all(len(c["top_logprobs"]) == 2 for c in content)
+    assert body["choices"][0]["message"]["content"] == want.text
+
+
+def test_the_new_sampling_fields_reach_the_core(server):
+    """stop_token_ids, min_tokens and include_stop_str_in_output travel with the request: the
+    answers equal generate()'s with the same SamplingParams, and each field changes the answer."""
+    sp, reference = cycle(NAME).SamplingParams, server["reference"]
+    base = offline(server, ["abc"], [12])[0]
+    stop_id = base.token_ids[5]
+    first = base.token_ids.index(stop_id)
+    answers = []
+    for extra in ({"stop_token_ids": [stop_id]}, {"stop_token_ids": [stop_id], "min_tokens": first + 1},
+                  {"stop": [base.text[7:9]], "include_stop_str_in_output": True}):
+        body = _post(server, "/v1/completions", {"prompt": "abc", "max_tokens": 12, "temperature": 0,
+                                                 "ignore_eos": True, **extra})
+        want = reference.generate(["abc"], sp(temperature=0, max_tokens=12, ignore_eos=True, **extra))[0]
+        choice = body["choices"][0]
+        assert (choice["text"], choice["finish_reason"]) == (want.text, want.finish_reason)
+        assert body["usage"]["completion_tokens"] == len(want.token_ids)
+        answers.append(want)
+    assert len(answers[0].token_ids) == first + 1 and answers[0].finish_reason == "stop"
+    assert answers[1].token_ids[:first + 1] != answers[0].token_ids
+    stop = base.text[7:9]
+    assert answers[2].text == base.text[:base.text.index(stop) + 2] and answers[2].finish_reason == "stop"
 
 
 def test_killing_the_core_fails_waiting_streams_at_once_and_health_is_503(server):

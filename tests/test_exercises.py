@@ -375,7 +375,7 @@ def test_backend(monkeypatch, device, dtype, has_flash, requested, expected):
     device's type, so the CUDA rows run without a GPU.)"""
     attention = importlib.import_module("cycle6_flash.attention")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    def flash_problem(dev, dt):   # stands in for the import attempt: the rest of the choice is the engine's
+    def flash_problem(dev, dt, head_dim=None):   # stands in for the import attempt: the rest of the choice is the engine's
         if dev.type != "cuda":
             return "flash-attn runs on CUDA only"
         if dt not in attention.HALF_DTYPES:
@@ -668,3 +668,28 @@ def test_guide_names_existing_tests():
     tests = [name for name in globals() if name.startswith("test_")]
     assert names and all(any(n in t for t in tests) for n in names), \
         sorted(n for n in names if not any(n in t for t in tests))
+
+
+def test_logprob_shapes(tiny_llms):
+    """9.9: 12 prompt entries (the first None), 5 generated; at most k + 1 keys (top-k and the chosen)."""
+    llm = tiny_llms("cycle4_batching", dtype="float32")
+    sp = cycle("cycle4_batching").SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=2,
+                                                 prompt_logprobs=3)
+    out = llm.generate([list(range(10, 22))], sp)[0]
+    assert len(out.prompt_logprobs) == 12 and out.prompt_logprobs[0] is None
+    assert len(out.logprobs) == 5
+    assert max(len(d) for d in out.prompt_logprobs[1:]) <= 3 + 1
+    assert max(len(d) for d in out.logprobs) <= 2 + 1
+
+
+def test_penalty_logits():
+    """9.10: 7 (prompt, 3.0 > 0): 3 / 2 = 1.5. 9 (output twice, -1.0 < 0): -1 * 2 - 0.5 * 2 - 0.25 = -3.25.
+    4 (never seen): 2.0."""
+    sampler = importlib.import_module("cycle4_batching.sampler")
+    SP = cycle("cycle4_batching").SamplingParams
+    logits = torch.zeros(1, 12)
+    logits[0, 7], logits[0, 9], logits[0, 4] = 3.0, -1.0, 2.0
+    seq = SimpleNamespace(sampling_params=SP(repetition_penalty=2, frequency_penalty=0.5, presence_penalty=0.25),
+                          token_ids=[7, 1, 9, 9], num_prompt_tokens=2)
+    out = sampler.apply_penalties(logits, [seq])[0]
+    assert [out[7].item(), out[9].item(), out[4].item()] == [1.5, -3.25, 2.0]

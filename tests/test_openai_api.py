@@ -140,8 +140,9 @@ def test_generation_config_gives_the_defaults_and_vllm_mode_the_neutral_ones(tmp
     assert (params.temperature, params.top_p, params.top_k) == (0.2, 0.95, 3)   # the request wins
     (tmp_path / "generation_config.json").write_text(json.dumps({"repetition_penalty": 1.1, "max_new_tokens": 7}))
     penalized = generation_defaults(str(tmp_path), "auto")
-    assert unusable_defaults(penalized, sp) == ["repetition_penalty"]       # printed as a FALLBACK at start-up
-    assert build_sampling_params(protocol.CompletionRequest(prompt="x"), penalized, sp, 4).max_tokens == 4
+    assert unusable_defaults(penalized, sp) == []          # the engine has repetition_penalty: it applies
+    params = build_sampling_params(protocol.CompletionRequest(prompt="x"), penalized, sp, 4)
+    assert (params.max_tokens, params.repetition_penalty) == (4, 1.1)
     assert default_max_tokens(protocol.CompletionRequest(prompt="x"), penalized, False, 0) == 7
 
 
@@ -163,15 +164,12 @@ def test_temperature_nan_or_inf_refused_and_tiny_is_greedy(api, client):
 # --- what is refused -----------------------------------------------------------------------------------
 
 REFUSED_EXAMPLES = [          # (endpoint, field, a value a client would send)
-    ("completions", "logprobs", 1), ("chat", "logprobs", True), ("chat", "top_logprobs", 3),
-    ("completions", "presence_penalty", 0.5), ("completions", "frequency_penalty", 0.5),
-    ("completions", "repetition_penalty", 1.2), ("completions", "min_p", 0.1), ("completions", "min_tokens", 4),
-    ("completions", "stop_token_ids", [5]), ("completions", "logit_bias", {"5": -100}),
+    ("completions", "prompt_logprobs", 1), ("completions", "spaces_between_special_tokens", False),
+    ("completions", "logit_bias", {"5": -100}),
     ("chat", "response_format", {"type": "json_object"}), ("chat", "tools", [{"type": "function"}]),
     ("completions", "suffix", "end"), ("completions", "best_of", 2), ("completions", "n", 2), ("chat", "n", 3),
     ("chat", "echo", True), ("chat", "chat_template", "{{ 'x' }}"), ("completions", "use_beam_search", True),
     ("completions", "stream_options", {"include_usage": True}),        # without stream
-    ("completions", "include_stop_str_in_output", True), ("completions", "skip_special_tokens", False),
 ]
 
 
@@ -192,7 +190,8 @@ def test_a_field_not_honoured_is_refused_naming_it(api, endpoint, field, value):
 def test_no_field_of_the_tables_is_silently_ignored(api):
     """Every refusable field, set to a value no default equals, gets 400 naming it."""
     for endpoint, table in (("completions", protocol.REFUSED_COMPLETIONS), ("chat", protocol.REFUSED_CHAT)):
-        for field in [*table, *protocol.ENGINE_FIELDS]:
+        engine_lacks = [f for f in protocol.ENGINE_FIELDS if f not in cycle(CYCLE).SamplingParams.__dataclass_fields__]
+        for field in [*table, *engine_lacks]:           # the engine's own fields are honoured
             response = post(api["base"], *_request(endpoint, **{field: 12345}))
             assert response.status_code == 400 and response.json()["error"]["param"] == field, (endpoint, field)
 
@@ -209,16 +208,18 @@ def test_defaults_of_refused_fields_are_accepted(api, endpoint, fields):
 
 
 def test_engine_fields_pass_through_when_the_sampling_params_has_them():
-    """The day a cycle's SamplingParams gains min_p, the server passes it on instead of refusing."""
+    """The day a cycle's SamplingParams gains a field (spaces_between_special_tokens: none has it
+    yet), the server passes it on instead of refusing."""
     import dataclasses
     base = cycle(CYCLE).SamplingParams
-    with_min_p = dataclasses.make_dataclass("WithMinP", [("min_p", float, 0.0)], bases=(base,), frozen=True)
-    body = protocol.CompletionRequest(prompt="x", min_p=0.1)
+    field = "spaces_between_special_tokens"
+    with_field = dataclasses.make_dataclass("WithIt", [(field, bool, True)], bases=(base,), frozen=True)
+    body = protocol.CompletionRequest(prompt="x", **{field: False})
     with pytest.raises(protocol.APIError) as refused:
         protocol.check_fields(body, protocol.REFUSED_COMPLETIONS, base)
-    assert refused.value.param == "min_p"
-    protocol.check_fields(body, protocol.REFUSED_COMPLETIONS, with_min_p)
-    assert build_sampling_params(body, {}, with_min_p, 3).min_p == 0.1
+    assert refused.value.param == field
+    protocol.check_fields(body, protocol.REFUSED_COMPLETIONS, with_field)
+    assert getattr(build_sampling_params(body, {}, with_field, 3), field) is False
 
 
 def test_unknown_fields_are_logged_once(api, capfd):

@@ -1,6 +1,7 @@
 """Sampler unit tests, run against every cycle's copy of the sampler."""
 
 import importlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,11 +15,22 @@ def parts(name):
     return sampler, params.SamplingParams
 
 
+def rows(params, generators=None):
+    """What the sampler reads of a Sequence, with a one-token prompt and no output yet."""
+    generators = generators or [None] * len(params)
+    return [SimpleNamespace(sampling_params=p, generator=g, token_ids=[0], num_prompt_tokens=1)
+            for p, g in zip(params, generators)]
+
+
+def draw(sampler, logits, params, generators=None):
+    return sampler(logits, rows(params, generators)).token_ids
+
+
 @pytest.mark.parametrize("name", CYCLES)
 def test_greedy_takes_the_argmax(name):
     sampler_mod, SP = parts(name)
     logits = torch.tensor([[0.1, 3.0, 0.2], [5.0, 1.0, 4.9]])
-    assert sampler_mod.Sampler(torch.device("cpu"), 0)(logits, [SP(temperature=0)] * 2, [None, None]) == [1, 0]
+    assert draw(sampler_mod.Sampler(torch.device("cpu"), 0), logits, [SP(temperature=0)] * 2) == [1, 0]
 
 
 @pytest.mark.parametrize("name", CYCLES)
@@ -43,7 +55,7 @@ def test_sampled_frequencies_follow_temperature(name):
     sampler = sampler_mod.Sampler(torch.device("cpu"), 0)
     logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]])).repeat(4000, 1)
     def freq(t):
-        toks = torch.tensor(sampler(logits, [SP(temperature=t)] * 4000, [None] * 4000))
+        toks = torch.tensor(draw(sampler, logits, [SP(temperature=t)] * 4000))
         return torch.bincount(toks, minlength=3).float() / 4000
     assert torch.allclose(freq(1.0), torch.tensor([0.7, 0.2, 0.1]), atol=0.03)
     assert freq(0.3)[0] > 0.9          # a low temperature sharpens towards the argmax
@@ -57,6 +69,6 @@ def test_seed_makes_a_row_independent_of_its_batch(name):
     def gen(seed):
         return torch.Generator().manual_seed(seed)
     sp = SP(temperature=1.0, seed=7)
-    alone = [sampler_mod.Sampler(torch.device("cpu"), 1)(logits[1:2], [sp], [gen(7)])[0] for _ in range(2)]
-    batched = sampler_mod.Sampler(torch.device("cpu"), 2)(logits, [SP(), sp, SP()], [None, gen(7), None])[1]
+    alone = [draw(sampler_mod.Sampler(torch.device("cpu"), 1), logits[1:2], [sp], [gen(7)])[0] for _ in range(2)]
+    batched = draw(sampler_mod.Sampler(torch.device("cpu"), 2), logits, [SP(), sp, SP()], [None, gen(7), None])[1]
     assert alone[0] == alone[1] == batched

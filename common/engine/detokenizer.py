@@ -26,8 +26,11 @@ def normalize_stop(stop) -> tuple[str, ...]:
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, prompt_token_ids: list[int], stop: tuple[str, ...] = ()):
+    def __init__(self, tokenizer, prompt_token_ids: list[int], stop: tuple[str, ...] = (),
+                 skip_special_tokens: bool = True, include_stop_str: bool = False):
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.include_stop_str = include_stop_str   # keep the stop string that ended the text
         context = list(prompt_token_ids[-CONTEXT_TOKENS:])
         self.token_ids = context            # context, then every generated token
         self.prefix_offset = 0              # start of the decode window
@@ -38,8 +41,14 @@ class IncrementalDetokenizer:
         self.emitted = 0                    # characters of `text` already returned
         self.stopped = False                # a stop string was found: the request must finish
 
+    @classmethod
+    def for_request(cls, tokenizer, prompt_token_ids: list[int], params) -> "IncrementalDetokenizer":
+        """The detokenizer a request's SamplingParams ask for."""
+        return cls(tokenizer, prompt_token_ids, params.stop, params.skip_special_tokens,
+                   params.include_stop_str_in_output)
+
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def update(self, token_id: int, finishing: bool = False) -> str:
         """Add one generated token; return the text that became safe to show (maybe "").
@@ -64,7 +73,8 @@ class IncrementalDetokenizer:
         if not self.stop:
             return
         start = max(0, old_len - self.holdback)
-        found = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        found = [(i, len(s)) for i, s in ((self.text.find(s, start), s) for s in self.stop) if i >= 0]
         if found:
-            self.text = self.text[:min(found)]
+            at, length = min(found)
+            self.text = self.text[:at + length if self.include_stop_str else at]
             self.stopped = True

@@ -73,6 +73,10 @@ def prepare_requests(prompts, sampling_params, tokenizer, vocab_size: int, max_m
     requests = []
     for i, (prompt, sp) in enumerate(zip(prompts, params)):
         ids = _token_ids(i, prompt, tokenizer, vocab_size)
+        outside = [t for t in getattr(sp, "stop_token_ids", ()) if t >= vocab_size]
+        if outside:
+            raise ValueError(f"sampling_params of prompt {i}: stop_token_ids {outside} are outside the "
+                             f"vocabulary [0, {vocab_size})")
         if len(ids) + sp.max_tokens > max_model_len:
             raise ValueError(f"prompt {i} has {len(ids)} tokens; with max_tokens={sp.max_tokens} it needs "
                              f"{len(ids) + sp.max_tokens} positions, more than the model allows ({max_model_len})")

@@ -24,3 +24,11 @@ class RequestOutput:
     finished: bool = True
     new_token_ids: list[int] = field(default_factory=list)
     delta_text: str = ""
+    # Logprobs (SamplingParams.logprobs / prompt_logprobs; None when not asked), vLLM's shape made
+    # plain: one dict {token_id: logprob} per position, the top-k most likely first, then the
+    # chosen token if it is not among them. They are the model's own log_softmax, before any
+    # penalty or temperature (vLLM's default). `logprobs` has one dict per token of token_ids (in a
+    # delta output: per token of new_token_ids); `prompt_logprobs` one per prompt token, the first
+    # None (nothing predicts it); it comes with the first output of the request.
+    logprobs: list[dict[int, float]] | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None

@@ -55,6 +55,10 @@ class Delta:
     finished: bool
     finish_reason: str | None
     queue_time_s: float | None = None   # first delta only: arrival in the engine to the start of its prefill step
+    # Only for a request whose SamplingParams ask (RequestOutput's shapes): one dict per token of
+    # new_token_ids; the prompt's, one per prompt token, with the first delta.
+    logprobs: list[dict[int, float]] | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 class RequestStream:
@@ -82,9 +86,10 @@ class RequestStream:
         self._done = item.finished
         return item
 
-    def _feed(self, new_token_ids: list[int], finish_reason: str | None, queue_time_s: float | None) -> Delta:
+    def _feed(self, new_token_ids: list[int], finish_reason: str | None, queue_time_s: float | None,
+              logprobs: list | None = None, prompt_logprobs: list | None = None) -> Delta:
         """Called on the event loop with one step's tokens; detokenizes them here. A stop string
-        cuts the tokens after the one that completed it and finishes the request."""
+        cuts the tokens (and their logprobs) after the one that completed it and finishes the request."""
         text = ""
         if self.detokenizer is not None:
             for i, token in enumerate(new_token_ids):
@@ -92,11 +97,12 @@ class RequestStream:
                 text += self.detokenizer.update(token, finishing=last and finish_reason is not None)
                 if self.detokenizer.stopped:
                     new_token_ids, finish_reason = new_token_ids[:i + 1], "stop"
+                    logprobs = None if logprobs is None else logprobs[:i + 1]
                     break
         self.token_ids += new_token_ids
         self.text += text
         self.finished, self.finish_reason = finish_reason is not None, finish_reason
-        delta = Delta(new_token_ids, text, self.finished, finish_reason, queue_time_s)
+        delta = Delta(new_token_ids, text, self.finished, finish_reason, queue_time_s, logprobs, prompt_logprobs)
         self._queue.put_nowait(delta)
         return delta
 
@@ -122,7 +128,7 @@ class _CoreConnection:
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[int, RequestStream] = {}
-        self._pending: dict[int, tuple[asyncio.Future, list[int], bool, tuple]] = {}
+        self._pending: dict[int, tuple[asyncio.Future, list[int], bool, object]] = {}
         self._tokens = itertools.count()
         self._core_stats: dict = info["stats"]
         self._reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
@@ -141,7 +147,8 @@ class _CoreConnection:
         token = next(self._tokens)
         future = asyncio.get_running_loop().create_future()
         ids = list(prompt_token_ids)
-        self._pending[token] = (future, ids, detokenize, params.stop)
+        self._pending[token] = (future, ids, detokenize, params)
+        # Every field of the dataclass travels, so a field a cycle adds reaches the core's engine.
         fields = {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
         self._send(("add", token, ids, fields))
         return await future
@@ -204,22 +211,23 @@ class _CoreConnection:
                 future.set_exception(ValueError(message[2]) if message[3] == "invalid" else EngineError(message[2]))
 
     def _on_added(self, token: int, request_id: int) -> None:
-        future, ids, detokenize, stop = self._pending.pop(token)
+        future, ids, detokenize, params = self._pending.pop(token)
         if future.cancelled():     # the handler went away while the request was being added
             self._send(("abort", request_id))
             return
-        detokenizer = IncrementalDetokenizer(self.tokenizer, ids, stop) if detokenize else None
+        # The request's stop strings, skip_special_tokens and include_stop_str_in_output apply here.
+        detokenizer = IncrementalDetokenizer.for_request(self.tokenizer, ids, params) if detokenize else None
         stream = RequestStream(request_id, ids, detokenizer)
         self._streams[request_id] = stream
         future.set_result(stream)
 
     def _on_outputs(self, batch: list[tuple], stats: dict) -> None:
         self._core_stats = stats
-        for request_id, new_token_ids, finish_reason, queue_time_s in batch:
+        for request_id, new_token_ids, finish_reason, queue_time_s, *logprobs in batch:
             stream = self._streams.get(request_id)
             if stream is None:      # aborted here after the core ran its step
                 continue
-            if stream._feed(new_token_ids, finish_reason, queue_time_s).finished:
+            if stream._feed(new_token_ids, finish_reason, queue_time_s, *logprobs).finished:
                 del self._streams[request_id]
                 if finish_reason is None:    # a stop string ended it here; the core still runs it
                     self._send(("abort", request_id))

@@ -8,7 +8,10 @@ to the front end over one `multiprocessing.connection` pipe, in small tuples:
     in:  ("add", token, prompt_token_ids, sampling params as a dict)   ("abort", request_id)   ("shutdown",)
     out: ("added", token, request_id) or ("rejected", token, message, kind)
          ("outputs", [(request_id, new_token_ids, finish_reason or None, queue_time_s or None), ...], stats)
-                                            once per step; queue_time_s only with a request's first token
+                                            once per step; queue_time_s only with a request's first token.
+                                            A request that asked for logprobs gets two more items:
+                                            (..., logprobs of new_token_ids or None,
+                                             prompt_logprobs (first output only) or None)
          ("dead", message)   a step raised: the core stops, as vLLM's does (EngineDeadError)
 
 Between two steps it takes every command that arrived; with nothing to run it blocks in recv(), so
@@ -97,16 +100,24 @@ class EngineCore:
             return False
         self.step_seconds_total += time.perf_counter() - started
         self.num_steps += 1
-        batch = [(o.request_id, o.new_token_ids, o.finish_reason if o.finished else None, self._queue_time(o, started))
-                 for o in outputs]
+        batch = [self._output_item(o, started) for o in outputs]
         self.generation_tokens_total += sum(len(o.new_token_ids) for o in outputs)
         self.conn.send(("outputs", batch, self.stats()))
         return True
 
-    def _queue_time(self, output, step_started: float) -> float | None:
-        """vLLM's queue time: from the request's arrival in the engine to the start of its prefill step."""
+    def _output_item(self, output, step_started: float) -> tuple:
+        """One request's part of a step's message. vLLM's queue time (from the request's arrival in
+        the engine to the start of its prefill step) comes with its first output. Logprobs travel
+        only for a request that asked: those of this step's tokens (a finished output holds the
+        whole generation's), and the prompt's once, with the first output."""
         added = self._added_at.pop(output.request_id, None)
-        return None if added is None else max(0.0, step_started - added)
+        queue_time = None if added is None else max(0.0, step_started - added)
+        item = (output.request_id, output.new_token_ids, output.finish_reason if output.finished else None, queue_time)
+        if output.logprobs is None and output.prompt_logprobs is None:
+            return item
+        new = output.new_token_ids
+        logprobs = None if output.logprobs is None else output.logprobs[len(output.logprobs) - len(new):]
+        return item + (logprobs, output.prompt_logprobs if added is not None else None)
 
     def stats(self) -> dict:
         """The gauges and counters only the engine knows (the server's /metrics reads them)."""

@@ -24,8 +24,10 @@ here knows (not OpenAI's, not vLLM's) is logged once per server and ignored, as 
 | `chat_template_kwargs` | chat | honoured | passed to the template, except the renderer's own arguments (`tokenize`, ...) |
 | `chat_template` | chat | refused | a client's own template runs on the server: only with `--trust-request-chat-template` |
 | `user`, `parallel_tool_calls` | both / chat | accepted | they change no output (and there are no tools) |
-| `logprobs`, `top_logprobs`, `prompt_logprobs` | both | refused | the engine does not compute logprobs yet |
-| `presence_penalty`, `frequency_penalty`, `repetition_penalty`, `min_p`, `min_tokens`, `stop_token_ids`, `include_stop_str_in_output`, `skip_special_tokens`, `spaces_between_special_tokens` | both | engine | passed on when the cycle's SamplingParams has the field; refused otherwise (no cycle has them yet) |
+| `logprobs` | completions | honoured | the sampled tokens' logprobs and the top `logprobs`; with `echo`, the prompt's first (common/serving/logprobs.py) |
+| `logprobs`, `top_logprobs` | chat | honoured | the chat form: each token's logprob, bytes and `top_logprobs` alternatives |
+| `prompt_logprobs` | both | refused | vLLM's extension, not built (`echo` with `logprobs` gives the prompt's) |
+| `presence_penalty`, `frequency_penalty`, `repetition_penalty`, `min_p`, `min_tokens`, `stop_token_ids`, `include_stop_str_in_output`, `skip_special_tokens`, `spaces_between_special_tokens` | both | engine | passed on when the cycle's SamplingParams has the field (every cycle has all but `spaces_between_special_tokens`); refused otherwise |
 | `logit_bias`, `allowed_token_ids`, `bad_words`, `logprob_token_ids` | both | refused | the sampler has no logit processors |
 | `response_format`, `structured_outputs`, `guided_*` | both | refused | no structured output (`response_format: {"type": "text"}` is the default, accepted) |
 | `tools`, `tool_choice`, `functions`, `function_call` | chat | refused | no tool calling (`tool_choice` "none" or "auto" without tools is accepted) |
@@ -83,6 +85,7 @@ class _Common(BaseModel):
 class CompletionRequest(_Common):
     prompt: Any = None             # str, list[str], list[int], list[list[int]]: normalize_prompts()
     echo: bool | None = False
+    logprobs: int | None = None    # the top-k alternatives per position (common/serving/logprobs.py)
     best_of: int | None = None
     add_special_tokens: bool | None = True
 
@@ -90,6 +93,8 @@ class CompletionRequest(_Common):
 class ChatRequest(_Common):
     messages: list[dict[str, Any]]
     max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
     add_special_tokens: bool | None = False
     add_generation_prompt: bool | None = True
     continue_final_message: bool | None = False
@@ -126,7 +131,7 @@ class Refused:
     reason: str
 
 
-_NO_LOGPROBS = "the engine does not compute logprobs yet"
+_NO_LOGPROBS = "not built: logprobs come in OpenAI's forms only (`logprobs`, `echo`)"
 _NO_PROCESSORS = "the sampler has no logit processors"
 _NO_STRUCTURED = "no structured output"
 _NO_TOOLS = "no tool calling"
@@ -158,12 +163,10 @@ REFUSED_BOTH = {
 }
 REFUSED_COMPLETIONS = {
     **REFUSED_BOTH,
-    "logprobs": Refused((), _NO_LOGPROBS),
     "suffix": Refused(("",), "no fill-in-the-middle"),
 }
 REFUSED_CHAT = {
     **REFUSED_BOTH,
-    "logprobs": Refused((False,), _NO_LOGPROBS), "top_logprobs": Refused((0,), _NO_LOGPROBS),
     "echo": Refused((False,), "vLLM's chat echo is not built"),
     "tools": Refused(([],), _NO_TOOLS), "tool_choice": Refused(("none", "auto"), _NO_TOOLS),
     "functions": Refused(([],), _NO_TOOLS), "function_call": Refused(("none", "auto"), _NO_TOOLS),

@@ -16,6 +16,7 @@ class Reply:
 
     def __init__(self, response_id: str, model: str, chat: bool, echoes: list[str] | None = None):
         self.id, self.model, self.chat, self.echoes, self.created = response_id, model, chat, echoes, int(time.time())
+        self.logprobs = None    # a LogprobsForm when the request asks for logprobs
 
     def envelope(self, chunk: bool) -> dict:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"

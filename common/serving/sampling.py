@@ -14,6 +14,7 @@ import math
 import pathlib
 import sys
 
+from common.serving.logprobs import logprob_params
 from common.serving.openai_protocol import ENGINE_FIELDS, APIError
 
 NEUTRAL = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
@@ -69,6 +70,7 @@ def build_sampling_params(body, defaults: dict, params_cls, max_tokens: int):
         if name in engine_has and value is not None:
             fields[name] = value
     try:
+        fields |= logprob_params(body, chat=hasattr(body, "messages"))
         return params_cls(**fields)
     except (ValueError, TypeError) as error:
         message = str(error)

@@ -45,6 +45,7 @@ from common.serving.middleware import ApiKey, BodyLimit
 from common.serving.openai_protocol import (REFUSED_CHAT, REFUSED_COMPLETIONS, APIError, ChatRequest,
                                             CompletionRequest, DetokenizeRequest, TokenizeRequest, check_fields,
                                             normalize_prompts, unknown_fields)
+from common.serving.logprobs import LogprobsForm
 from common.serving.openai_responses import Reply, echo_only, sse, usage
 from common.serving.sampling import NEUTRAL, build_sampling_params, default_max_tokens, unusable_defaults
 
@@ -98,6 +99,9 @@ class OpenAIServer:
             raise APIError(400, f"this model's maximum context length is {limit} tokens; prompt {index} has "
                            f"{len(ids)} and max_tokens is {max_tokens} ({len(ids) + max_tokens} in all)",
                            param="max_tokens" if len(ids) < limit else param)
+
+    def decode_token(self, token_id: int) -> str:
+        return self.engine.tokenizer.decode([token_id])
 
     def tokenize(self, prompt: str | list[int], add_special_tokens: bool) -> list[int]:
         if isinstance(prompt, list):
@@ -165,6 +169,12 @@ class OpenAIServer:
         echoes = [p if isinstance(p, str) else self.engine.tokenizer.decode(i) for p, i in zip(prompts, ids)] \
             if body.echo else None
         reply = Reply(f"cmpl-{uuid.uuid4().hex}", self.options.served_model_name, chat=False, echoes=echoes)
+        if body.logprobs is not None:
+            if max_tokens == 0:
+                raise APIError(400, "logprobs with max_tokens 0 is not built: ask for max_tokens 1 (lm-eval's "
+                               "form) and read the prompt's positions", param="max_tokens")
+            reply.logprobs = LogprobsForm(self.decode_token, chat=False, top=body.logprobs,
+                                          prompts=ids if body.echo else None)
         if max_tokens == 0 and body.echo:
             return echo_only(reply, body, [len(i) for i in ids])
         params = build_sampling_params(body, self.options.generation_defaults, self.engine.sampling_params_cls,
@@ -192,6 +202,8 @@ class OpenAIServer:
                                        max_tokens)
         self.check_fits(ids, max_tokens, "messages")
         reply = Reply(f"chatcmpl-{uuid.uuid4().hex}", self.options.served_model_name, chat=True)
+        if body.logprobs:
+            reply.logprobs = LogprobsForm(self.decode_token, chat=True, top=body.top_logprobs or 0)
         streams = await self.submit([ids], params)
         return await self.respond(request, body, streams, reply, arrival)
 
@@ -218,14 +230,22 @@ class OpenAIServer:
         streams = flight.streams
         n = len(streams)
         texts, reasons, tokens = [""] * n, [None] * n, [0] * n
+        ids, logprobs, prompt_logprobs = [[] for _ in range(n)], [[] for _ in range(n)], [None] * n
         try:
             async for i, delta in self.deltas(flight):
                 texts[i] += delta.delta_text
                 tokens[i] += len(delta.new_token_ids)
                 reasons[i] = delta.finish_reason if delta.finished else None
+                if reply.logprobs is not None:
+                    ids[i] += delta.new_token_ids
+                    logprobs[i] += delta.logprobs          # this delta's tokens' (engine_client.Delta)
+                    prompt_logprobs[i] = delta.prompt_logprobs or prompt_logprobs[i]   # the first delta's
         except EngineError as error:
             raise APIError(500, f"the engine failed: {error}", "server_error") from None
         choices = [reply.choice(i, text, reason, chunk=False) for i, (text, reason) in enumerate(zip(texts, reasons))]
+        if reply.logprobs is not None:
+            for i, choice in enumerate(choices):
+                choice["logprobs"] = reply.logprobs.format(i, ids[i], logprobs[i], prompt_logprobs[i])
         totals = usage(sum(s.num_prompt_tokens for s in streams), sum(tokens))
         return {**reply.envelope(chunk=False), "choices": choices, "usage": totals}
 
@@ -235,12 +255,16 @@ class OpenAIServer:
         include_usage = bool(options and options.include_usage)
         continuous = bool(options and options.continuous_usage_stats)
         prompt_tokens, completion_tokens = sum(s.num_prompt_tokens for s in flight.streams), 0
-        started = set()
+        started, sent = set(), {}      # sent: characters of each choice's text streamed so far
         try:
             async for i, delta in self.deltas(flight):
                 completion_tokens += len(delta.new_token_ids)
                 choice = reply.choice(i, delta.delta_text, delta.finish_reason if delta.finished else None,
                                       chunk=True, first=i not in started)
+                if reply.logprobs is not None:
+                    choice["logprobs"] = reply.logprobs.format(i, delta.new_token_ids, delta.logprobs,
+                                                               delta.prompt_logprobs, text_offset=sent.get(i, 0))
+                    sent[i] = sent.get(i, 0) + len(choice.get("text", ""))
                 started.add(i)
                 chunk = {**reply.envelope(chunk=True), "choices": [choice]}
                 if include_usage or continuous:
