@@ -29,7 +29,7 @@ from common.benchmark.online import parse_rates
 from common.benchmark.report import (EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK, cycle_number, exit_status,  # noqa: F401
                                      format_part, mark_same_tokens)
 from common.benchmark.runner import Interrupted, PartRun, run_part, stop_on_signals
-from common.benchmark.suite import Part, part_engines, suite
+from common.benchmark.suite import HF, Part, part_engines, suite
 from common.benchmark.summary import format_summary, summarize
 from common.benchmark.vllm_baseline import choose_vllm_python
 from common.benchmark.workloads import WORKLOADS, unsupported_reason
@@ -124,7 +124,7 @@ def single_part(args) -> Part:
             rates = tuple(parse_rates(args.request_rate))
         except ValueError as error:
             raise SystemExit(f"--request-rate: {error}")
-    return Part(args.workload, args.workload, None, hf=args.workload != "online", vllm=True,
+    return Part(args.workload, args.workload, None, hf=HF if args.workload != "online" else (), vllm=True,
                 num_requests=args.num_requests, prompt_len=args.prompt_len, request_rates=rates)
 
 

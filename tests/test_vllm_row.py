@@ -12,7 +12,7 @@ import pytest
 
 from common.benchmark import runner, vllm_baseline
 from common.benchmark.report import format_table, mark_same_tokens
-from common.benchmark.suite import Part, part_engines, suite
+from common.benchmark.suite import HF, Part, part_engines, suite
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_VLLM = Path(__file__).resolve().parent / "fake_vllm"
@@ -105,7 +105,7 @@ def test_vllm_joins_the_throughput_part_only_when_there_is_one():
 def test_the_vllm_bench_runs_under_its_interpreter_on_the_model_directory():
     args = SimpleNamespace(weights="auto", quick=True, option=[], vllm_python="/venv/bin/python",
                            vllm_model_dir="/models/smol", burstiness=1.0, slo_ttft=None, slo_tpot=None)
-    part = Part("throughput", "throughput", None, hf=True, vllm=True)
+    part = Part("throughput", "throughput", None, hf=HF, vllm=True)
     cmd = runner.bench_command("vllm", part, args, "cpu", "HuggingFaceTB/SmolLM2-135M-Instruct", "float32",
                                Path("/tmp/v.json"), None)
     assert cmd[0] == "/venv/bin/python" and cmd[cmd.index("--model") + 1] == "/models/smol"

@@ -219,7 +219,7 @@ def suite_estimate(source, tokenizer, speed: GpuSpeed) -> list[dict]:
         work = make_workload(part.workload, tokenizer, "cuda", max_model_len=source.config.max_position_embeddings,
                              num_requests=part.num_requests, prompt_len=part.prompt_len)
         cycles = list(range(1, CYCLES_PRESENT + 1)) if part.cycles is None else list(part.cycles)
-        hf = 2 if part.hf else 0
+        hf = len(part.hf)
         _, others = batched_seconds(source.config, work.requests, 256, 16384, torch.bfloat16, speed)
         if part.workload == "online":
             rate = part.request_rates[0] or ONLINE_DEFAULTS["cuda"]["request_rate"]
