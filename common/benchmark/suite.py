@@ -16,19 +16,20 @@ from dataclasses import dataclass, field
 # Cycle 1 reruns every sequence each step: on the throughput workload's CPU size (16 requests)
 # it took 113-157 s (docs/results/cpu-throughput, cpu-throughput-all), two thirds of the budget.
 # Its step cost grows with the batch, so 4 requests take about a quarter of that, ~30-40 s.
-# On a slower 2-core AMD EPYC (docs/results/cpu-course-suite) 4 requests took 72 s: 3 keep the
-# whole suite inside 7 minutes there.
-CPU_NAIVE_REQUESTS = 3
+# On a slower 2-core AMD EPYC (docs/results/cpu-course-suite) 4 requests took 72 s and 3 took 36 s
+# of mean latency: 2 keep the whole suite inside 7 minutes there.
+CPU_NAIVE_REQUESTS = 2
 # Online: at 2 req/s the static server (cycle 3) is saturated while continuous batching is not:
 # with 32 requests its goodput was 0.089 req/s against 1.06 and its p99 TTFT 14.8 s against
-# 0.31 s (docs/results/cpu-online-sweep, 30-34 s per engine). 12 requests still queue behind
-# cycle 3's batches (16 took 50 s and 44 s per engine on the slower machine of cpu-course-suite).
-CPU_ONLINE_REQUESTS = 12
+# 0.31 s (docs/results/cpu-online-sweep, 30-34 s per engine). 8 requests still queue behind
+# cycle 3's batches (12 took 47 s per engine on the slower machine of cpu-course-suite, 16 took 50).
+CPU_ONLINE_REQUESTS = 8
 CPU_ONLINE_RATE = 2.0
-# Long context: one prompt of 2,048 tokens. Cycle 6 (sdpa) against cycle 5 (explicit attention):
+# Long context: one long prompt (stored runs at 2,048 tokens). Cycle 6 (sdpa) against cycle 5 (explicit attention):
 # 5.6 s against 10.3 s (docs/results/cpu-context-sweep/prompt-2048); at 1,024 tokens the margin is
-# smaller (2.3 s against 3.8 s) and at 256 tokens cycle 6 is slower (sdpa's fixed cost).
-CPU_LONG_PROMPT = 2048
+# smaller (2.3 s against 3.8 s) and at 256 tokens cycle 6 is slower (sdpa's fixed cost); 1,536
+# keeps the margin and saves ~10 s of the budget.
+CPU_LONG_PROMPT = 1536
 CPU_LONG_REQUESTS = 1
 
 # -- CUDA (Qwen3-0.6B, bf16, H100/H200), from common/benchmark/estimate.py -------------------------
@@ -44,10 +45,10 @@ CUDA_LONG_REQUESTS = 8
 
 HF = ("hf_generate", "hf_generate_batch")
 # The suite's throughput part: every engine's start-up (~10 s on a 2-core CPU) is paid 14 times, so
-# its generation is kept short (8 requests: 28 s per engine at 16 on the slower machine of
+# its generation is kept short (6 requests: 28 s per engine at 16, 25 s at 8, on the slower machine of
 # docs/results/cpu-course-suite), and HF is represented by its stronger baseline, generate_batch
 # (continuous batching of its own); `--workload throughput` runs both at the full size.
-CPU_THROUGHPUT_REQUESTS = 8
+CPU_THROUGHPUT_REQUESTS = 6
 SUITE_HF = ("hf_generate_batch",)
 
 
