@@ -11,8 +11,8 @@ def test_logits_match_hf(ckpt, tiny_checkpoints):
     path, hf = tiny_checkpoints[ckpt]
     llm = cycle("cycle1_naive").LLM(path, device="cpu")
     prompts = [[5, 9, 13, 70, 22, 8, 3], [40, 41, 42]]
-    Sequence = cycle("cycle1_naive").sequence.Sequence
-    input_ids, positions, mask = llm.model_runner._prepare([Sequence(i, None, p, None, None) for i, p in enumerate(prompts)])
+    Sequence, params = cycle("cycle1_naive").sequence.Sequence, cycle("cycle1_naive").SamplingParams()
+    input_ids, positions, mask = llm.model_runner._prepare([Sequence(i, None, p, params, None) for i, p in enumerate(prompts)])
     model = llm.model_runner.model
     with torch.no_grad():
         ours = model.compute_logits(model(input_ids, positions, mask))
