@@ -220,27 +220,28 @@ def test_a_memory_refusal_is_told_apart_from_a_crash(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# the issue's done-when, end to end on the CPU
+# a timeout end to end on the CPU
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
 def test_cycle1_times_out_and_cycle2_is_kept(tmp_path):
-    """`compare.py --cycles 1,2 --num-requests 8 --timeout 25` on the CPU: cycle 1 reruns whole
-    sequences and cannot finish 8 requests in 25 s on 2 cores; cycle 2 can, and keeps its charts."""
+    """`compare.py --cycles 1,2 --num-requests 8 --timeout 60` on the CPU. Measured on a 2-core
+    AMD EPYC, start-up included: cycle 1 (reruns whole sequences) ~125 s, cycle 2 ~30 s, so the
+    limit sits about 2x from each and the test does not hang on the machine's speed."""
     from common.engine.model_source import resolve_model
 
     try:
         resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
     except ValueError as error:
         pytest.skip(f"SmolLM2 is not available offline here: {error}")
-    proc = subprocess.run([sys.executable, "compare.py", "--workload", "throughput", "--cycles", "1,2", "--num-requests", "8", "--timeout", "25",
+    proc = subprocess.run([sys.executable, "compare.py", "--workload", "throughput", "--cycles", "1,2", "--num-requests", "8", "--timeout", "60",
                            "--no-hf", "--device", "cpu", "--plot", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     data = json.loads((tmp_path / "results.json").read_text())
     assert proc.returncode == report.EXIT_INCOMPLETE, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert [f["engine"] for f in data["failures"]] == ["cycle1_naive"] and data["failures"][0]["kind"] == "timeout"
     assert [r["engine"] for r in data["results"]] == ["cycle2_kvcache"]
-    assert "timed out after 25 s" in proc.stdout and (tmp_path / "throughput.png").exists()
+    assert "timed out after 60 s" in proc.stdout and (tmp_path / "throughput.png").exists()
 
 
 def test_results_name_each_engines_attention_and_int8_path(tiny_checkpoints):
