@@ -32,15 +32,14 @@ from common.benchmark.runner import Interrupted, PartRun, run_part, stop_on_sign
 from common.benchmark.suite import HF, Part, part_engines, suite
 from common.benchmark.summary import format_summary, summarize
 from common.benchmark.vllm_baseline import choose_vllm_python
-from common.benchmark.workloads import WORKLOADS, unsupported_reason
+from common.benchmark.workloads import WORKLOADS, parse_length_range, unsupported_reason
 from common.engine.args import add_model_args, parse_options
 from common.engine.device import default_model, resolve_device
 
 ROOT = Path(__file__).resolve().parent
 
-# Seconds one engine may take, start-up included, before it is stopped. On CUDA every engine
-# finishes the default workload in well under a minute (python -m common.benchmark.estimate); on 2 CPU cores
-# cycle 1 takes a few minutes on the cpu sizes.
+# Seconds one engine may take, start-up included, before it is stopped: on CUDA every engine finishes
+# in well under a minute (python -m common.benchmark.estimate); on 2 CPU cores cycle 1 takes minutes.
 DEFAULT_TIMEOUT_S = {"cuda": 300, "cpu": 1800}
 
 EPILOG = """exit status: 0 every engine measured; 1 an engine failed (crashed); 3 no crash, but an engine
@@ -86,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny workload sizes: a smoke test")
     p.add_argument("--num-requests", type=int, default=None, help="--workload: override the size's request count")
     p.add_argument("--prompt-len", type=int, default=None, help="--workload: give every prompt this many tokens of its own")
+    p.add_argument("--output-len", type=parse_length_range, metavar="N|LO-HI", help="--workload: max_tokens, N or LO-HI")
     p.add_argument("--plot", action="store_true", help="also write PNG charts")
     p.add_argument("--out", default=None, help="output folder (default: results/<device>-<workload or suite>)")
     p.add_argument("--no-hf", action="store_true", help="skip the HuggingFace baselines")
@@ -109,8 +109,8 @@ def check_args(args) -> None:
     parse_options(args.option)  # a malformed --option fails now, not in every subprocess
     if (args.base_url or args.request_rate) and args.workload != "online":
         raise SystemExit("--request-rate and --base-url go with --workload online")
-    if args.workload is None and (args.num_requests or args.prompt_len):
-        raise SystemExit("--num-requests and --prompt-len go with --workload NAME: the suite sizes each "
+    if args.workload is None and (args.num_requests or args.prompt_len or args.output_len):
+        raise SystemExit("--num-requests, --prompt-len and --output-len go with --workload NAME: the suite sizes each "
                          "workload itself (common/benchmark/suite.py)")
     if args.timeout is not None and args.timeout <= 0:
         raise SystemExit(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
@@ -125,7 +125,8 @@ def single_part(args) -> Part:
         except ValueError as error:
             raise SystemExit(f"--request-rate: {error}")
     return Part(args.workload, args.workload, None, hf=HF if args.workload != "online" else (), vllm=True,
-                num_requests=args.num_requests, prompt_len=args.prompt_len, request_rates=rates)
+                num_requests=args.num_requests, prompt_len=args.prompt_len, output_len=args.output_len,
+                request_rates=rates)
 
 
 def suite_parts(device_kind: str, quick: bool, cycles: list[str]) -> list[Part]:
@@ -287,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     first = next((r for rec in records.values() for r in rec["results"]), None)
     run_info = {"machine": first["machine"] if first else machine_info(device), "model": source.name,
                 "weights": source.weights, "origin": source.origin, "weights_note": source.fallback_reason,
-                "device": str(device), "workload": args.workload or "suite", "quick": args.quick,
-                "num_requests": args.num_requests, "prompt_len": args.prompt_len, "options": args.option,
+                "device": str(device), "workload": args.workload or "suite", "quick": args.quick, "options": args.option,
+                **{size: getattr(args, size) for size in ("num_requests", "prompt_len", "output_len")},
                 "parts": [p.name for p in parts], "timeout_s": timeout, "started": started, "argv": sys.argv}
     summary = write_results(records, run_info, out_dir, suite_run)
     report(records, summary, run_info, args, out_dir)

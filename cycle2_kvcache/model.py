@@ -136,7 +136,9 @@ class DecoderLayer(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, config, qk_norm: bool):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # from_pretrained skips nn.Embedding's random init: on the meta device that one call imports
+        # torch's compiler (~2.5 s per process), and load_weights overwrites the values anyway.
+        self.embed_tokens = nn.Embedding.from_pretrained(torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(config, qk_norm) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

@@ -1,5 +1,6 @@
 """The benchmark harness: workloads, metrics, plots and an end-to-end compare.py run."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import pytest
 
 from common.engine.metrics import PEAK_WITH_LOADING, peak_memory_bytes, percentile, reset_peak_memory, summarize
 from common.benchmark.plots import plot_results, short_name
-from common.benchmark.workloads import SIZES, WORKLOADS, make_workload, safe_token_ids, warmup_request
+from common.benchmark.workloads import SIZES, WORKLOADS, make_workload, parse_length_range, safe_token_ids, warmup_request
 
 ROOT = Path(__file__).resolve().parent.parent
 PLOTS = {"latency.png", "throughput.png", "ttft.png", "memory.png"}
@@ -121,6 +122,14 @@ def test_size_overrides_keep_the_rest(tokenizer):
     assert [r.max_tokens for r in work.requests] == [base.requests[0].max_tokens] * 3
     with pytest.raises(ValueError, match="num_requests"):
         make_workload("throughput", tokenizer, "cpu", num_requests=0)
+    fixed = make_workload("throughput", tokenizer, "cpu", output_len=parse_length_range("7"))
+    assert [r.max_tokens for r in fixed.requests] == [7] * len(fixed.requests)
+    assert len(fixed.requests) == 16 and all(16 <= len(r.prompt_token_ids) <= 64 for r in fixed.requests)
+    ranged = make_workload("throughput", tokenizer, "cpu", output_len=parse_length_range("5-9"))
+    assert {r.max_tokens for r in ranged.requests} <= set(range(5, 10)) and len({r.max_tokens for r in ranged.requests}) > 1
+    for bad in ("0", "9-5", "x", "3-"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_length_range(bad)
 
 
 def test_memory_against_context_chart(tmp_path):

@@ -5,7 +5,7 @@ import time
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 from common.engine.gguf_source import _clean_gguf_config
 from common.engine.model_dir import cache_dir, publish_dir
@@ -20,6 +20,11 @@ def tiny_config(kind: str, tie: bool = False):
     if kind == "llama":
         return LlamaConfig(**TINY, tie_word_embeddings=tie, rope_theta=5e5)
     return Qwen3Config(**TINY, head_dim=16, tie_word_embeddings=tie, rope_theta=1e6)
+
+
+def hf_config(source: ModelSource):
+    """transformers' own reading of the source's config.json, for HF models built in these tests."""
+    return AutoConfig.from_pretrained(source.path)
 
 
 def save_tiny(tmp_path, kind: str, tie: bool = False):
@@ -43,7 +48,7 @@ def test_local_dir_real_weights_round_trip(tmp_path, kind, tie):
     assert (source.origin, source.weights, source.path) == ("local", "real", str(tmp_path.resolve()))
     assert source.config.model_type == kind
 
-    target = AutoModelForCausalLM.from_config(source.config)  # different random init
+    target = AutoModelForCausalLM.from_config(hf_config(source))  # different random init
     load_weights(target, source)
     expected, actual = reference.state_dict(), target.state_dict()
     assert expected.keys() == actual.keys()
@@ -87,7 +92,7 @@ def test_missing_and_unexpected_tensors_raise(tmp_path):
     save_tiny(tmp_path, "llama")
     source = resolve_model(str(tmp_path))
     with pytest.raises(ValueError, match="lacks model parameters"):
-        model = AutoModelForCausalLM.from_config(source.config)
+        model = AutoModelForCausalLM.from_config(hf_config(source))
         model.extra = torch.nn.Linear(2, 2)  # a parameter the checkpoint does not have
         load_weights(model, source)
     with pytest.raises(ValueError, match="the model lacks"):
@@ -214,11 +219,12 @@ def test_smollm2_offline_has_real_weights_and_chat_template():
                                          add_generation_prompt=True)
     assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
+    config = hf_config(source)
     with torch.device("meta"):  # skip HF's slow random init: load_weights overwrites it all
-        model = AutoModelForCausalLM.from_config(source.config)
+        model = AutoModelForCausalLM.from_config(config)
     model = model.to_empty(device="cpu")
     model.tie_weights()  # to_empty gives lm_head its own storage
-    model.model.rotary_emb.__init__(source.config)  # and garbage in the RoPE buffer
+    model.model.rotary_emb.__init__(config)  # and garbage in the RoPE buffer
     load_weights(model, source)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -369,3 +375,44 @@ def test_fallback_reason_only_for_a_fallback(tmp_path, monkeypatch):
     assert resolve_model("Qwen/Qwen3-0.6B", weights="random").fallback_reason is None  # asked for
     save_tiny(tmp_path / "tiny", "llama")
     assert resolve_model(str(tmp_path / "tiny")).fallback_reason is None
+
+
+# ------------------------------------------------------------------------------------------------
+# config.json, read by common/engine/model_config.py
+# ------------------------------------------------------------------------------------------------
+
+CONFIG_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings",
+                 "tie_word_embeddings", "attention_bias", "eos_token_id")
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_config_reads_what_autoconfig_reads(tmp_path, kind):
+    save_tiny(tmp_path, kind, tie=True)
+    ours, theirs = resolve_model(str(tmp_path)).config, AutoConfig.from_pretrained(tmp_path)
+    assert {f: getattr(ours, f) for f in CONFIG_FIELDS} == {f: getattr(theirs, f) for f in CONFIG_FIELDS}
+    assert rope_theta(ours) == rope_theta(theirs) and ours.architectures == theirs.architectures
+
+
+@pytest.mark.parametrize("field, value, said", [
+    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "RoPE scaling 'llama3'"),
+    ("hidden_act", "gelu", "activation 'gelu'"),
+    ("use_sliding_window", True, "sliding-window attention"),
+    ("model_type", "mistral", "model_type 'mistral' is not supported"),
+])
+def test_config_refuses_what_the_engines_do_not_implement(tmp_path, field, value, said):
+    save_tiny(tmp_path, "llama")
+    data = json.loads((tmp_path / "config.json").read_text())
+    data.pop("rope_parameters", None) if field == "rope_scaling" else None
+    (tmp_path / "config.json").write_text(json.dumps({**data, field: value}))
+    with pytest.raises(ValueError, match=said):
+        resolve_model(str(tmp_path))
+
+
+def test_config_missing_a_field_names_it(tmp_path):
+    save_tiny(tmp_path, "qwen3")
+    data = json.loads((tmp_path / "config.json").read_text())
+    del data["hidden_size"]
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="lacks 'hidden_size'"):
+        resolve_model(str(tmp_path))

@@ -27,7 +27,7 @@ from common.engine.memory import MemoryEstimateError
 from common.engine.metrics import (PEAK_GENERATION, PEAK_WITH_LOADING, peak_memory_bytes, peak_rss_bytes,
                             reset_peak_memory, summarize)
 from common.benchmark.vllm_baseline import VLLM_ENGINE
-from common.benchmark.workloads import WORKLOADS, check_supported, make_workload, warmup_request
+from common.benchmark.workloads import WORKLOADS, check_supported, make_workload, parse_length_range, warmup_request
 
 HF_ENGINES = ("hf_generate", "hf_generate_batch")
 
@@ -253,7 +253,8 @@ def _run_vllm_online(model_dir: str, work, dtype_name: str, settings: dict, onli
 
 def run_engine(engine: str, workload: str, device=None, model: str | None = None, weights: str = "auto",
                quick: bool = False, dtype=None, options: dict | None = None,
-               num_requests: int | None = None, prompt_len: int | None = None, online: dict | None = None) -> dict:
+               num_requests: int | None = None, prompt_len: int | None = None, online: dict | None = None,
+               output_len: tuple[int, int] | None = None) -> dict:
     """Run one engine on one workload in this process and return the result dict (see module doc).
     `online`: request_rate, burstiness, slo_ttft_s, slo_tpot_s of the online workload (None: defaults)."""
     if workload not in WORKLOADS:
@@ -264,7 +265,7 @@ def run_engine(engine: str, workload: str, device=None, model: str | None = None
     device = resolve_device(device)
     model = model or default_model(device)
     runner = _run_hf if engine in HF_ENGINES else _run_vllm if engine == VLLM_ENGINE else _run_cycle
-    size = {"num_requests": num_requests, "prompt_len": prompt_len}   # overrides of the workload's size
+    size = {"num_requests": num_requests, "prompt_len": prompt_len, "output_len": output_len}   # overrides of the size
     extra = {"online": online} if workload == "online" else {}
     run = runner(engine, workload, device, model, weights, quick, dtype, options or {}, size, **extra)
 
@@ -310,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="the tiny smoke-test size of the workload")
     p.add_argument("--num-requests", type=int, default=None, help="override the workload size's request count")
     p.add_argument("--prompt-len", type=int, default=None, help="give every prompt this many tokens of its own")
+    p.add_argument("--output-len", type=parse_length_range, default=None, metavar="N|LO-HI",
+                   help="every request's max_tokens: N, or uniform in LO-HI")
     p.add_argument("--out", default=None, help="write the JSON here (default: print it)")
     # --workload online only (common/benchmark/online.py); unset: the size's defaults there
     p.add_argument("--request-rate", type=float, default=None, help="online: requests per second (inf: all at once)")
@@ -339,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         result = run_engine(args.engine, args.workload, args.device, args.model, args.weights, args.quick,
                             args.dtype, parse_options(args.option), args.num_requests, args.prompt_len,
                             online={"request_rate": args.request_rate, "burstiness": args.burstiness,
-                                    "slo_ttft_s": args.slo_ttft, "slo_tpot_s": args.slo_tpot})
+                                    "slo_ttft_s": args.slo_ttft, "slo_tpot_s": args.slo_tpot},
+                            output_len=args.output_len)
     except MemoryEstimateError as error:
         # Cycles 1-2 refusing a static batch that cannot fit: an expected outcome, told apart from a
         # crash. A CUDA out-of-memory error that no estimate foresaw stays a crash: something to fix.

@@ -217,7 +217,8 @@ def suite_estimate(source, tokenizer, speed: GpuSpeed) -> list[dict]:
     rows = []
     for part in suite("cuda"):
         work = make_workload(part.workload, tokenizer, "cuda", max_model_len=source.config.max_position_embeddings,
-                             num_requests=part.num_requests, prompt_len=part.prompt_len)
+                             num_requests=part.num_requests, prompt_len=part.prompt_len,
+                             output_len=part.output_len)
         cycles = list(range(1, CYCLES_PRESENT + 1)) if part.cycles is None else list(part.cycles)
         hf = len(part.hf)
         _, others = batched_seconds(source.config, work.requests, 256, 16384, torch.bfloat16, speed)

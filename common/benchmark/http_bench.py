@@ -83,7 +83,7 @@ def main_http(args) -> int:
     source = resolve_model(args.model, args.weights)
     work = make_workload("online", load_tokenizer(source), device.type, args.quick,
                          max_model_len=source.config.max_position_embeddings, num_requests=args.num_requests,
-                         prompt_len=args.prompt_len)
+                         prompt_len=args.prompt_len, output_len=args.output_len)
     rates = parse_rates(args.request_rate) if args.request_rate else [None]
     results = []
     for rate in rates:

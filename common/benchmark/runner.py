@@ -98,6 +98,8 @@ def bench_command(engine: str, part, args, device: str, model: str, dtype: str |
         cmd += ["--num-requests", str(part.num_requests)]
     if part.prompt_len:
         cmd += ["--prompt-len", str(part.prompt_len)]
+    if part.output_len:
+        cmd += ["--output-len", "{}-{}".format(*part.output_len)]
     if dtype:
         cmd += ["--dtype", dtype]
     for option in list(part.options) + list(args.option):

@@ -19,17 +19,20 @@ from dataclasses import dataclass, field
 # On a slower 2-core AMD EPYC (docs/results/cpu-course-suite) 4 requests took 72 s and 3 took 36 s
 # of mean latency: 2 keep the whole suite inside 7 minutes there.
 CPU_NAIVE_REQUESTS = 2
+CPU_NAIVE_OUTPUT = (16, 32)
 # Online: at 2 req/s the static server (cycle 3) is saturated while continuous batching is not:
 # with 32 requests its goodput was 0.089 req/s against 1.06 and its p99 TTFT 14.8 s against
 # 0.31 s (docs/results/cpu-online-sweep, 30-34 s per engine). 8 requests still queue behind
 # cycle 3's batches (12 took 47 s per engine on the slower machine of cpu-course-suite, 16 took 50).
 CPU_ONLINE_REQUESTS = 8
 CPU_ONLINE_RATE = 2.0
+CPU_ONLINE_OUTPUT = (16, 48)
+CPU_PREFIX_REQUESTS = 8
 # Long context: one long prompt (stored runs at 2,048 tokens). Cycle 6 (sdpa) against cycle 5 (explicit attention):
 # 5.6 s against 10.3 s (docs/results/cpu-context-sweep/prompt-2048); at 1,024 tokens the margin is
 # smaller (2.3 s against 3.8 s) and at 256 tokens cycle 6 is slower (sdpa's fixed cost); 1,536
 # keeps the margin and saves ~10 s of the budget.
-CPU_LONG_PROMPT = 1536
+CPU_LONG_PROMPT = 1024
 CPU_LONG_REQUESTS = 1
 
 # -- CUDA (Qwen3-0.6B, bf16, H100/H200), from common/benchmark/estimate.py -------------------------
@@ -49,6 +52,7 @@ HF = ("hf_generate", "hf_generate_batch")
 # docs/results/cpu-course-suite), and HF is represented by its stronger baseline, generate_batch
 # (continuous batching of its own); `--workload throughput` runs both at the full size.
 CPU_THROUGHPUT_REQUESTS = 6
+CPU_THROUGHPUT_OUTPUT = (16, 32)
 SUITE_HF = ("hf_generate_batch",)
 
 
@@ -62,6 +66,7 @@ class Part:
     vllm: bool = False               # also the real vLLM, when compare.py has one (--vllm-python)
     num_requests: int | None = None  # None: the workload size's own
     prompt_len: int | None = None
+    output_len: tuple[int, int] | None = None   # the range of max_tokens; None: the size's own
     request_rates: tuple = (None,)   # online: the rates to run each engine at (None: the size's default)
     note: str = ""                   # printed under the part's table
     options: tuple[str, ...] = field(default_factory=tuple)
@@ -77,16 +82,18 @@ def suite(device_kind: str, quick: bool = False) -> list[Part]:
     else:
         parts.append(Part("throughput", "throughput", tuple(range(2, 100)), hf=SUITE_HF, vllm=True,
                           num_requests=None if quick else CPU_THROUGHPUT_REQUESTS,
+                          output_len=None if quick else CPU_THROUGHPUT_OUTPUT,
                           note=f"cycle 1 runs a reduced size ({naive_requests} requests): see the kv_cache table"))
-        parts.append(Part("kv_cache", "throughput", (1, 2), num_requests=naive_requests,
+        parts.append(Part("kv_cache", "throughput", (1, 2), num_requests=naive_requests, output_len=CPU_NAIVE_OUTPUT,
                           note=f"the throughput workload reduced to {naive_requests} requests so cycle 1 fits "
                                "the budget; cycle 2 runs the same requests"))
     online_requests, rate = (CPU_ONLINE_REQUESTS, CPU_ONLINE_RATE) if cpu else (CUDA_ONLINE_REQUESTS, CUDA_ONLINE_RATE)
     long_prompt, long_requests = (CPU_LONG_PROMPT, CPU_LONG_REQUESTS) if cpu else (CUDA_LONG_PROMPT, CUDA_LONG_REQUESTS)
     parts += [
         Part("online", "online", (3, 4), num_requests=None if quick else online_requests,
+             output_len=None if quick or not cpu else CPU_ONLINE_OUTPUT,
              request_rates=(None,) if quick else (rate,)),
-        Part("shared_prefix", "shared_prefix", (4, 5)),
+        Part("shared_prefix", "shared_prefix", (4, 5), num_requests=None if quick or not cpu else CPU_PREFIX_REQUESTS),
         Part("long_context", "long_context", (5, 6), num_requests=None if quick else long_requests,
              prompt_len=None if quick else long_prompt),
     ]

@@ -10,6 +10,7 @@ reruns the whole sequence every step, finishes on 2 cores) and "quick" (a smoke 
 cycle). All sizes live in the SIZES table right below, the one place to tune them.
 """
 
+import argparse
 import dataclasses
 import random
 from dataclasses import dataclass
@@ -255,10 +256,11 @@ def _chat_requests(tokenizer, size: Size, rng: random.Random) -> list[Request]:
 
 def make_workload(name: str, tokenizer, device: str, quick: bool = False, seed: int = 0,
                   max_model_len: int | None = None, num_requests: int | None = None,
-                  prompt_len: int | None = None) -> Workload:
+                  prompt_len: int | None = None, output_len: tuple[int, int] | None = None) -> Workload:
     """Build a workload's requests. max_model_len (the model's max_position_embeddings) caps
-    random prompts so prompt + max_tokens always fits; num_requests overrides the size's count and
-    prompt_len fixes every prompt's own length (both keep the rest of the size)."""
+    random prompts so prompt + max_tokens always fits; num_requests overrides the size's count,
+    prompt_len fixes every prompt's own length and output_len (lo, hi) the range of max_tokens (all
+    keep the rest of the size)."""
     if name not in SIZES:
         raise ValueError(f"unknown workload {name!r}: choose one of {', '.join(WORKLOADS)}")
     key = size_key(device, quick)
@@ -271,6 +273,10 @@ def make_workload(name: str, tokenizer, device: str, quick: bool = False, seed: 
         if prompt_len < 1:
             raise ValueError(f"prompt_len must be >= 1, got {prompt_len}")
         size = dataclasses.replace(size, prompt_len=(prompt_len, prompt_len))
+    if output_len is not None:
+        if not 1 <= output_len[0] <= output_len[1]:
+            raise ValueError(f"output_len must be (lo, hi) with 1 <= lo <= hi, got {output_len}")
+        size = dataclasses.replace(size, output_len=tuple(output_len))
     rng = random.Random(seed)
     if name in ("throughput", "long_context", "online", "nano_vllm_bench"):
         requests = _random_id_requests(tokenizer, size, rng, max_model_len)
@@ -279,6 +285,18 @@ def make_workload(name: str, tokenizer, device: str, quick: bool = False, seed: 
     else:
         requests = _chat_requests(tokenizer, size, rng)
     return Workload(name, DESCRIPTIONS[name], requests, key)
+
+
+def parse_length_range(text: str) -> tuple[int, int]:
+    """A command line's token count: "32" (exactly) or "16-48" (uniform in that range)."""
+    lo, dash, hi = text.partition("-")
+    try:
+        bounds = (int(lo), int(hi if dash else lo))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or LO-HI, got {text!r}") from None
+    if not 1 <= bounds[0] <= bounds[1]:
+        raise argparse.ArgumentTypeError(f"expected 1 <= LO <= HI, got {text!r}")
+    return bounds
 
 
 def warmup_request(tokenizer, num_tokens: int = 8) -> Request:

