@@ -1,13 +1,14 @@
 """Tests for common/engine/model_source.py and its offline fallbacks (gguf_source.py, random_weights.py,
 model_dir.py): finding models online or offline and loading their weights."""
 import json
+import pathlib
 import time
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
-from common.engine.gguf_source import _clean_gguf_config
+from common.engine.gguf_source import _clean_gguf_config, gguf_state_dict, unpermute_rope_rows
 from common.engine.model_dir import cache_dir, publish_dir
 from common.engine.model_source import (ModelSource, eos_token_ids, load_tokenizer, load_weights, resolve_model,
                                         rope_theta)
@@ -242,6 +243,27 @@ def test_gguf_config_is_cleaned(tmp_path):
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["rms_norm_eps"] == 1e-5 and "quantization_config" not in saved
     assert saved["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_gguf_q_k_rows_are_put_back_in_hf_order():
+    """llama.cpp's converter permutes each head's q/k rows: reshape(heads, 2, half, in).swapaxes(1, 2).
+    unpermute_rope_rows must undo exactly that, for q (9 heads) and k (3 heads) alike."""
+    for heads in (9, 3):
+        hf = torch.arange(heads * 64 * 5, dtype=torch.float32).reshape(heads * 64, 5).numpy()
+        gguf = hf.reshape(heads, 2, 32, 5).swapaxes(1, 2).reshape(hf.shape)
+        assert (gguf != hf).any() and (unpermute_rope_rows(gguf, heads) == hf).all()
+    with pytest.raises(ValueError, match="no HF name"):   # a name outside the Llama table is refused
+        gguf_state_dict_of_names(["blk.0.attn_qkv.weight"])
+
+
+def gguf_state_dict_of_names(names):
+    """gguf_state_dict on a stand-in reader that has tensors with these names."""
+    import types
+    from unittest import mock
+
+    tensors = [types.SimpleNamespace(name=n, data=None, tensor_type=None) for n in names]
+    with mock.patch("gguf.GGUFReader", return_value=types.SimpleNamespace(tensors=tensors)):
+        return gguf_state_dict(pathlib.Path("x.gguf"), 9, 3)
 
 
 def test_cache_dirs_are_published_whole(tmp_path):
