@@ -16,6 +16,7 @@ from itertools import accumulate
 
 import torch
 
+from common.engine.cpu_gemm import pack_linear_weights
 from common.engine.memory import weight_bytes
 from common.engine.model_source import load_weights
 
@@ -40,6 +41,7 @@ class ModelRunner:
         self.model = build_model(source, config.device, config.dtype, config.attention_backend)
         self.dense_layout = config.attention_backend in DENSE_LAYOUT   # build sdpa's [B, Tq] layout
         self.quantize_s = self._quantize() if config.quantization else 0.0
+        self.linear_backend = pack_linear_weights(self.model, config.device, config.dtype)   # oneDNN on x86 CPUs
         # Compiled small ops: a flag of their own, apart from the graphs (compiled_ops.py).
         self.compile_s = compile_small_ops(self.model, config.device, config.dtype) if config.compile else 0.0
         self.sampler = Sampler(config.device, config.seed, eos_token_ids)   # eos: for min_tokens
@@ -109,7 +111,8 @@ class ModelRunner:
         self.kv_cache, self.graphs = pool, graphs
 
     def stats(self) -> dict:
-        return {"weight_bytes": weight_bytes(self.model), "kv_cache_pool_bytes": self.kv_cache.nbytes,
+        return {"weight_bytes": weight_bytes(self.model), "linear_backend": self.linear_backend,
+                "kv_cache_pool_bytes": self.kv_cache.nbytes,
                 "kv_pool": self.kv_pool,   # how the pool was sized: budget, model, activation peak, cap
                 "attention_backend": self.config.attention_backend,
                 "attention_backend_note": self.config.attention_backend_note,   # why a fallback ran, or None

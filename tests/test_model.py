@@ -23,11 +23,32 @@ def test_logits_match_hf(ckpt, tiny_checkpoints):
 
 
 def test_untied_checkpoint_keeps_its_own_lm_head(tiny_checkpoints):
-    llm = cycle("cycle1_naive").LLM(tiny_checkpoints["qwen3_untied"][0], device="cpu")
-    model = llm.model_runner.model
+    # build_model, before the runner packs the linear layers for oneDNN (common/engine/cpu_gemm.py)
+    from common.engine.model_source import resolve_model
+
+    build = lambda name: cycle("cycle1_naive").model_runner.build_model(
+        resolve_model(tiny_checkpoints[name][0]), torch.device("cpu"), torch.float32)
+    model = build("qwen3_untied")
     assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
-    model = cycle("cycle1_naive").LLM(tiny_checkpoints["qwen3"][0], device="cpu").model_runner.model
+    model = build("qwen3")
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_cpu_linear_layers_are_packed_for_onednn_and_counted(tiny_checkpoints):
+    from common.engine.cpu_gemm import ONEDNN_PACKED, PackedLinear, linear_backend
+
+    if linear_backend(torch.device("cpu"), torch.float32) != ONEDNN_PACKED:
+        pytest.skip("oneDNN packing applies to float32 on x86 CPUs only")
+    llm = cycle("cycle1_naive").LLM(tiny_checkpoints["qwen3"][0], device="cpu")
+    model, stats = llm.model_runner.model, llm.model_runner.stats()
+    assert stats["linear_backend"] == ONEDNN_PACKED and isinstance(model.lm_head, PackedLinear)
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())
+    # the tied lm_head gets its own packed copy (as in vLLM's CPU backend): counted in the weights
+    params = sum(p.numel() for p in model.parameters()) + sum(m.packed_weight.numel() for m in model.modules()
+                                                                if isinstance(m, PackedLinear))
+    assert stats["weight_bytes"] == 4 * params
+    bf16 = cycle("cycle1_naive").LLM(tiny_checkpoints["qwen3"][0], device="cpu", dtype="bfloat16")
+    assert bf16.model_runner.stats()["linear_backend"] == "torch" and isinstance(bf16.model_runner.model.lm_head, torch.nn.Linear)
 
 
 def test_unsupported_architecture_is_refused(tmp_path):

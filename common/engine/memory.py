@@ -18,6 +18,9 @@ def weight_bytes(model: nn.Module) -> int:
     tensor counted once. Every row of compare.py's table, the HF baselines' too, uses this."""
     seen, total = set(), 0
     for tensor in model.state_dict(keep_vars=True).values():
+        if tensor.is_mkldnn:   # a packed oneDNN weight (cpu_gemm.py): opaque, never shared
+            total += tensor.numel() * tensor.element_size()
+            continue
         key = tensor.untyped_storage().data_ptr()
         if key not in seen:
             seen.add(key)
