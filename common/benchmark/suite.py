@@ -13,25 +13,28 @@ Each size below is a named constant with the stored run it was chosen from (docs
 from dataclasses import dataclass, field
 
 # -- CPU (SmolLM2-135M, fp32, 2 cores) ------------------------------------------------------------
-# Cycle 1 reruns every sequence each step: on the throughput workload's CPU size (16 requests)
-# it took 113-157 s (docs/results/cpu-throughput, cpu-throughput-all), two thirds of the budget.
-# Its step cost grows with the batch, so 4 requests take about a quarter of that, ~30-40 s.
-# On a slower 2-core AMD EPYC (docs/results/cpu-course-suite) 4 requests took 72 s and 3 took 36 s
-# of mean latency: 2 keep the whole suite inside 7 minutes there.
+# The budget counts the README's whole first command on a fresh 2-core AMD EPYC: the install took
+# 126 s there and the one-time GGUF conversion ~30 s, which leaves the suite about 4 minutes. Every
+# engine start costs ~6 s (torch's import, loading, warm-up), sixteen starts a minute and a half,
+# so each part runs a few requests with short outputs: enough to show its lesson, no more.
+#
+# Cycle 1 reruns every sequence each step: 16 requests took 113-157 s (docs/results/cpu-throughput),
+# 2 requests of 16-32 tokens ~15 s; cycle 2 runs the same requests.
 CPU_NAIVE_REQUESTS = 2
 CPU_NAIVE_OUTPUT = (16, 32)
 # Online: at 2 req/s the static server (cycle 3) is saturated while continuous batching is not:
-# with 32 requests its goodput was 0.089 req/s against 1.06 and its p99 TTFT 14.8 s against
-# 0.31 s (docs/results/cpu-online-sweep, 30-34 s per engine). 8 requests still queue behind
-# cycle 3's batches (12 took 47 s per engine on the slower machine of cpu-course-suite, 16 took 50).
+# with 32 requests its p99 TTFT was 14.8 s against 0.31 s (docs/results/cpu-online-sweep, 30-34 s
+# per engine). 8 requests of 16-48 tokens still queue behind cycle 3's batches (p99 TTFT 3.6 s
+# against 0.41 s, ~13 s per engine, in a trial run of this size).
 CPU_ONLINE_REQUESTS = 8
 CPU_ONLINE_RATE = 2.0
 CPU_ONLINE_OUTPUT = (16, 48)
+# Prefix caching: 8 requests sharing the CPU size's 256-token system prompt (16 took twice as long
+# and showed the same -77% to -84% TTFT).
 CPU_PREFIX_REQUESTS = 8
-# Long context: one long prompt (stored runs at 2,048 tokens). Cycle 6 (sdpa) against cycle 5 (explicit attention):
-# 5.6 s against 10.3 s (docs/results/cpu-context-sweep/prompt-2048); at 1,024 tokens the margin is
-# smaller (2.3 s against 3.8 s) and at 256 tokens cycle 6 is slower (sdpa's fixed cost); 1,536
-# keeps the margin and saves ~10 s of the budget.
+# Long context: one long prompt. Cycle 6 (sdpa) against cycle 5 (explicit attention): 5.6 s
+# against 10.3 s at 2,048 tokens, 2.3 s against 3.8 s at 1,024 (docs/results/cpu-context-sweep),
+# and cycle 6 is slower at 256 (sdpa's fixed cost). 1,024 keeps a clear margin.
 CPU_LONG_PROMPT = 1024
 CPU_LONG_REQUESTS = 1
 
@@ -47,10 +50,10 @@ CUDA_LONG_PROMPT = None
 CUDA_LONG_REQUESTS = 8
 
 HF = ("hf_generate", "hf_generate_batch")
-# The suite's throughput part: every engine's start-up (~10 s on a 2-core CPU) is paid 14 times, so
-# its generation is kept short (6 requests: 28 s per engine at 16, 25 s at 8, on the slower machine of
-# docs/results/cpu-course-suite), and HF is represented by its stronger baseline, generate_batch
-# (continuous batching of its own); `--workload throughput` runs both at the full size.
+# The suite's throughput part: 8 engines, so its generation is kept short (6 requests of 16-32
+# tokens; their varied lengths are what paging's KV memory gain lives on), and HF is represented by
+# its stronger baseline, generate_batch (continuous batching of its own); `--workload throughput`
+# runs both HF baselines at the full size.
 CPU_THROUGHPUT_REQUESTS = 6
 CPU_THROUGHPUT_OUTPUT = (16, 32)
 SUITE_HF = ("hf_generate_batch",)

@@ -41,11 +41,14 @@ def linear_backend(device: torch.device, dtype: torch.dtype) -> str:
 class PackedLinear(nn.Module):
     """nn.Linear with its weight packed for oneDNN (see the module docstring)."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, tied: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        # A buffer, so the model's weight_bytes and state_dict still see it.
-        self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None))
+        # A buffer, so the model's state_dict and weight_bytes see it, as they saw the weight. A
+        # tied lm_head's packed copy is extra: the embedding keeps its float table for lookups
+        # (vLLM's CPU backend keeps both too), so it is not what the checkpoint holds.
+        self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None),
+                             persistent=not tied)
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -59,10 +62,11 @@ def pack_linear_weights(model: nn.Module, device: torch.device, dtype: torch.dty
     left to pack: its layers run their own matmul, and this says "torch")."""
     if linear_backend(device, dtype) != ONEDNN_PACKED:
         return TORCH_LINEAR
-    packed = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                setattr(parent, name, PackedLinear(child))
-                packed += 1
+    linears = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if type(child) is nn.Linear]
+    # a weight that a module other than a Linear also holds: a tied embedding
+    shared = {id(p) for m in model.modules() if type(m) is not nn.Linear for p in m.parameters(recurse=False)}
+    for parent, name, child in linears:
+        setattr(parent, name, PackedLinear(child, tied=id(child.weight) in shared))
+    packed = len(linears)
     return ONEDNN_PACKED if packed else TORCH_LINEAR
