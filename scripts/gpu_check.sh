@@ -40,6 +40,7 @@ STEPS=(
   "nano_fp|150|0|python3 compare.py --device cuda --workload nano_vllm_bench --cycles 7,8 --no-hf --option quantization=None --timeout 70 --out /tmp/gpu/nano_fp"
   "nano_vllm_bench|300|0|python3 compare.py --device cuda --workload nano_vllm_bench --cycles 4-6 --no-hf --timeout 90 --out /tmp/gpu/nano_vllm_bench"
   "online|150|0|python3 compare.py --device cuda --workload online --cycles 3,4 --timeout 70 --out /tmp/gpu/online"
+  "serve_vs_vllm|300|0|if python3 -c 'import vllm' 2>/dev/null; then VLLM_PY=python3 NAME=gpu-vs-vllm-served RATES='1 4' NUM_PROMPTS=32 bash scripts/vs_vllm.sh && cp -r docs/results/gpu-vs-vllm-served /tmp/gpu/serve_vs_vllm; else echo 'no vllm on this machine: serve_online runs our server alone'; fi"
   "serve_online|150|0|python3 -m cycle8_graphs.serve Qwen/Qwen3-0.6B --device cuda --port 8123 & s=\$!; python3 -m common.benchmark.http_bench wait http://127.0.0.1:8123 90 && python3 compare.py --device cuda --workload online --base-url http://127.0.0.1:8123/v1 --model Qwen/Qwen3-0.6B --out /tmp/gpu/serve_online; kill \$s"
 )
 

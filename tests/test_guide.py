@@ -225,3 +225,31 @@ def test_no_unstored_decode_times(figure):
     stored = "".join(p.read_text() for p in RESULTS.glob("cpu-decode-2seqs-*.txt"))
     assert figure not in stored and figure not in GUIDE.read_text()
     assert "93.9" in stored and "95.7" in stored
+
+
+def test_vllm_table_as_stored():
+    """Chapter 8's "every cycle beside vLLM" rows are the stored runs' tokens/s, rounded as printed."""
+    text = chapters()[8]
+    for run, label in (("fp32-4", "4 requests, fp32"), ("fp32-16", "16 requests, fp32"),
+                       ("fp32-64", "64 requests, fp32"), ("bf16-64", "64 requests, bf16")):
+        rows = {r["engine"]: r for r in json.loads((RESULTS / "cpu-vs-vllm-offline" / run / "results.json").read_text())["results"]}
+        line = next(line for line in text.splitlines() if line.startswith(f"| throughput, {label} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")][1:]
+        order = ["cycle4_batching", "cycle6_flash", "cycle8_graphs", "hf_generate", "hf_generate_batch", "vllm"]
+        for engine, cell in zip(order, cells):
+            want = f"{rows[engine]['throughput_tok_s']:.1f}" if engine in rows else ""
+            assert cell == want, (run, engine, cell, want)
+        best = max(rows[e]["throughput_tok_s"] for e in ("cycle4_batching", "cycle6_flash") if e in rows)
+        assert cells[-1] == f"{best / rows['vllm']['throughput_tok_s']:.2f}×", (run, cells[-1])
+
+
+def test_cycle_pairs_as_stored():
+    """Chapter 8's alternating pairs are the stored runs' tokens/s and their ratios, as printed."""
+    text = chapters()[8]
+    for run in (1, 2, 3):
+        tok = {e: json.loads((RESULTS / "cpu-cycle-pairs" / f"{e}-run{run}.json").read_text())["throughput_tok_s"]
+               for e in ("cycle5_prefix", "cycle6_flash", "cycle7_int8", "cycle8_graphs")}
+        want = (f"| {run} | {tok['cycle5_prefix']:.1f} | {tok['cycle6_flash']:.1f} | "
+                f"{tok['cycle6_flash'] / tok['cycle5_prefix']:.2f} | {tok['cycle7_int8']:.1f} | "
+                f"{tok['cycle8_graphs']:.1f} | {tok['cycle8_graphs'] / tok['cycle7_int8']:.2f} |")
+        assert want in text, want

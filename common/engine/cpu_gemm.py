@@ -5,13 +5,14 @@ kernels again on every call. A decode step multiplies a few rows by every weight
 so that repacking is most of the work. oneDNN can pack a weight once, into the blocked layout its
 kernels read, and then multiply against the packed copy. vLLM's CPU backend does the same.
 
-Measured on a 2-core AMD EPYC, SmolLM2-135M's shapes, float32, ms per call (F.linear / packed):
+Measured on a 2-core AMD EPYC, SmolLM2-135M's shapes, float32, ms per call, F.linear / packed
+(scripts/bench_linear.py, docs/results/cpu-linear-packing/linear.txt):
 
     rows (M)      [M, 576] x [576, 1536]     lm_head [M, 576] x [576, 49152]
-    1             0.15 / 0.13                14.9 / 8.9
-    4             0.37 / 0.16                37.7 / 11.2
-    64            1.36 / 0.94
-    1024          20.1 / 15.0
+    1             0.14 / 0.17                15.9 / 9.7
+    4             0.37 / 0.18                39.8 / 11.9
+    64            1.43 / 0.92                86.7 / 34.7
+    256           8.70 / 5.23                230.8 / 156.6
 
 The packed weight is an opaque oneDNN tensor: it replaces the float weight (same bytes), it is
 not a Parameter, and nothing but oneDNN's linear can read it. Results differ from MKL's only in
@@ -62,11 +63,12 @@ def pack_linear_weights(model: nn.Module, device: torch.device, dtype: torch.dty
     left to pack: its layers run their own matmul, and this says "torch")."""
     if linear_backend(device, dtype) != ONEDNN_PACKED:
         return TORCH_LINEAR
-    linears = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-               if type(child) is nn.Linear]
+    slots = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+             if type(child) is nn.Linear]
     # a weight that a module other than a Linear also holds: a tied embedding
     shared = {id(p) for m in model.modules() if type(m) is not nn.Linear for p in m.parameters(recurse=False)}
-    for parent, name, child in linears:
-        setattr(parent, name, PackedLinear(child, tied=id(child.weight) in shared))
-    packed = len(linears)
+    for parent, name in slots:   # one at a time: each float weight is freed as soon as its copy is packed
+        linear = getattr(parent, name)
+        setattr(parent, name, PackedLinear(linear, tied=id(linear.weight) in shared))
+    packed = len(slots)
     return ONEDNN_PACKED if packed else TORCH_LINEAR
