@@ -226,7 +226,7 @@ def test_a_memory_refusal_is_told_apart_from_a_crash(tmp_path):
 @pytest.mark.slow
 def test_cycle1_times_out_and_cycle2_is_kept(tmp_path):
     """`compare.py --cycles 1,2 --num-requests 8 --timeout 60` on the CPU. Measured on a 2-core
-    AMD EPYC, start-up included: cycle 1 (reruns whole sequences) ~125 s, cycle 2 ~30 s, so the
+    AMD EPYC, start-up included: cycle 1 (reruns whole sequences) ~128 s, cycle 2 ~23 s, so the
     limit sits about 2x from each and the test does not hang on the machine's speed."""
     from common.engine.model_source import resolve_model
 
