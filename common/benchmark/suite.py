@@ -15,22 +15,22 @@ from dataclasses import dataclass, field
 # -- CPU (SmolLM2-135M, fp32, 2 cores) ------------------------------------------------------------
 # The budget counts the README's whole first command on a fresh 2-core AMD EPYC: the install took
 # 126 s there and the one-time GGUF conversion ~30 s, which leaves the suite about 4 minutes. Every
-# engine start costs ~6 s (torch's import, loading, warm-up), sixteen starts a minute and a half,
+# engine start costs ~6 s (torch's import, ~3 s of loading, warm-up), sixteen starts a minute and a half,
 # so each part runs a few requests with short outputs: enough to show its lesson, no more.
 #
 # Cycle 1 reruns every sequence each step: 16 requests took 113-157 s (docs/results/cpu-throughput),
-# 2 requests of 16-32 tokens ~15 s; cycle 2 runs the same requests.
+# 2 requests of 16-32 tokens 12 s (docs/results/cpu-course-suite); cycle 2 runs the same requests.
 CPU_NAIVE_REQUESTS = 2
 CPU_NAIVE_OUTPUT = (16, 32)
 # Online: at 2 req/s the static server (cycle 3) is saturated while continuous batching is not:
 # with 32 requests its p99 TTFT was 14.8 s against 0.31 s (docs/results/cpu-online-sweep, 30-34 s
-# per engine). 8 requests of 16-48 tokens still queue behind cycle 3's batches (p99 TTFT 3.6 s
-# against 0.41 s, ~13 s per engine, in a trial run of this size).
+# per engine). 8 requests of 16-48 tokens still queue behind cycle 3's batches (p99 TTFT 4.1 s
+# against 0.29 s, 9-10 s per engine, docs/results/cpu-course-suite).
 CPU_ONLINE_REQUESTS = 8
 CPU_ONLINE_RATE = 2.0
 CPU_ONLINE_OUTPUT = (16, 48)
-# Prefix caching: 8 requests sharing the CPU size's 256-token system prompt (16 took twice as long
-# and showed the same -77% to -84% TTFT).
+# Prefix caching: 8 requests sharing the CPU size's 256-token system prompt, half the size's 16:
+# every request after the first still finds the prefix cached (-79% TTFT in cpu-course-suite).
 CPU_PREFIX_REQUESTS = 8
 # Long context: one long prompt. Cycle 6 (sdpa) against cycle 5 (explicit attention): 5.6 s
 # against 10.3 s at 2,048 tokens, 2.3 s against 3.8 s at 1,024 (docs/results/cpu-context-sweep),
