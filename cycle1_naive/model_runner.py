@@ -9,6 +9,7 @@ position's logits are kept.
 import torch
 
 from common.engine.cpu_gemm import pack_linear_weights
+from common.engine.cpu_memory import keep_freed_memory
 from common.engine.memory import weight_bytes
 from common.engine.model_source import load_weights
 
@@ -24,10 +25,11 @@ class ModelRunner:
         self.device = config.device
         self.model = build_model(source, config.device, config.dtype)
         self.linear_backend = pack_linear_weights(self.model, config.device, config.dtype)   # oneDNN on x86 CPUs
+        self.malloc = keep_freed_memory(config.device)   # no page faults on memory a step just freed
         self.sampler = Sampler(config.device, config.seed, eos_token_ids)   # eos: for min_tokens
 
     def stats(self) -> dict:
-        return {"weight_bytes": weight_bytes(self.model), "linear_backend": self.linear_backend}
+        return {"weight_bytes": weight_bytes(self.model), "linear_backend": self.linear_backend, "malloc": self.malloc}
 
     # --- one step ------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ to the next column, so every row's cache columns stay aligned.
 import torch
 
 from common.engine.cpu_gemm import pack_linear_weights
+from common.engine.cpu_memory import keep_freed_memory
 from common.engine.memory import weight_bytes
 from common.engine.model_source import load_weights
 
@@ -26,6 +27,7 @@ class ModelRunner:
         self.device = config.device
         self.model = build_model(source, config.device, config.dtype)
         self.linear_backend = pack_linear_weights(self.model, config.device, config.dtype)   # oneDNN on x86 CPUs
+        self.malloc = keep_freed_memory(config.device)   # no page faults on memory a step just freed
         self.sampler = Sampler(config.device, config.seed, eos_token_ids)   # eos: for min_tokens
         self.kv_cache: ContiguousKVCache | None = None
         self.num_columns = 0      # cache columns filled so far, the same for every row
@@ -43,7 +45,7 @@ class ModelRunner:
         self.kv_cache = None
 
     def stats(self) -> dict:
-        return {"weight_bytes": weight_bytes(self.model), "linear_backend": self.linear_backend}
+        return {"weight_bytes": weight_bytes(self.model), "linear_backend": self.linear_backend, "malloc": self.malloc}
 
     # --- one step ------------------------------------------------------------------------------
 

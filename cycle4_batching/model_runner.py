@@ -12,6 +12,7 @@ has one code path.
 import torch
 
 from common.engine.cpu_gemm import pack_linear_weights
+from common.engine.cpu_memory import keep_freed_memory
 from common.engine.memory import weight_bytes
 from common.engine.model_source import load_weights
 
@@ -29,6 +30,7 @@ class ModelRunner:
         self.device, self.block_size = config.device, config.block_size
         self.model = build_model(source, config.device, config.dtype)
         self.linear_backend = pack_linear_weights(self.model, config.device, config.dtype)   # oneDNN on x86 CPUs
+        self.malloc = keep_freed_memory(config.device)   # no page faults on memory a step just freed
         self.sampler = Sampler(config.device, config.seed, eos_token_ids)   # eos: for min_tokens
         self.kv_cache = None                     # allocated once the pool is sized
         self.kv_pool = self._plan_kv_pool()
@@ -69,7 +71,7 @@ class ModelRunner:
         self.kv_cache = pool
 
     def stats(self) -> dict:
-        return {"weight_bytes": weight_bytes(self.model), "linear_backend": self.linear_backend,
+        return {"weight_bytes": weight_bytes(self.model), "linear_backend": self.linear_backend, "malloc": self.malloc,
                 "kv_cache_pool_bytes": self.kv_cache.nbytes,
                 "kv_pool": self.kv_pool}   # how the pool was sized: budget, model, activation peak, cap
 

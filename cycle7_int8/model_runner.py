@@ -15,6 +15,7 @@ from itertools import accumulate
 import torch
 
 from common.engine.cpu_gemm import pack_linear_weights
+from common.engine.cpu_memory import keep_freed_memory
 from common.engine.memory import weight_bytes
 from common.engine.model_source import load_weights
 
@@ -36,6 +37,7 @@ class ModelRunner:
         self.dense_layout = config.attention_backend in DENSE_LAYOUT   # build sdpa's [B, Tq] layout
         self.quantize_s = self._quantize() if config.quantization else 0.0
         self.linear_backend = pack_linear_weights(self.model, config.device, config.dtype)   # oneDNN on x86 CPUs
+        self.malloc = keep_freed_memory(config.device)   # no page faults on memory a step just freed
         self.sampler = Sampler(config.device, config.seed, eos_token_ids)   # eos: for min_tokens
         self.kv_cache = None                     # allocated once the pool is sized
         self.kv_pool = self._plan_kv_pool()
@@ -82,7 +84,7 @@ class ModelRunner:
         self.kv_cache = pool
 
     def stats(self) -> dict:
-        return {"weight_bytes": weight_bytes(self.model), "linear_backend": self.linear_backend,
+        return {"weight_bytes": weight_bytes(self.model), "linear_backend": self.linear_backend, "malloc": self.malloc,
                 "kv_cache_pool_bytes": self.kv_cache.nbytes,
                 "kv_pool": self.kv_pool,   # how the pool was sized: budget, model, activation peak, cap
                 "attention_backend": self.config.attention_backend,
