@@ -124,6 +124,9 @@ def sdpa_attention(q, k_cache, v_cache, meta, scale: float) -> torch.Tensor:
     values = gather_blocks(v_cache, meta.block_tables)
     B, kv_heads, S, _ = keys.shape
     group, Tq = H // kv_heads, meta.query_index.shape[1]
+    if Tq == 1:   # decode: one query per sequence, already in order; no copy of q, mask or output
+        queries, mask = q.view(B, kv_heads, group, D), meta.mask.unsqueeze(1)     # mask [B, 1, 1, S]
+        return F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale).view(N, H, D)
     queries = q[meta.query_index]                                  # [B, Tq, H, D]
     queries = queries.view(B, Tq, kv_heads, group, D).permute(0, 2, 3, 1, 4).reshape(B, kv_heads, group * Tq, D)
     mask = meta.mask.unsqueeze(1).expand(B, group, Tq, S).reshape(B, 1, group * Tq, S)

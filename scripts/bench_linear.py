@@ -2,6 +2,7 @@
 
     python scripts/bench_linear.py                       # SmolLM2-135M's shapes, float32
     python scripts/bench_linear.py --rows 1,4,16 --out docs/results/cpu-linear-packing/linear.json
+    python scripts/bench_linear.py --dtype bfloat16 --rows 4,64,640    # bf16: F.linear vs widened + packed
 
 common/engine/cpu_gemm.py packs every linear layer this way on x86 CPUs; this script shows why, on
 the machine at hand: ms per call and the effective weight bandwidth, for a few row counts M
@@ -39,26 +40,29 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", default="1,4,16,64,256", help="comma-separated row counts M")
     p.add_argument("--calls", type=int, default=20)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="bfloat16: torch's bf16 F.linear against the packed layer with its weight widened to float32")
     p.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = p.parse_args()
+    dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     rows = []
     print(f"{'M':>5} {'out x in':>13} {'F.linear ms':>12} {'packed ms':>10} {'speed-up':>9} {'max |diff|':>11}")
     for m in map(int, args.rows.split(",")):
         for n, k in SHAPES:
-            linear = torch.nn.Linear(k, n, bias=False)
-            packed, x = PackedLinear(linear), torch.randn(m, k)
+            linear = torch.nn.Linear(k, n, bias=False, dtype=dtype)
+            packed, x = PackedLinear(linear, widen=dtype != torch.float32), torch.randn(m, k, dtype=dtype)
             with torch.inference_mode():
                 plain = ms_per_call(lambda: F.linear(x, linear.weight), args.calls)
                 fast = ms_per_call(lambda: packed(x), args.calls)
-                diff = (F.linear(x, linear.weight) - packed(x)).abs().max().item()
+                diff = (F.linear(x, linear.weight).float() - packed(x).float()).abs().max().item()
             rows.append({"rows": m, "out": n, "in": k, "f_linear_ms": plain, "packed_ms": fast, "max_abs_diff": diff})
             print(f"{m:>5} {f'{n} x {k}':>13} {plain:>12.3f} {fast:>10.3f} {plain / fast:>8.2f}x {diff:>11.1e}")
     if args.out:
         out = pathlib.Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"machine": machine_info(torch.device("cpu")), "torch": torch.__version__,
-                                   "dtype": "float32", "rows": rows}, indent=1))
+                                   "dtype": args.dtype, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

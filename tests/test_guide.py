@@ -231,7 +231,8 @@ def test_vllm_table_as_stored():
     """Chapter 8's "every cycle beside vLLM" rows are the stored runs' tokens/s, rounded as printed."""
     text = chapters()[8]
     for run, label in (("fp32-4", "4 requests, fp32"), ("fp32-16", "16 requests, fp32"),
-                       ("fp32-64", "64 requests, fp32"), ("bf16-64", "64 requests, bf16")):
+                       ("fp32-64", "64 requests, fp32"), ("bf16-4", "4 requests, bf16"),
+                       ("bf16-16", "16 requests, bf16"), ("bf16-64", "64 requests, bf16")):
         rows = {r["engine"]: r for r in json.loads((RESULTS / "cpu-vs-vllm-offline" / run / "results.json").read_text())["results"]}
         line = next(line for line in text.splitlines() if line.startswith(f"| throughput, {label} |"))
         cells = [c.strip() for c in line.strip("|").split("|")][1:]

@@ -48,8 +48,22 @@ def test_cpu_linear_layers_are_packed_for_onednn_and_counted(tiny_checkpoints):
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
     params = sum(p.numel() for p in model.parameters()) + sum(m.packed_weight.numel() for m in packed if m is not model.lm_head)
     assert stats["weight_bytes"] == 4 * params and "lm_head.packed_weight" not in model.state_dict()
+
+
+def test_cpu_bf16_linear_layers_run_widened_without_native_bf16(tiny_checkpoints):
+    from common.engine.cpu_gemm import ONEDNN_PACKED_WIDENED, linear_backend, native_bf16
+
     bf16 = cycle("cycle1_naive").LLM(tiny_checkpoints["qwen3"][0], device="cpu", dtype="bfloat16")
-    assert bf16.model_runner.stats()["linear_backend"] == "torch" and isinstance(bf16.model_runner.model.lm_head, torch.nn.Linear)
+    model, backend = bf16.model_runner.model, bf16.model_runner.stats()["linear_backend"]
+    if native_bf16() or linear_backend(torch.device("cpu"), torch.bfloat16) != ONEDNN_PACKED_WIDENED:
+        assert backend == "torch" and isinstance(model.lm_head, torch.nn.Linear)
+        return
+    assert backend == ONEDNN_PACKED_WIDENED and model.lm_head.widen
+    x = torch.randn(3, model.lm_head.in_features, dtype=torch.bfloat16)
+    out = model.lm_head(x)
+    # float32 products and sums over the bf16 values, rounded once to bf16 at the end
+    want = (x.float() @ model.model.embed_tokens.weight.float().T).bfloat16()
+    assert out.dtype == torch.bfloat16 and torch.allclose(out.float(), want.float(), rtol=1e-2, atol=1e-3)
 
 
 def test_unsupported_architecture_is_refused(tmp_path):

@@ -18,9 +18,15 @@ The packed weight is an opaque oneDNN tensor: it replaces the float weight (same
 not a Parameter, and nothing but oneDNN's linear can read it. Results differ from MKL's only in
 the order of the float32 additions (a few 1e-6 on outputs of order 10).
 
-Only float32 on x86: oneDNN's bfloat16 packing needs AVX512-BF16 or AVX-NE-CONVERT, and other
-CPUs are not measured here. Elsewhere the layers stay torch's nn.Linear, and the engine's stats
-say which ran (`linear_backend`).
+On x86 only. bfloat16 on a CPU without native bf16 matmul (no AVX512-BF16, no AMX): torch's bf16
+matmul there converts as it goes and ran 5-7x slower than the packed float32 one from 64 rows up
+(a 2-core AMD EPYC, docs/results/cpu-bf16-linear.txt and .json), and oneDNN cannot pack a bf16
+weight on such a CPU. So the weight is widened to float32 once and packed, and each call widens
+its input and rounds its output back to bf16: the products and sums are float32, as in a bf16
+matmul on hardware that has one, while the weight takes float32's bytes (the weights column
+shows it). On a CPU with
+native bf16, and in float16, the layers stay torch's nn.Linear (not measured here). The engine's
+stats say which ran (`linear_backend`).
 """
 import platform
 
@@ -28,31 +34,48 @@ import torch
 from torch import nn
 
 ONEDNN_PACKED = "onednn-packed"
+ONEDNN_PACKED_WIDENED = "onednn-packed-fp32 (bf16 weights widened: no native bf16 matmul on this CPU)"
 TORCH_LINEAR = "torch"
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (what torch itself checks)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def linear_backend(device: torch.device, dtype: torch.dtype) -> str:
     """Which linear layers an engine with this device and dtype runs."""
     x86 = platform.machine().lower() in ("x86_64", "amd64")
-    if device.type == "cpu" and dtype == torch.float32 and x86 and torch.backends.mkldnn.is_available():
+    if device.type != "cpu" or not x86 or not torch.backends.mkldnn.is_available():
+        return TORCH_LINEAR
+    if dtype == torch.float32:
         return ONEDNN_PACKED
+    if dtype == torch.bfloat16 and not native_bf16():
+        return ONEDNN_PACKED_WIDENED
     return TORCH_LINEAR
 
 
 class PackedLinear(nn.Module):
     """nn.Linear with its weight packed for oneDNN (see the module docstring)."""
 
-    def __init__(self, linear: nn.Linear, tied: bool = False):
+    def __init__(self, linear: nn.Linear, tied: bool = False, widen: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.widen = widen   # bf16 layer computed in float32 (module docstring)
+        weight, bias = linear.weight.detach(), linear.bias
+        if widen:
+            weight, bias = weight.float(), None if bias is None else bias.detach().float()
         # A buffer, so the model's state_dict and weight_bytes see it, as they saw the weight. A
         # tied lm_head's packed copy is extra: the embedding keeps its float table for lookups
         # (vLLM's CPU backend keeps both too), so it is not what the checkpoint holds.
-        self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None),
+        self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(weight, None),
                              persistent=not tied)
-        self.bias = linear.bias
+        self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.widen:
+            out = torch.ops.mkldnn._linear_pointwise(x.float(), self.packed_weight, self.bias, "none", [], "")
+            return out.to(x.dtype)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
 
@@ -61,7 +84,8 @@ def pack_linear_weights(model: nn.Module, device: torch.device, dtype: torch.dty
     """Replace every nn.Linear of the model with a PackedLinear where oneDNN packing applies
     (linear_backend); returns the backend its float linear layers now run (an int8 model has none
     left to pack: its layers run their own matmul, and this says "torch")."""
-    if linear_backend(device, dtype) != ONEDNN_PACKED:
+    backend = linear_backend(device, dtype)
+    if backend == TORCH_LINEAR:
         return TORCH_LINEAR
     slots = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
              if type(child) is nn.Linear]
@@ -69,6 +93,6 @@ def pack_linear_weights(model: nn.Module, device: torch.device, dtype: torch.dty
     shared = {id(p) for m in model.modules() if type(m) is not nn.Linear for p in m.parameters(recurse=False)}
     for parent, name in slots:   # one at a time: each float weight is freed as soon as its copy is packed
         linear = getattr(parent, name)
-        setattr(parent, name, PackedLinear(linear, tied=id(linear.weight) in shared))
-    packed = len(slots)
-    return ONEDNN_PACKED if packed else TORCH_LINEAR
+        setattr(parent, name, PackedLinear(linear, tied=id(linear.weight) in shared,
+                                           widen=backend == ONEDNN_PACKED_WIDENED))
+    return backend if slots else TORCH_LINEAR
