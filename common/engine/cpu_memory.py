@@ -7,8 +7,9 @@ activations of many MiB in every layer ([2,508 tokens, 1,536] floats are 15 MiB)
 writes into fresh pages, and every fresh page is a page fault that the kernel zeroes.
 
 Measured on a 2-core AMD EPYC, SmolLM2-135M, fp32, cycle 6, one prefill of 64 prompts (2,508
-tokens) in a new engine (docs/results/cpu-malloc/): 586k page faults, 2.8 s of system time and
-7.4 s in all with glibc's defaults; 22k page faults and 5.1 s with the thresholds fixed as below.
+tokens) in a new engine (scripts/bench_prefill_memory.py, docs/results/cpu-malloc/): 624k page
+faults, 3.0 s of system time and 7.5 s in all with glibc's defaults; 23k page faults, 0.1 s of
+system time and 5.4 s in all with the thresholds fixed as below.
 vLLM's CPU backend gets the same effect by preloading TCMalloc.
 
 The cost: the process keeps its largest step's memory after the step (its peak does not change).
