@@ -80,7 +80,7 @@ def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tens
     """[num_blocks, block_size, KVH, D] indexed by [B, max_blocks] -> [B, KVH, max_blocks * block_size, D]."""
     B = block_tables.shape[0]
     # index_select copies whole blocks (block_size * KVH * D values in a row); indexing with a
-    # tensor computes an offset per element and ran ~4x slower on a CPU (chapter 8).
+    # tensor computes an offset per element and ran 3.6-5x slower on a CPU (chapter 8).
     blocks = cache.index_select(0, block_tables.flatten())        # [B * max_blocks, block_size, KVH, D]
     return blocks.view(B, -1, *cache.shape[2:]).transpose(1, 2)
 

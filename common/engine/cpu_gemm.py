@@ -24,9 +24,8 @@ matmul there converts as it goes and ran 5-7x slower than the packed float32 one
 weight on such a CPU. So the weight is widened to float32 once and packed, and each call widens
 its input and rounds its output back to bf16: the products and sums are float32, as in a bf16
 matmul on hardware that has one, while the weight takes float32's bytes (the weights column
-shows it). On a CPU with
-native bf16, and in float16, the layers stay torch's nn.Linear (not measured here). The engine's
-stats say which ran (`linear_backend`).
+shows it). On a CPU with native bf16, and in float16, the layers stay torch's nn.Linear (not
+measured here). The engine's stats say which ran (`linear_backend`).
 """
 import platform
 
