@@ -5,6 +5,7 @@
     python compare.py --quick --cycles 1 --out /tmp/smoke  # a smoke test in seconds
     python compare.py --workload online --cycles 3,4 --request-rate 0.5,1,2 --plot  # requests arriving over time
     python compare.py --workload online --base-url http://127.0.0.1:8000/v1 --model NAME  # any OpenAI-compatible server
+    python compare.py --workload mixed_arrivals --cycles 8,9 --budgets 256,default --plot  # streams beside long prompts
 
 Without --workload it runs the course suite (common/benchmark/suite.py): the throughput workload for
 every engine, then each lesson's home workload for the two cycles of its step, and prints first the
@@ -24,12 +25,11 @@ import sys
 import time
 from pathlib import Path
 
-from common.benchmark.bench import machine_info
-from common.benchmark.online import parse_rates
+from common.benchmark.machine import machine_info
 from common.benchmark.report import (EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK, cycle_number, exit_status,  # noqa: F401
                                      format_part, mark_same_tokens)
 from common.benchmark.runner import Interrupted, PartRun, run_part, stop_on_signals
-from common.benchmark.suite import HF, Part, part_engines, suite
+from common.benchmark.suite import Part, part_engines, single_part, suite
 from common.benchmark.summary import format_summary, summarize
 from common.benchmark.vllm_baseline import choose_vllm_python
 from common.benchmark.workloads import WORKLOADS, parse_length_range, unsupported_reason
@@ -50,7 +50,7 @@ with a note and do not change the status."""
 
 def find_cycles() -> list[str]:
     """Every cycle package in the repository, in cycle order."""
-    names = [p.parent.name for p in ROOT.glob("cycle[0-9]_*/__init__.py")]
+    names = [p.parent.name for p in ROOT.glob("cycle*_*/__init__.py") if cycle_number(p.parent.name) is not None]
     return sorted(names, key=lambda n: (cycle_number(n), n))
 
 
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cycles", default=None, help="comma-separated numbers or names (default: every cycle present)")
     add_model_args(p, option_help="engine option passed to every engine that takes it, e.g. max_num_seqs=8 "
                                   "(repeatable); the HF baselines run in the cycles' dtype")
-    p.add_argument("--workload", default=None, choices=WORKLOADS,
+    p.add_argument("--workload", default=None, choices=(*WORKLOADS, "mixed_arrivals"),
                    help="run this one workload (default: the course suite, each lesson on its home workload)")
     p.add_argument("--quick", action="store_true", help="tiny workload sizes: a smoke test")
     p.add_argument("--num-requests", type=int, default=None, help="--workload: override the size's request count")
@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     online.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the arrival gaps (1: Poisson)")
     online.add_argument("--slo-ttft", type=float, default=None, help="goodput's time-to-first-token target, s")
     online.add_argument("--slo-tpot", type=float, default=None, help="goodput's time-per-output-token target, s")
+    p.add_argument("--budgets", default="default", help="--workload mixed_arrivals: the max_num_batched_tokens "
+                   "to sweep for a cycle that chunks (9 on), e.g. 128,256,default")
     online.add_argument("--base-url", default=None, help="benchmark this OpenAI-compatible server (e.g. "
                         "http://127.0.0.1:8000/v1) instead of the cycles; --model names its model")
     return p
@@ -114,19 +116,6 @@ def check_args(args) -> None:
                          "workload itself (common/benchmark/suite.py)")
     if args.timeout is not None and args.timeout <= 0:
         raise SystemExit(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
-
-
-def single_part(args) -> Part:
-    """--workload NAME: a suite of one part, every selected cycle (and HF but online, and vLLM)."""
-    rates = (None,)
-    if args.workload == "online" and args.request_rate:
-        try:
-            rates = tuple(parse_rates(args.request_rate))
-        except ValueError as error:
-            raise SystemExit(f"--request-rate: {error}")
-    return Part(args.workload, args.workload, None, hf=HF if args.workload != "online" else (), vllm=True,
-                num_requests=args.num_requests, prompt_len=args.prompt_len, output_len=args.output_len,
-                request_rates=rates)
 
 
 def suite_parts(device_kind: str, quick: bool, cycles: list[str]) -> list[Part]:
@@ -243,7 +232,8 @@ def report(records: dict, summary: list[dict] | None, run_info: dict, args, out_
     for record in records.values():
         print(format_part(record, title=summary is not None) + "\n")
     machine = run_info["machine"]
-    print(f"machine: {machine['name']} ({machine['cpu_count']} CPUs), model: {run_info['model']}, "
+    flags = f", {' '.join(machine['cpu_flags'])}" if machine.get("cpu_flags") and not machine.get("gpu") else ""
+    print(f"machine: {machine['name']} ({machine['cpu_count']} CPUs{flags}), model: {run_info['model']}, "
           f"weights: {run_info['weights']}, device: {run_info['device']}")
     if any(r["same_tokens"]["cell"] == "no" for rec in records.values() for r in rec["results"]):
         print("WARNING: in fp32 some cycles' greedy tokens differ from the reference cycle's: "
@@ -272,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model or default_model(device)
     timeout = args.timeout or DEFAULT_TIMEOUT_S["cuda" if device.type == "cuda" else "cpu"]
     cycles = select_cycles(args.cycles, find_cycles())
+    if args.workload == "mixed_arrivals":      # chapter 11's workload has a runner of its own
+        from common.benchmark.mixed_arrivals import from_compare
+        return from_compare(args, cycles, device, model)
     suite_run = args.workload is None
     parts = suite_parts(device.type, args.quick, cycles) if suite_run else [single_part(args)]
     out_dir = Path(args.out or ROOT / "results" / f"{device.type}-{args.workload or 'suite'}")

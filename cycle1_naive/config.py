@@ -1,7 +1,8 @@
 """Every option of the engine in one place: `LLM(model, **options)` builds a Config from them.
 
 __post_init__ resolves the device and the dtype, fills in the device's defaults and refuses an
-impossible option (a ValueError naming it) before anything is loaded. It reads no file.
+impossible option (a ValueError naming it) before anything is loaded. It reads no file and
+prints nothing.
 """
 
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ class Config:
     weights: str = "auto"
     max_num_seqs: int | None = None           # None: the device's default (DEFAULTS)
     seed: int | None = None
+    cpu_fast_paths: bool = True               # False: torch's plain linears, glibc's malloc (chapter 1)
 
     def __post_init__(self):
         self.device = resolve_device(self.device)

@@ -13,7 +13,7 @@ class SequenceStatus(Enum):
 
 class Sequence:
     def __init__(self, seq_id: int, prompt: str | None, prompt_token_ids: list[int], sampling_params,
-                 generator: torch.Generator | None):
+                 generator: torch.Generator | None, arrival_time: float = 0.0):
         self.seq_id = seq_id
         self.prompt = prompt
         self.token_ids = list(prompt_token_ids)     # prompt, then every generated token
@@ -21,11 +21,14 @@ class Sequence:
         self.sampling_params = sampling_params
         self.generator = generator                  # the request's own RNG when it has a seed
         self.status = SequenceStatus.WAITING
-        self.first_token_time: float | None = None
+        self.arrival_time = arrival_time            # perf_counter() when the request came in
+        self.first_token_time: float | None = None  # seconds after arrival
         self.finish_time: float | None = None
         self.finish_reason: str | None = None
         self.logprobs: list | None = [] if sampling_params.logprobs is not None else None  # per output token
         self.prompt_logprobs: list | None = None    # set by the prefill, when asked
+        self.detokenizer = None                     # an IncrementalDetokenizer when streamed or with stop strings
+        self.detokenize = True                      # False: outputs carry token ids only, the caller decodes
 
     def record_logprobs(self, out, i: int) -> None:
         """Keep what the sampler computed for this sequence (row i of its SamplerOutput), if asked."""
@@ -38,6 +41,10 @@ class Sequence:
         return len(self.token_ids)
 
     @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[:self.num_prompt_tokens]
+
+    @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
 
@@ -48,3 +55,8 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
+
+
+def request_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    """A request with a seed draws from its own RNG, so its tokens do not depend on its batch."""
+    return None if seed is None else torch.Generator(device=device).manual_seed(seed)

@@ -18,3 +18,15 @@ class ContiguousKVCache:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def keep_rows(self, rows: list[int], columns: int) -> None:
+        """Keep only these batch rows, in order, moved up in the same memory: a finished sequence
+        leaves the batch, and its memory stays reserved until the whole group is done. Only the
+        first `columns` columns hold K/V yet, and the rows before the first gap stay where they are."""
+        first = next((i for i, row in enumerate(rows) if row != i), len(rows))
+        index = torch.tensor(rows[first:], dtype=torch.long, device=self.k[0].device)
+        for cache in (self.k, self.v):
+            for layer, t in enumerate(cache):
+                # t[index] is a copy: no row is overwritten before it is read
+                t[first:len(rows), :, :columns] = t[index, :, :columns]
+                cache[layer] = t[:len(rows)]

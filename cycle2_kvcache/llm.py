@@ -2,25 +2,25 @@
 
 Requests are taken in fixed groups of `max_num_seqs`. A group reserves one contiguous KV buffer
 (padded prompt + largest max_tokens, for every member), runs its left-padded prompts once
-(prefill), then feeds one token per sequence per step (decode): step n costs O(1) new tokens plus
-attention over n cached ones. The next group starts only after the slowest member finishes.
+(prefill), then feeds one token per unfinished sequence per step (decode): step n costs O(1) new
+tokens plus attention over n cached ones. The next group starts after the slowest member finishes.
 """
 
 import time
 
-import torch
 from tqdm import tqdm
 
 from common.engine.inputs import prepare_requests
 from common.engine.memory import check_static_batch, static_batch_bytes, weight_bytes
 from common.engine.metrics import peak_memory_bytes, reset_peak_memory
 from common.engine.model_source import eos_token_ids, load_tokenizer, resolve_model
-from common.engine.outputs import RequestMetrics, RequestOutput
+from common.engine.outputs import RequestOutput
 
 from .config import Config
 from .model_runner import ModelRunner
+from .output_processor import OutputProcessor
 from .sampling_params import SamplingParams
-from .sequence import Sequence, SequenceStatus
+from .sequence import Sequence, SequenceStatus, request_generator
 
 
 class LLM:
@@ -31,31 +31,30 @@ class LLM:
         self.tokenizer = load_tokenizer(self.source)
         self.eos_token_ids = set(eos_token_ids(self.source, self.tokenizer))
         self.model_runner = ModelRunner(config, self.source, self.eos_token_ids)
+        self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids)
         self.stats: dict = {}
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = False) -> list[RequestOutput]:
-        requests = self._prepare(prompts, sampling_params)
-        seqs = [Sequence(i, r.prompt, r.prompt_token_ids, r.sampling_params,
-                         _request_generator(r.sampling_params.seed, self.device)) for i, r in enumerate(requests)]
-        memory = self._check_memory(seqs)  # before any work: a refusal leaves the engine as it was
-        reset_peak_memory(self.device)
+        hf = self.source.config
+        requests = prepare_requests(prompts, sampling_params, self.tokenizer, hf.vocab_size,
+                                    hf.max_position_embeddings, SamplingParams)
         start = time.perf_counter()
+        seqs = [Sequence(i, r.prompt, r.prompt_token_ids, r.sampling_params,
+                         request_generator(r.sampling_params.seed, self.device), start)
+                for i, r in enumerate(requests)]
+        memory = self._check_memory(seqs)  # before any work: a refusal leaves the engine as it was
+        for seq in seqs:   # text is decoded once, at the end (token by token only for stop strings)
+            self.output_processor.add(seq, stream=False)
+        reset_peak_memory(self.device)
         self._kv_peak_bytes = 0
         self._step_times = []
-        bar = tqdm(total=len(seqs), disable=not use_tqdm, desc="requests")
-        for group in self._groups(seqs):
-            self._run_group(group, start)
-            bar.update(len(group))
-        bar.close()
+        outputs = {}
+        with tqdm(total=len(seqs), disable=not use_tqdm, desc="requests") as bar:
+            for group in self._groups(seqs):
+                outputs.update((o.request_id, o) for o in self._run_group(group))
+                bar.update(len(group))
         self.stats = {**self._stats(seqs, time.perf_counter() - start), **memory}
-        return [self._output(seq) for seq in seqs]
-
-    # --- helpers -------------------------------------------------------------------------------
-
-    def _prepare(self, prompts, sampling_params):
-        hf = self.source.config
-        return prepare_requests(prompts, sampling_params, self.tokenizer, hf.vocab_size,
-                                hf.max_position_embeddings, SamplingParams)
+        return [outputs[seq.seq_id] for seq in seqs]
 
     def _check_memory(self, seqs: list[Sequence]) -> dict:
         """Estimate the peak of the largest static group and refuse the call if it cannot fit.
@@ -81,70 +80,41 @@ class LLM:
         for first in range(0, len(seqs), self.config.max_num_seqs):
             yield seqs[first:first + self.config.max_num_seqs]
 
-    def _run_group(self, group: list[Sequence], start: float) -> None:
+    def _run_group(self, group: list[Sequence]) -> list[RequestOutput]:
         self.model_runner.allocate_kv_cache(group)   # held until the whole group is done
         self._kv_peak_bytes = max(self._kv_peak_bytes, self.model_runner.kv_cache.nbytes)
         for seq in group:
             seq.status = SequenceStatus.RUNNING
         live, is_prefill = group, True
-        last = time.perf_counter() - start
+        last, finished = time.perf_counter(), []
         while live:
-            # Prefill: the whole padded prompts once. Decode: one new token per row (finished rows
-            # too: static batching), attending over every cache column filled so far.
-            out = self.model_runner.run(group, is_prefill)
-            now = time.perf_counter() - start
-            self._step_times.append([self.model_runner.num_columns, now - last])
+            # A finished sequence leaves the batch, but its slot stays empty: no new request joins
+            # until the whole group is done. That is static batching.
+            out = self.model_runner.run(live, is_prefill)
+            now = time.perf_counter()
+            self._step_times.append([max(len(s) for s in live), now - last])
             last = now
-            self._postprocess(group, out, now)
-            live, is_prefill = [s for s in group if not s.is_finished], False
+            finished += self._postprocess(live, out, now)
+            live, is_prefill = [s for s in live if not s.is_finished], False
         self.model_runner.free_kv_cache()
+        return finished
 
-    def _postprocess(self, seqs: list[Sequence], out, now: float) -> None:
-        for i, (seq, token) in enumerate(zip(seqs, out.token_ids)):
-            if seq.is_finished:   # its row ran with the others; the token is dropped
-                continue
-            seq.token_ids.append(token)
-            seq.record_logprobs(out, i)
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            reason = self._finish_reason(seq.output_token_ids, seq.sampling_params)
-            if reason:
-                seq.finish_reason, seq.finish_time = reason, now
+    def _postprocess(self, seqs: list[Sequence], out, now: float) -> list[RequestOutput]:
+        """Every sequence takes its sampled token; returns the outputs of those that finished."""
+        finished = []
+        for i, seq in enumerate(seqs):
+            output = self.output_processor.process(seq, out, i, now)
+            if output.finished:
                 seq.status = SequenceStatus.FINISHED
-
-    def _finish_reason(self, token_ids: list[int], params: SamplingParams) -> str | None:
-        if not params.ignore_eos and token_ids[-1] in self.eos_token_ids:
-            return "stop"
-        if token_ids[-1] in params.stop_token_ids:
-            return "stop"
-        if len(token_ids) >= params.max_tokens:
-            return "length"
-        return None
+                finished.append(output)
+        return finished
 
     def _stats(self, seqs: list[Sequence], wall: float) -> dict:
         """The components' own stats, and the loop's."""
         return {
             **self.model_runner.stats(),
             "kv_cache_peak_bytes": self._kv_peak_bytes,  # the reservation, padding included
-            "peak_memory_bytes": peak_memory_bytes(self.device),
-            "output_tokens": sum(len(s.output_token_ids) for s in seqs),
-            "wall_s": wall,
-            "max_num_seqs": self.config.max_num_seqs,
-            "step_times": self._step_times,  # [tokens per sequence in the step, seconds], per step
+            "peak_memory_bytes": peak_memory_bytes(self.device), "wall_s": wall,
+            "output_tokens": sum(len(s.output_token_ids) for s in seqs), "max_num_seqs": self.config.max_num_seqs,
+            "step_times": self._step_times,  # [tokens of the longest sequence in the step, seconds], per step
         }
-
-    def _output(self, seq: Sequence) -> RequestOutput:
-        tokens = seq.output_token_ids
-        return RequestOutput(seq.seq_id, seq.prompt, seq.token_ids[:seq.num_prompt_tokens], tokens,
-                             self.tokenizer.decode(tokens, skip_special_tokens=seq.sampling_params.skip_special_tokens),
-                             seq.finish_reason,
-                             RequestMetrics(seq.first_token_time, seq.finish_time),
-                             logprobs=seq.logprobs, prompt_logprobs=seq.prompt_logprobs)
-
-
-def _request_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
-    if seed is None:
-        return None
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    return generator

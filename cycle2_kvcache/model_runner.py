@@ -4,7 +4,8 @@ ModelRunner(config, source) builds the model (on the meta device, then filled wi
 allocate_kv_cache() reserves a contiguous cache for a static batch, free_kv_cache() drops it.
 run() turns a step into tensors, runs the model once and samples. Prefill is the left-padded
 prompts, [B, T], written to cache columns 0 .. T-1; decode is one token per row, [B, 1], written
-to the next column, so every row's cache columns stay aligned.
+to the next column, so every row's cache columns stay aligned. A sequence that finished leaves the
+batch: its row is dropped and the rows after it move up.
 """
 
 import torch
@@ -26,8 +27,9 @@ class ModelRunner:
         self.config = config
         self.device = config.device
         self.model = build_model(source, config.device, config.dtype)
-        self.linear_backend = pack_linear_weights(self.model, config.device, config.dtype)   # oneDNN on x86 CPUs
-        self.malloc = keep_freed_memory(config.device)   # no page faults on memory a step just freed
+        # On a CPU: weights packed once for oneDNN, freed memory kept for the next step (chapter 1).
+        self.linear_backend = pack_linear_weights(self.model, config.device, config.dtype, config.cpu_fast_paths)
+        self.malloc = keep_freed_memory(config.device, config.cpu_fast_paths)
         self.sampler = Sampler(config.device, config.seed, eos_token_ids)   # eos: for min_tokens
         self.kv_cache: ContiguousKVCache | None = None
         self.num_columns = 0      # cache columns filled so far, the same for every row
@@ -40,6 +42,7 @@ class ModelRunner:
         self.kv_cache = ContiguousKVCache(self.model.config.num_hidden_layers, len(seqs), attn.num_kv_heads,
                                           max_len, attn.head_dim, self.config.dtype, self.device)
         self.num_columns = 0
+        self.rows = [s.seq_id for s in seqs]   # the sequence in each row of the cache
 
     def free_kv_cache(self) -> None:
         self.kv_cache = None
@@ -53,6 +56,8 @@ class ModelRunner:
     def run(self, seqs: list[Sequence], is_prefill: bool) -> SamplerOutput:
         """One forward over the step's tokens; returns one sampled token per sequence
         (and the logprobs of the sequences that ask)."""
+        if len(seqs) < len(self.rows):   # some sequences finished: their rows leave the batch
+            self._keep_rows(seqs)
         input_ids, positions, mask = self._prepare_prefill(seqs) if is_prefill else self._prepare_decode(seqs)
         hidden = self.model(input_ids, positions, mask, self.kv_cache, start=self.num_columns)
         self.num_columns += input_ids.shape[1]
@@ -61,6 +66,13 @@ class ModelRunner:
         prompt_rows = lambda i: hidden[i, -len(seqs[i]):]   # seqs[i]'s positions
         out.prompt_logprobs = prompt_logprobs_for(seqs, self.model.compute_logits, prompt_rows)
         return out
+
+    def _keep_rows(self, seqs: list[Sequence]) -> None:
+        """Keep the cache rows of `seqs` only, in order, and their padding."""
+        keep = [self.rows.index(s.seq_id) for s in seqs]
+        self.kv_cache.keep_rows(keep, self.num_columns)
+        self.pads = self.pads[keep]
+        self.rows = [s.seq_id for s in seqs]
 
     def _prepare_prefill(self, seqs: list[Sequence]):
         """Pad on the left so every row's last token sits in the last column.

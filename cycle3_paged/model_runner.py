@@ -28,10 +28,10 @@ class ModelRunner:
         self.config = config
         self.device, self.block_size = config.device, config.block_size
         self.model = build_model(source, config.device, config.dtype)
-        self.linear_backend = pack_linear_weights(self.model, config.device, config.dtype)   # oneDNN on x86 CPUs
-        self.malloc = keep_freed_memory(config.device)   # no page faults on memory a step just freed
+        # On a CPU: weights packed once for oneDNN, freed memory kept for the next step (chapter 1).
+        self.linear_backend = pack_linear_weights(self.model, config.device, config.dtype, config.cpu_fast_paths)
+        self.malloc = keep_freed_memory(config.device, config.cpu_fast_paths)
         self.sampler = Sampler(config.device, config.seed, eos_token_ids)   # eos: for min_tokens
-        self.kv_cache = None                     # allocated once the pool is sized
         self.kv_pool = self._plan_kv_pool()
         self.num_kv_blocks = self.kv_pool["num_kv_blocks"]
         self.kv_cache = self._kv_cache(self.num_kv_blocks)
@@ -59,15 +59,14 @@ class ModelRunner:
         read and write as many K/V slots as real ones would, but nothing of the real pool (which
         does not exist yet), and the scratch pool is dropped when this returns.
         """
-        pool, self.kv_cache = self.kv_cache, self._kv_cache(1)
+        scratch = self._kv_cache(1)
         greedy = SamplingParams(temperature=0, max_tokens=1)
         for lengths, is_prefill in profile_batches(self.config.max_num_seqs, self.config.profile_tokens,
                                                    self.model.config.max_position_embeddings):
             seqs = [Sequence(i, None, [0] * n, greedy, None) for i, n in enumerate(lengths)]
             for seq in seqs:
                 seq.block_table = [0] * -(-len(seq) // self.block_size)   # all on scratch block 0
-            self.run(seqs, is_prefill)
-        self.kv_cache = pool
+            self.run(seqs, is_prefill, kv_cache=scratch)
 
     def stats(self) -> dict:
         return {"weight_bytes": weight_bytes(self.model), "linear_backend": self.linear_backend, "malloc": self.malloc,
@@ -77,11 +76,12 @@ class ModelRunner:
     # --- one step ------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> SamplerOutput:
+    def run(self, seqs: list[Sequence], is_prefill: bool, kv_cache=None) -> SamplerOutput:
         """One forward over the step's tokens; returns one sampled token per sequence
-        (and the logprobs of the sequences that ask)."""
+        (and the logprobs of the sequences that ask). kv_cache: the pool it reads and writes,
+        None for the engine's own (the start-up profile passes a one-block scratch pool)."""
         input_ids, positions, meta = self._prepare_prefill(seqs) if is_prefill else self._prepare_decode(seqs)
-        hidden = self.model(input_ids, positions, meta, self.kv_cache)
+        hidden = self.model(input_ids, positions, meta, self.kv_cache if kv_cache is None else kv_cache)
         logits = self.model.compute_logits(hidden[:, -1])
         out = self.sampler(logits, seqs)
         prompt_rows = lambda i: hidden[i, -len(seqs[i]):]   # seqs[i]'s positions

@@ -1,7 +1,8 @@
 """Every option of the engine in one place: `LLM(model, **options)` builds a Config from them.
 
 __post_init__ resolves the device and the dtype, fills in the device's defaults and refuses an
-impossible option (a ValueError naming it) before anything is loaded. It reads no file.
+impossible option (a ValueError naming it) before anything is loaded. It reads no file and
+prints nothing.
 """
 
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ class Config:
     kv_cache_memory_bytes: int | None = None  # this many bytes, or (CUDA) this share of the GPU
     gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION
     seed: int | None = None
+    cpu_fast_paths: bool = True               # False: torch's plain linears, glibc's malloc (chapter 1)
     trace: bool = False                       # print one line per step
 
     def __post_init__(self):

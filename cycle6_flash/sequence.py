@@ -44,6 +44,10 @@ class Sequence:
         return len(self.token_ids)
 
     @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[:self.num_prompt_tokens]
+
+    @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
 
@@ -59,3 +63,8 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
+
+
+def request_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    """A request with a seed draws from its own RNG, so its tokens do not depend on its batch."""
+    return None if seed is None else torch.Generator(device=device).manual_seed(seed)

@@ -1,10 +1,10 @@
 """Every option of the engine in one place: `LLM(model, **options)` builds a Config from them.
 
 __post_init__ resolves the device and the dtype, fills in the device's defaults and refuses an
-impossible option (a ValueError naming it) before anything is loaded. It reads no file.
+impossible option (a ValueError naming it) before anything is loaded. It reads no file and
+prints nothing.
 """
 
-import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -34,28 +34,28 @@ class Config:
     kv_cache_memory_bytes: int | None = None  # this many bytes, or (CUDA) this share of the GPU
     gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION
     enable_prefix_caching: bool = True
-    attention_backend: str | None = None      # None: the best this device runs (attention.py)
+    attention_backend: str | None = None      # None: the best this device runs, for the model (ModelRunner)
     quantization: str | None = "int8"         # None keeps the float checkpoint, to compare with
     int8_matmul: str | None = None            # None: the device's row of quantization.DEFAULT_MATMUL
     seed: int | None = None
+    cpu_fast_paths: bool = True               # False: torch's plain linears, glibc's malloc (chapter 1)
     trace: bool = False                       # print one line per step
-    attention_backend_note: str | None = field(default=None, init=False)   # why a fallback runs
-    _requested: tuple = field(default=(None, None), init=False, repr=False)   # as the caller gave them
     int8_matmul_note: str | None = field(default=None, init=False)
 
     def __post_init__(self):
         self.device = resolve_device(self.device)
         self.dtype = resolve_dtype(self.dtype, self.device)
-        # The backend needs the device and the dtype; its block size is checked with it.
-        self._requested = (self.attention_backend, self.block_size)
-        self._choose_backend(head_dim=None)
+        # A backend asked for must run here; the block size defaults to that of the backend this
+        # device runs. The ModelRunner chooses again once the head size is known: a fallback then
+        # keeps this block size (only flash_attn constrains it, and no fallback is flash_attn).
+        backend, _ = select_backend(self.device, self.dtype, self.attention_backend)
+        self.block_size = self.block_size or DEFAULT_BLOCK_SIZE[backend]
+        check_block_size(backend, self.block_size)
         if self.quantization not in ("int8", None) or (self.quantization is None and self.int8_matmul is not None):
             raise ValueError(f"quantization={self.quantization!r}, int8_matmul={self.int8_matmul!r}: quantization "
                              "is 'int8' (default) or None, and int8_matmul applies to 'int8' only")
         if self.quantization:
             self.int8_matmul, self.int8_matmul_note = choose_matmul(self.device, self.dtype, self.int8_matmul)
-        if self.int8_matmul_note:
-            print(f"vllm-learn: {self.int8_matmul_note}", file=sys.stderr, flush=True)
         defaults = DEFAULTS["cuda" if self.device.type == "cuda" else "cpu"]
         self.max_num_seqs = self.max_num_seqs or defaults["max_num_seqs"]
         self.max_num_batched_tokens = self.max_num_batched_tokens or defaults["max_num_batched_tokens"]
@@ -69,17 +69,3 @@ class Config:
             raise ValueError(f"kv_cache_memory_bytes must be >= 1, got {self.kv_cache_memory_bytes}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-
-    def fit_head_dim(self, head_dim: int) -> None:
-        """Checked again once the model's config is read, before any weight loads: a backend asked
-        for that cannot take this head size is refused; a default choice falls back, and says so."""
-        self._choose_backend(head_dim)
-
-    def _choose_backend(self, head_dim: int | None) -> None:
-        backend, block_size = self._requested
-        self.attention_backend, note = select_backend(self.device, self.dtype, backend, head_dim)
-        self.block_size = block_size or DEFAULT_BLOCK_SIZE[self.attention_backend]
-        check_block_size(self.attention_backend, self.block_size)
-        if note and note != self.attention_backend_note:   # a fallback nobody asked for: said once, kept in stats
-            print(f"vllm-learn: {note}", file=sys.stderr, flush=True)
-        self.attention_backend_note = note

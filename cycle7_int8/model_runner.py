@@ -9,6 +9,7 @@ decode gathers each running sequence's newest token. Both end up as the same fla
 has one code path.
 """
 
+import sys
 import time
 from itertools import accumulate
 
@@ -16,10 +17,10 @@ import torch
 
 from common.engine.cpu_gemm import pack_linear_weights
 from common.engine.cpu_memory import keep_freed_memory
-from common.engine.memory import weight_bytes
+from common.engine.memory import head_dim_of, weight_bytes
 from common.engine.model_source import load_weights
 
-from .attention import DENSE_LAYOUT
+from .attention import DENSE_LAYOUT, select_backend
 from .config import Config
 from .kv_cache import PagedKVCache, block_bytes, plan_kv_pool, profile_activation_peak, profile_batches
 from .model import AttentionMetadata, CausalLM
@@ -33,16 +34,21 @@ class ModelRunner:
     def __init__(self, config: Config, source, eos_token_ids=()):
         self.config = config
         self.device, self.block_size = config.device, config.block_size
-        self.model = build_model(source, config.device, config.dtype, config.attention_backend)
-        self.dense_layout = config.attention_backend in DENSE_LAYOUT   # build sdpa's [B, Tq] layout
+        # The attention backend for this model's head size, before any weight loads: one asked for
+        # that cannot take it is refused; a default choice falls back, with a note (attention.py).
+        self.attention_backend, self.attention_backend_note = select_backend(
+            config.device, config.dtype, config.attention_backend, head_dim_of(source.config))
+        self.model = build_model(source, config.device, config.dtype, self.attention_backend)
+        self.dense_layout = self.attention_backend in DENSE_LAYOUT   # build sdpa's [B, Tq] layout
         self.quantize_s = self._quantize() if config.quantization else 0.0
-        self.linear_backend = pack_linear_weights(self.model, config.device, config.dtype)   # oneDNN on x86 CPUs
-        self.malloc = keep_freed_memory(config.device)   # no page faults on memory a step just freed
+        # On a CPU: weights packed once for oneDNN, freed memory kept for the next step (chapter 1).
+        self.linear_backend = pack_linear_weights(self.model, config.device, config.dtype, config.cpu_fast_paths)
+        self.malloc = keep_freed_memory(config.device, config.cpu_fast_paths)
         self.sampler = Sampler(config.device, config.seed, eos_token_ids)   # eos: for min_tokens
-        self.kv_cache = None                     # allocated once the pool is sized
         self.kv_pool = self._plan_kv_pool()
         self.num_kv_blocks = self.kv_pool["num_kv_blocks"]
         self.kv_cache = self._kv_cache(self.num_kv_blocks)
+        say_fallbacks(self.attention_backend_note, config.int8_matmul_note)
 
     def _quantize(self) -> float:
         """Quantize the loaded float weights in place; returns the seconds it took."""
@@ -73,22 +79,21 @@ class ModelRunner:
         read and write as many K/V slots as real ones would, but nothing of the real pool (which
         does not exist yet), and the scratch pool is dropped when this returns.
         """
-        pool, self.kv_cache = self.kv_cache, self._kv_cache(1)
+        scratch = self._kv_cache(1)
         greedy = SamplingParams(temperature=0, max_tokens=1)
         for lengths, is_prefill in profile_batches(self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                                    self.model.config.max_position_embeddings):
             seqs = [Sequence(i, None, [0] * n, greedy, None) for i, n in enumerate(lengths)]
             for seq in seqs:
                 seq.block_table = [0] * -(-len(seq) // self.block_size)   # all on scratch block 0
-            self.run(seqs, is_prefill)
-        self.kv_cache = pool
+            self.run(seqs, is_prefill, kv_cache=scratch)
 
     def stats(self) -> dict:
         return {"weight_bytes": weight_bytes(self.model), "linear_backend": self.linear_backend, "malloc": self.malloc,
                 "kv_cache_pool_bytes": self.kv_cache.nbytes,
                 "kv_pool": self.kv_pool,   # how the pool was sized: budget, model, activation peak, cap
-                "attention_backend": self.config.attention_backend,
-                "attention_backend_note": self.config.attention_backend_note,   # why a fallback ran, or None
+                "attention_backend": self.attention_backend,
+                "attention_backend_note": self.attention_backend_note,   # why a fallback ran, or None
                 "quantization": self.config.quantization,
                 "int8_matmul": self.config.int8_matmul,
                 "int8_matmul_note": self.config.int8_matmul_note,               # why a fallback ran, or None
@@ -97,11 +102,12 @@ class ModelRunner:
     # --- one step ------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> SamplerOutput:
+    def run(self, seqs: list[Sequence], is_prefill: bool, kv_cache=None) -> SamplerOutput:
         """One forward over the step's tokens; returns one sampled token per sequence
-        (and the logprobs of the sequences that ask)."""
+        (and the logprobs of the sequences that ask). kv_cache: the pool it reads and writes,
+        None for the engine's own (the start-up profile passes a one-block scratch pool)."""
         input_ids, positions, meta = self._prepare(seqs, is_prefill)
-        hidden = self.model(input_ids, positions, meta, self.kv_cache)
+        hidden = self.model(input_ids, positions, meta, self.kv_cache if kv_cache is None else kv_cache)
         last = hidden[meta.cu_seqlens_q[1:].long() - 1]   # each sequence's last token
         logits = self.model.compute_logits(last)
         out = self.sampler(logits, seqs)
@@ -154,6 +160,12 @@ class ModelRunner:
         keys = torch.arange(width * self.block_size, device=self.device)
         mask = keys.view(1, 1, -1) <= positions[query_index].unsqueeze(-1)
         return query_index, token_index, mask
+
+
+def say_fallbacks(*notes: str | None) -> None:
+    """A fallback nobody asked for is said once, when the engine starts; stats keep the note."""
+    for note in filter(None, notes):
+        print(f"vllm-learn: {note}", file=sys.stderr, flush=True)
 
 
 def build_model(source, device: torch.device, dtype: torch.dtype, attention_backend: str) -> CausalLM:

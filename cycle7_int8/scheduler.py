@@ -13,25 +13,37 @@ against the token budget (and a re-admitted sequence may hit its own earlier blo
 cached only once computed, so when a waiting prompt's next block is being computed in this very
 step by a sequence admitted before it, it waits one step and then hits, instead of computing the
 same prefix twice.
+The scheduler owns the BlockManager, and after each step it hands every sampled token to its
+sequence (postprocess): a sequence that finished leaves, and the caller gets its outputs.
 """
 
+import time
 from collections import deque
 
+from common.engine.outputs import RequestOutput
+
 from .block_manager import BlockManager
+from .output_processor import OutputProcessor
 from .sequence import Sequence, SequenceStatus
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
-        self.block_manager = block_manager
-        self.max_num_seqs = max_num_seqs
-        self.max_num_batched_tokens = max_num_batched_tokens
+    def __init__(self, config, num_kv_blocks: int, output_processor: OutputProcessor):
+        self.block_manager = BlockManager(num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        self.output_processor = output_processor
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.reset_stats()
 
-    def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+    def add(self, seqs: list[Sequence], stream: bool = False, detokenize: bool = True) -> None:
+        """Queue new requests, all or none: one that could never fit refuses the whole call.
+        stream: their text is decoded as it comes (delta_text); detokenize=False: no text at all."""
+        self.block_manager.check_fits([s.max_len for s in seqs])
+        for seq in seqs:
+            self.output_processor.add(seq, stream, detokenize)
+            self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -102,11 +114,20 @@ class Scheduler:
                     return seq
         return None
 
-    def finish(self, seq: Sequence) -> None:
-        """A finished sequence leaves the batch now and its blocks go back to the pool."""
-        seq.status = SequenceStatus.FINISHED
-        self.block_manager.free(seq)
-        self.running.remove(seq)
+    def postprocess(self, seqs: list[Sequence], out) -> list[RequestOutput]:
+        """After a step: every sequence takes its sampled token (row i of `out`); one that finished
+        leaves the batch now and its blocks go back to the pool. One output per sequence."""
+        now = time.perf_counter()
+        outputs = []
+        for i, seq in enumerate(seqs):
+            self.block_manager.cache_full_blocks(seq, num_computed_tokens=len(seq))   # their K/V is in now
+            output = self.output_processor.process(seq, out, i, now)
+            if output.finished:
+                seq.status = SequenceStatus.FINISHED
+                self.block_manager.free(seq)
+                self.running.remove(seq)
+            outputs.append(output)
+        return outputs
 
     # --- what the engine reports -----------------------------------------------------------------
 
@@ -116,6 +137,11 @@ class Scheduler:
         if used > self.peak_blocks:
             self.peak_blocks = used
             self.tokens_at_peak = sum(len(s) for s in self.running)
+
+    def load(self) -> dict:
+        """What the engine holds now (the queues, the pool) and its counters: a server's gauges."""
+        return {"num_running": len(self.running), "num_waiting": len(self.waiting),
+                **self.block_manager.stats(), **self.stats()}
 
     def reset_stats(self) -> None:
         self.num_preemptions = self.peak_blocks = self.tokens_at_peak = 0

@@ -43,9 +43,6 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # oldest first
         self.hash_to_block: dict[int, int] = {}
-        # Sequences whose block table changed (allocated, grown, freed), in order; the decode
-        # runner takes them to update its persistent device block table (cycle 8).
-        self.changed: list[Sequence] = []
 
     @property
     def num_free_blocks(self) -> int:
@@ -114,7 +111,6 @@ class BlockManager:
         seq.num_cached_tokens = len(hits) * self.block_size
         while len(seq.block_table) < self.blocks_for(len(seq)):
             seq.block_table.append(self._take_free_block())
-        self.changed.append(seq)
 
     def _take_free_block(self) -> int:
         """The least recently freed block; if it still holds a cached prefix, that entry is evicted."""
@@ -140,7 +136,6 @@ class BlockManager:
             if not self.free_block_ids:
                 raise RuntimeError(f"no free KV block for sequence {seq.seq_id}")
             seq.block_table.append(self._take_free_block())
-            self.changed.append(seq)
 
     def cache_full_blocks(self, seq: Sequence, num_computed_tokens: int) -> None:
         """Hash every block that is now full of computed K/V, so later requests can hit it."""
@@ -165,7 +160,6 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free_block_ids[block_id] = None
         seq.block_table, seq.block_hashes, seq.num_cached_tokens = [], [], 0
-        self.changed.append(seq)
 
     def slot(self, seq: Sequence, position: int) -> int:
         """Where token `position` of the sequence lives in the flat pool: block * block_size + offset."""

@@ -8,7 +8,6 @@ number of bytes. Either way it never exceeds what max_num_seqs sequences of max_
 could ever hold, so a tiny model does not get millions of blocks it can never fill.
 """
 
-from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -97,16 +96,3 @@ def plan_kv_pool(bytes_per_block: int, device: torch.device, max_blocks: int, nu
     if blocks > max_blocks:
         blocks, plan["sized_by"] = max_blocks, plan["sized_by"] + ", capped at max_num_seqs x max_model_len"
     return {**plan, "num_kv_blocks": blocks}
-
-
-@contextmanager
-def held(num_bytes: int, device: torch.device):
-    """Hold num_bytes of device memory for the duration (the KV pool is sized inside), then give
-    them back to the device, so the graphs captured next find them free."""
-    placeholder = torch.empty(num_bytes, dtype=torch.uint8, device=device) if num_bytes else None
-    try:
-        yield
-    finally:
-        del placeholder
-        if num_bytes:
-            torch.cuda.empty_cache()

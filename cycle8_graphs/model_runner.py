@@ -7,10 +7,12 @@ model once and samples. Prefill packs every admitted prompt into one flat batch 
 decode gathers each running sequence's newest token. Both end up as the same flat layout
 (input_ids, positions, slot_mapping over N tokens, plus per-sequence block tables), so the model
 has one code path.
-Cycle 8: decode goes to DecodeGraphs (cuda_graphs.py), which keeps that layout in static buffers
-updated in place and replays it as a CUDA graph; prefill stays as it was, eager.
+Cycle 8: once the pool exists, one CUDA graph per batch-size bucket is captured on it
+(cuda_graphs.py), and a decode step replays one after copying its inputs into the graphs' static
+buffers; prefill stays eager.
 """
 
+import sys
 import time
 from itertools import accumulate
 
@@ -18,16 +20,14 @@ import torch
 
 from common.engine.cpu_gemm import pack_linear_weights
 from common.engine.cpu_memory import keep_freed_memory
-from common.engine.memory import weight_bytes
+from common.engine.memory import head_dim_of, weight_bytes
 from common.engine.model_source import load_weights
 
-from .attention import DENSE_LAYOUT
-from .block_manager import BlockManager
+from .attention import DENSE_LAYOUT, select_backend
 from .compiled_ops import compile_small_ops
 from .config import Config
 from .cuda_graphs import DecodeGraphs
-from .kv_cache import (PagedKVCache, block_bytes, held, plan_kv_pool, profile_activation_peak,
-                       profile_batches)
+from .kv_cache import PagedKVCache, block_bytes, plan_kv_pool, profile_activation_peak, profile_batches
 from .model import AttentionMetadata, CausalLM
 from .quantization import quantize_model
 from .sampler import Sampler, SamplerOutput, prompt_logprobs_for
@@ -39,30 +39,28 @@ class ModelRunner:
     def __init__(self, config: Config, source, eos_token_ids=()):
         self.config = config
         self.device, self.block_size = config.device, config.block_size
-        self.model = build_model(source, config.device, config.dtype, config.attention_backend)
-        self.dense_layout = config.attention_backend in DENSE_LAYOUT   # build sdpa's [B, Tq] layout
+        # The attention backend for this model's head size, before any weight loads: one asked for
+        # that cannot take it is refused; a default choice falls back, with a note (attention.py).
+        self.attention_backend, self.attention_backend_note = select_backend(
+            config.device, config.dtype, config.attention_backend, head_dim_of(source.config))
+        self.model = build_model(source, config.device, config.dtype, self.attention_backend)
+        self.dense_layout = self.attention_backend in DENSE_LAYOUT   # build sdpa's [B, Tq] layout
         self.quantize_s = self._quantize() if config.quantization else 0.0
-        self.linear_backend = pack_linear_weights(self.model, config.device, config.dtype)   # oneDNN on x86 CPUs
-        self.malloc = keep_freed_memory(config.device)   # no page faults on memory a step just freed
+        # On a CPU: weights packed once for oneDNN, freed memory kept for the next step (chapter 1).
+        self.linear_backend = pack_linear_weights(self.model, config.device, config.dtype, config.cpu_fast_paths)
+        self.malloc = keep_freed_memory(config.device, config.cpu_fast_paths)
         # Compiled small ops: a flag of their own, apart from the graphs (compiled_ops.py).
         self.compile_s = compile_small_ops(self.model, config.device, config.dtype) if config.compile else 0.0
         self.sampler = Sampler(config.device, config.seed, eos_token_ids)   # eos: for min_tokens
-        self.kv_cache = None                     # allocated once the pool is sized
-        self.graphs = DecodeGraphs(self.model, config.attention_backend, self.block_size, config.max_num_seqs,
+        self.graphs = DecodeGraphs(self.model, self.attention_backend, self.block_size, config.max_num_seqs,
                                    self.model.config.max_position_embeddings, self.device, config.enforce_eager)
-        # The graphs' memory is measured first and held while the KV pool is sized and allocated;
-        # capture comes after the pool exists, because a graph records the pool's addresses.
-        with held(self.graphs.measure_decode_bytes(self._kv_cache), self.device):
-            self.kv_pool = self._plan_kv_pool()
-            self.num_kv_blocks = self._blocks_with_scratch()
-            # One block more than the manager hands out: the scratch block that padding rows write to.
-            self.kv_cache = self._kv_cache(self.num_kv_blocks + 1)
-        self.graphs.bind(self.kv_cache, scratch_block=self.num_kv_blocks)
-        self.graphs.capture()
-
-    def follow(self, block_manager: BlockManager) -> None:
-        """Decode rows are rewritten only when a sequence's blocks change: the BlockManager records those."""
-        self.graphs.follow(block_manager)
+        self.kv_pool = self._plan_kv_pool()
+        self.num_kv_blocks = self.kv_pool["num_kv_blocks"]
+        # One block more than the BlockManager hands out: the scratch block that padding rows write to.
+        self.kv_cache = self._kv_cache(self.num_kv_blocks + 1)
+        # A graph records the pool's addresses: captured once the pool exists, in what it left free.
+        self.graphs.capture(self.kv_cache, scratch_block=self.num_kv_blocks)
+        say_fallbacks(self.attention_backend_note, config.int8_matmul_note, self.graphs.fallback_note)
 
     def _quantize(self) -> float:
         """Quantize the loaded float weights in place; returns the seconds it took."""
@@ -86,38 +84,28 @@ class ModelRunner:
                             c.gpu_memory_utilization,
                             profile=lambda: profile_activation_peak(self.device, self._profile_run))
 
-    def _blocks_with_scratch(self) -> int:
-        """The blocks the BlockManager hands out: a budget also pays for the scratch block (the cap
-        or an exact count does not)."""
-        num_blocks = self.kv_pool["num_kv_blocks"]
-        if self.kv_pool["budget_bytes"] is not None and 1 < num_blocks < self.kv_pool["cap_blocks"]:
-            num_blocks -= 1
-        return num_blocks
-
     def _profile_run(self) -> None:
         """Run the largest prefill and decode steps once, on dummy tokens, to measure their memory.
 
         Every dummy sequence's block table points at block 0 of a one-block scratch pool: the steps
         read and write as many K/V slots as real ones would, but nothing of the real pool (which
-        does not exist yet), and the scratch pool is dropped when this returns. Decode runs the
-        eager path here: the graphs' own memory is measured apart (measure_decode_bytes).
+        does not exist yet), and the scratch pool is dropped when this returns.
         """
-        pool, self.kv_cache, graphs, self.graphs = self.kv_cache, self._kv_cache(1), self.graphs, None
+        scratch = self._kv_cache(1)
         greedy = SamplingParams(temperature=0, max_tokens=1)
         for lengths, is_prefill in profile_batches(self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                                    self.model.config.max_position_embeddings):
             seqs = [Sequence(i, None, [0] * n, greedy, None) for i, n in enumerate(lengths)]
             for seq in seqs:
                 seq.block_table = [0] * -(-len(seq) // self.block_size)   # all on scratch block 0
-            self.run(seqs, is_prefill)
-        self.kv_cache, self.graphs = pool, graphs
+            self.run(seqs, is_prefill, kv_cache=scratch)
 
     def stats(self) -> dict:
         return {"weight_bytes": weight_bytes(self.model), "linear_backend": self.linear_backend, "malloc": self.malloc,
                 "kv_cache_pool_bytes": self.kv_cache.nbytes,
                 "kv_pool": self.kv_pool,   # how the pool was sized: budget, model, activation peak, cap
-                "attention_backend": self.config.attention_backend,
-                "attention_backend_note": self.config.attention_backend_note,   # why a fallback ran, or None
+                "attention_backend": self.attention_backend,
+                "attention_backend_note": self.attention_backend_note,   # why a fallback ran, or None
                 "quantization": self.config.quantization,
                 "int8_matmul": self.config.int8_matmul,
                 "int8_matmul_note": self.config.int8_matmul_note,               # why a fallback ran, or None
@@ -129,15 +117,16 @@ class ModelRunner:
     # --- one step ------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> SamplerOutput:
+    def run(self, seqs: list[Sequence], is_prefill: bool, kv_cache=None) -> SamplerOutput:
         """One forward over the step's tokens; returns one sampled token per sequence
-        (and the logprobs of the sequences that ask)."""
-        if self.graphs is not None:
-            if not is_prefill:
-                return self.graphs.run(seqs, self.sampler)
-            self.graphs.collect_changes()     # keeps the BlockManager's record short between decodes
+        (and the logprobs of the sequences that ask). kv_cache: the pool it reads and writes,
+        None for the engine's own (the start-up profile passes a one-block scratch pool).
+        A decode step replays a captured graph (always on the engine's pool, captured after the profile)."""
         input_ids, positions, meta = self._prepare(seqs, is_prefill)
-        hidden = self.model(input_ids, positions, meta, self.kv_cache)
+        if not is_prefill and self.graphs.replays:
+            hidden = self.graphs.run(input_ids, positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, meta, self.kv_cache if kv_cache is None else kv_cache)
         last = hidden[meta.cu_seqlens_q[1:].long() - 1]   # each sequence's last token
         logits = self.model.compute_logits(last)
         out = self.sampler(logits, seqs)
@@ -158,7 +147,7 @@ class ModelRunner:
             # slot = where token p's K/V lives in the flat pool: its block * block_size + offset
             slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, len(seq))]
             seqlens.append(seqlens[-1] + len(seq) - start)
-        as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)
+        as_tensor = lambda x: self._to_device(x, torch.long)
         positions = as_tensor(positions)
         return as_tensor(input_ids), positions, self._layout(seqs, seqlens, positions, as_tensor(slots), is_prefill)
 
@@ -167,7 +156,7 @@ class ModelRunner:
         """Per-sequence views of the flat batch: lengths and block tables for every backend (from
         Python lists: no device round trip), and the dense layout only for a backend that needs it."""
         context_lens = [len(s) for s in seqs]
-        int32 = lambda x: torch.tensor(x, dtype=torch.int32, device=self.device)
+        int32 = lambda x: self._to_device(x, torch.int32)
         width = max(len(s.block_table) for s in seqs)
         tables = int32([s.block_table + [0] * (width - len(s.block_table)) for s in seqs])
         max_seqlen_q = max(end - start for start, end in zip(seqlens, seqlens[1:]))
@@ -176,6 +165,13 @@ class ModelRunner:
         if self.dense_layout:
             meta.query_index, meta.token_index, meta.mask = self._dense_layout(seqlens, positions, width)
         return meta
+
+    def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        """A device tensor from Python values without a host-device sync on CUDA (staged in pinned
+        memory, copied non_blocking): the host goes on to replay while the copies run."""
+        if self.device.type != "cuda":
+            return torch.tensor(values, dtype=dtype, device=self.device)
+        return torch.tensor(values, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
 
     def _dense_layout(self, seqlens: list[int], positions: torch.Tensor, width: int):
         """sdpa's per-sequence layout [B, Tq]: query_index, token_index and the mask."""
@@ -190,6 +186,12 @@ class ModelRunner:
         keys = torch.arange(width * self.block_size, device=self.device)
         mask = keys.view(1, 1, -1) <= positions[query_index].unsqueeze(-1)
         return query_index, token_index, mask
+
+
+def say_fallbacks(*notes: str | None) -> None:
+    """A fallback nobody asked for is said once, when the engine starts; stats keep the note."""
+    for note in filter(None, notes):
+        print(f"vllm-learn: {note}", file=sys.stderr, flush=True)
 
 
 def build_model(source, device: torch.device, dtype: torch.dtype, attention_backend: str) -> CausalLM:

@@ -6,9 +6,12 @@ stored as q = round(w / scale) in [-127, 127]: one byte per weight instead of tw
 per output channel it factors out of the dot product: x @ (q * s)^T = (x @ q^T) * s.
 The rounding error of one weight is at most scale / 2.
 
-Three matmul paths: `triton`, our own kernel (triton_int8.py), which reads the int8 weight and
-dequantizes in registers (the default on CUDA); `int8pack_mm`, torch's fused kernel; `cast`, the
-weight cast to the activation dtype, then an ordinary matmul (the default on the CPU).
+Five matmul paths: `triton`, our own kernel (triton_int8.py), which reads the int8 weight and
+dequantizes in registers (the default on CUDA); `int8pack_mm`, torch's fused kernel of that kind,
+in the activations' dtype; `int8pack_bf16`, the same kernel with the activations rounded to bf16,
+the one dtype its fast CPU code takes (the default on a CPU with AVX512-BF16); `w8a8`, each row of
+activations quantized to int8 too, so the CPU multiplies int8 by int8; `cast`, the weight cast to
+the activation dtype, then an ordinary matmul (the default on other CPUs).
 """
 
 import torch
@@ -40,15 +43,41 @@ def cast_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     return (x @ q.to(x.dtype).t()) * scale
 
 
-MATMULS = ("triton", "int8pack_mm", "cast")
+def int8pack_bf16_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """torch's int8 kernel on bf16 activations (converted in and out): on a CPU its float32 code
+    is scalar, its bf16 code reads the int8 weight and converts it in AVX512 registers."""
+    return torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q, scale.bfloat16()).to(x.dtype)
+
+
+def w8a8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Dynamic per-token int8, as vLLM's CPU backend runs int8 models: each row of x gets its own
+    AbsMax scale, so x ~ xq * x_scale; int8 x int8 sums exactly into int32 (VNNI's dot product),
+    and both scales factor out of it: x @ (q * s)^T ~ (xq @ q^T) * x_scale * s."""
+    xf = x.float()
+    x_scale = xf.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 127
+    xq = torch.round(xf / x_scale).to(torch.int8)
+    return (torch._int_mm(xq, q.t()).float() * x_scale * scale.float()).to(x.dtype)
+
+
+MATMULS = ("triton", "int8pack_mm", "int8pack_bf16", "w8a8", "cast")
 
 # The path each device takes unless int8_matmul says otherwise: a fixed table, so the same command
 # always runs the same kernels (and gives the same tokens), where timing at start-up could pick
-# differently from one run to the next. The CPU row is measured (docs/results/cpu-int8-matmul.txt:
-# torch's int8pack kernel was slower than the cast path on SmolLM2's layer shapes in fp32; only
-# fp32 was measured, and the row holds for every dtype). On CUDA our own Triton kernel reads
-# the int8 weight directly, in any of fp32, bf16, fp16 (its GPU figures: chapter 7).
-DEFAULT_MATMUL = {"cpu": "cast", "cuda": "triton"}
+# differently from one run to the next. The CPU rows are measured (scripts/int8_matmul_cpu.py,
+# docs/results/cpu-int8-matmul-vnni/, chapter 7). On a 2-core AMD EPYC with AVX512-BF16 and VNNI:
+# int8pack_bf16 was the fastest path that kept cycle 7's quality (the perplexity of cast), faster
+# than cycle 6's packed float32 layers at 1-4 rows, slower from 16 rows on; w8a8 was faster at
+# every size but lost quality (chapter 7). Without AVX512-BF16 cast stays: torch's int8 kernel was
+# far slower than cast on an earlier machine (Intel Xeon, docs/results/cpu-int8-matmul.txt), and
+# on an AVX2-only CPU int8pack_bf16 and w8a8 are not measured.
+# On CUDA our own Triton kernel reads the int8 weight directly.
+DEFAULT_MATMUL = {"cpu": "int8pack_bf16", "cpu without avx512-bf16": "cast", "cuda": "triton"}
+
+
+def default_matmul(device: torch.device) -> str:
+    if device.type == "cpu" and not torch.cpu._is_avx512_bf16_supported():
+        return DEFAULT_MATMUL["cpu without avx512-bf16"]
+    return DEFAULT_MATMUL.get(device.type, "cast")
 
 
 def choose_matmul(device: torch.device, dtype: torch.dtype, requested: str | None) -> tuple[str, str | None]:
@@ -56,7 +85,7 @@ def choose_matmul(device: torch.device, dtype: torch.dtype, requested: str | Non
     and cast runs instead (else None). A requested path that cannot run is an error."""
     if requested is not None and requested not in MATMULS:
         raise ValueError(f"unknown int8_matmul {requested!r}: choose one of {MATMULS}")
-    choice = requested or DEFAULT_MATMUL.get(device.type, "cast")
+    choice = requested or default_matmul(device)
     problem = triton_problem(device, dtype, kernels="triton_int8") if choice == "triton" else None
     if problem and requested:
         raise ValueError(f"int8_matmul='triton' cannot run here: {problem}")
@@ -70,12 +99,21 @@ def matmul_function(name: str):
     if name == "triton":
         from .triton_int8 import int8_matmul
         return int8_matmul
-    return {"int8pack_mm": int8pack_matmul, "cast": cast_matmul}[name]
+    return {"int8pack_mm": int8pack_matmul, "int8pack_bf16": int8pack_bf16_matmul, "w8a8": w8a8_matmul,
+            "cast": cast_matmul}[name]
+
+
+# torch's int8pack kernel reads a row 16 values at a time with no tail: another width crashes the
+# process (a segfault, torch 2.13 on the CPU), so it is refused here, before any work.
+INT8PACK_K_MULTIPLE = 16
 
 
 class Int8Linear(nn.Module):
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, matmul: str):
         super().__init__()
+        if matmul.startswith("int8pack") and q.shape[1] % INT8PACK_K_MULTIPLE:
+            raise ValueError(f"int8_matmul={matmul!r} needs in_features a multiple of {INT8PACK_K_MULTIPLE}, "
+                             f"this layer has {q.shape[1]}: choose int8_matmul='cast'")
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale)
         self.bias = bias

@@ -67,12 +67,11 @@ class Sampler:
             logits[penalized] = apply_penalties(logits[penalized], [seqs[i] for i in penalized])
         return logits
 
-    def sample(self, logits: torch.Tensor, params: list[SamplingParams] | None = None,
-               generators: list[torch.Generator | None] | None = None) -> torch.Tensor:
-        """The token of every row, left on the device (no sync); generators[i]: row i's own (None:
-        no seed). params None: every row is greedy (a captured graph's plain decode step)."""
+    def sample(self, logits: torch.Tensor, params: list[SamplingParams],
+               generators: list[torch.Generator | None]) -> torch.Tensor:
+        """The token of every row, left on the device; generators[i]: row i's own (None: no seed)."""
         greedy = logits.argmax(dim=-1)
-        if params is None or all(p.greedy for p in params):
+        if all(p.greedy for p in params):
             return greedy
         probs = self._probs(logits.float(), params)
         noise = torch.empty_like(probs).exponential_(generator=self.generator)

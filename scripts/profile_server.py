@@ -6,7 +6,7 @@
 
 Starts `python -m CYCLE.serve SmolLM2 --profile-dir OUT` (the server profiles its event loop thread
 into front_end.prof and the core into core.prof), drives it with vLLM's own client when VLLM_PY has
-vLLM (the chapter's load: random dataset, 64 in / 32 out, --ignore-eos, seed 0), else with our own
+vLLM (`--vllm-python PATH` or `VLLM_PY=PATH`; the chapter's load: random dataset, 64 in / 32 out, --ignore-eos, seed 0), else with our own
 HTTP client on random token ids at Poisson arrivals, stops the server with SIGINT (so both profiles
 are written), and writes OUT/profile.md: each process's busy and idle time and the functions that
 cost the most. cProfile slows Python-heavy code down, so read shares, not absolute times.
@@ -44,7 +44,8 @@ def parse_args():
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--port", type=int, default=8777)
-    p.add_argument("--vllm-python", default=os.environ.get("VLLM_PY", "/work/venvs/vllm/bin/python"))
+    p.add_argument("--vllm-python", default=os.environ.get("VLLM_PY"),
+                   help="the python of a virtualenv with vLLM (default: $VLLM_PY); without one, our own HTTP client drives the load")
     p.add_argument("--out", default=None, help="default: docs/results/profile_served_CYCLE_{process,thread}")
     p.add_argument("--limit-s", type=int, default=1800, help="the server is killed after this")
     return p.parse_args()
@@ -78,8 +79,8 @@ def drive_ours(args) -> None:
     asyncio.run(asyncio.wait_for(run_http(f"http://127.0.0.1:{args.port}/v1", SERVED, requests, arrivals), args.limit_s))
 
 
-def has_vllm(python: str) -> bool:
-    return os.path.exists(python) and subprocess.run([python, "-c", "import vllm"], capture_output=True,
+def has_vllm(python: str | None) -> bool:
+    return bool(python) and os.path.exists(python) and subprocess.run([python, "-c", "import vllm"], capture_output=True,
                                                      timeout=300).returncode == 0
 
 

@@ -1,4 +1,4 @@
-"""Compile every Triton kernel of cycles 6-8 for an A100 (sm_80) and an H100/H200 (sm_90), on a
+"""Compile every Triton kernel of cycles 6-9 for an A100 (sm_80) and an H100/H200 (sm_90), on a
 machine without a GPU, and print what each compiled kernel uses: registers, spills, shared memory.
 
 How, without a GPU: each cycle's kernel file is loaded afresh with Triton's interpreter off, so its
@@ -10,7 +10,7 @@ num_warps, num_stages), and `triton.compile` takes it down to a cubin for the ta
 that the triton wheel ships. cuobjdump reads registers and stack bytes back from the cubin: a kernel
 with a stack frame spills registers to local memory (our kernels have no local arrays).
 
-Specializations shared by several configurations (the three cycles carry identical kernel files)
+Specializations shared by several configurations (the cycles carry identical kernel files)
 are compiled once, over one process per core. tests/test_triton_compile.py fails on a compile
 error, a spill, or shared memory over the target's limit. Usage: python scripts/triton_compile_report.py"""
 
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-CYCLES = ("cycle6_flash", "cycle7_int8", "cycle8_graphs")
+CYCLES = ("cycle6_flash", "cycle7_int8", "cycle8_graphs", "cycle9_chunked")
 # Shared memory a block may use (the opt-in maximum): A100 163 KiB, H100/H200 227 KiB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

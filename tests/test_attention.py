@@ -39,7 +39,12 @@ def build_step(name, device, dtype, is_prefill, seed=0, block_size=16, heads=8, 
         seqs.append(seq)
     runner = object.__new__(runner_mod.ModelRunner)   # only its step layout, no model: set what _prepare reads
     runner.device, runner.block_size, runner.dense_layout = torch.device(device), block_size, True
-    _, _, meta = runner._prepare(seqs, is_prefill)
+    if hasattr(seqs[0], "num_computed_tokens"):   # cycle 9: each sequence's tokens past its computed ones
+        for seq in seqs:
+            seq.num_computed_tokens = seq.num_cached_tokens if is_prefill else len(seq) - 1
+        _, _, meta = runner._prepare(seqs, [len(s) - s.num_computed_tokens for s in seqs])
+    else:
+        _, _, meta = runner._prepare(seqs, is_prefill)
     n = int(meta.cu_seqlens_q[-1])
     q = torch.randn(n, heads, head_dim, generator=gen).to(device, dtype)
     k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen).to(device, dtype)
@@ -163,7 +168,7 @@ def test_backend_choice_and_refusal(name, tiny_checkpoints, monkeypatch):
     assert attention.select_backend(cpu, torch.float32, "triton", head_dim=80) == ("triton", None)
     llm = importlib.import_module(name).LLM(tiny_checkpoints["llama"][0], device="cpu")
     llm.generate([[1, 2, 3]], importlib.import_module(name).SamplingParams(max_tokens=2))
-    assert llm.stats["attention_backend"] == "sdpa" and llm.block_manager.block_size == 16
+    assert llm.stats["attention_backend"] == "sdpa" and llm.model_runner.block_size == 16
     assert llm.stats["attention_backend_note"] is None
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
@@ -172,8 +177,8 @@ def test_backend_choice_and_refusal(name, tiny_checkpoints, monkeypatch):
 
 @pytest.mark.parametrize("name", FUSED)
 def test_the_engine_checks_the_models_head_size_before_loading_weights(name, tmp_path, monkeypatch):
-    """Config.fit_head_dim runs once the model's config is read: a triton engine asked for on a
-    320-wide head is refused before a weight loads; a default CUDA choice falls back to sdpa, said."""
+    """The ModelRunner chooses the backend once the model's config is read: a triton engine asked for
+    on a 320-wide head is refused before a weight loads; a default CUDA choice falls back to sdpa, said."""
     from conftest import save_tiny_checkpoint
 
     save_tiny_checkpoint(tmp_path, "qwen3", head_dim=320)
@@ -183,14 +188,10 @@ def test_the_engine_checks_the_models_head_size_before_loading_weights(name, tmp
     with pytest.raises(ValueError, match="head_dim 320"):
         module.LLM(str(tmp_path), device="cpu", attention_backend="triton")
     assert loads == []
-    config = importlib.import_module(f"{name}.config").Config(str(tmp_path), device="cpu", attention_backend="triton")
-    config.fit_head_dim(80)
-    assert (config.attention_backend, config.attention_backend_note) == ("triton", None)
-    cuda = importlib.import_module(f"{name}.config").Config.__new__(importlib.import_module(f"{name}.config").Config)
-    cuda.device, cuda.dtype, cuda._requested, cuda.attention_backend_note = torch.device("cuda"), torch.float32, (None, None), None
-    cuda.fit_head_dim(320)
-    assert cuda.attention_backend == "sdpa" and "head_dim 320" in cuda.attention_backend_note
-    assert cuda.block_size == 16
+    select = importlib.import_module(f"{name}.model_runner").select_backend   # what the runner calls
+    assert select(torch.device("cpu"), torch.float32, "triton", 80) == ("triton", None)
+    backend, note = select(torch.device("cuda"), torch.float32, None, 320)
+    assert backend == "sdpa" and "head_dim 320" in note
 
 
 def test_dense_layout_is_built_for_sdpa_only(tiny_llms):
@@ -200,11 +201,11 @@ def test_dense_layout_is_built_for_sdpa_only(tiny_llms):
     assert sdpa.model_runner.dense_layout and not triton.model_runner.dense_layout
     seq = importlib.import_module("cycle6_flash.sequence").Sequence(
         0, None, [5, 6, 7], importlib.import_module("cycle6_flash").SamplingParams(), None)
-    triton.block_manager.allocate(seq)
+    triton.scheduler.block_manager.allocate(seq)
     try:
         _, _, meta = triton.model_runner._prepare([seq], is_prefill=True)
     finally:
-        triton.block_manager.free(seq)
+        triton.scheduler.block_manager.free(seq)
     assert meta.mask is None and meta.query_index is None
     assert meta.block_tables.dtype == meta.context_lens.dtype == meta.cu_seqlens_q.dtype == torch.int32
     assert meta.context_lens.tolist() == [3] and meta.max_seqlen_q == 3

@@ -52,3 +52,29 @@ def test_model_args_and_options_parse():
     served = argparse.ArgumentParser()
     add_model_args(served, model_positional=True)
     assert served.parse_args(["some/model", "--device", "cpu"]).model == "some/model"
+
+
+def test_vllm_flag_names_are_options_in_order():
+    """vLLM's spelling of an engine option is the same KEY=VALUE as --option, kept in command-line order
+    (a later one wins, as in vLLM), switches both ways, and a JSON object becomes a dict."""
+    p = argparse.ArgumentParser()
+    add_model_args(p)
+    args = p.parse_args(["--max-num-batched-tokens", "512", "--option", "max_num_seqs=4", "--no-enable-prefix-caching",
+                         "--enforce-eager", "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}',
+                         "--option", "max_num_batched_tokens=64"])
+    assert args.option == ["max_num_batched_tokens=512", "max_num_seqs=4", "enable_prefix_caching=false",
+                           "enforce_eager=true", 'speculative_config={"method": "ngram", "num_speculative_tokens": 3}',
+                           "max_num_batched_tokens=64"]
+    assert parse_options(args.option) == {"max_num_batched_tokens": 64, "max_num_seqs": 4, "enable_prefix_caching": False,
+                                          "enforce_eager": True,
+                                          "speculative_config": {"method": "ngram", "num_speculative_tokens": 3}}
+    with pytest.raises(SystemExit, match="not valid JSON"):
+        parse_options(["speculative_config={method: ngram}"])
+
+
+def test_an_option_the_engine_does_not_take_is_refused(tiny_checkpoints):
+    """--max-num-batched-tokens on cycle 1 (static batches, no token budget) is an error, not ignored."""
+    out = subprocess.run([sys.executable, "-m", "cycle1_naive.run", "Hi", "--model", str(tiny_checkpoints["llama"][0]),
+                          "--max-tokens", "2", "--max-num-batched-tokens", "64"], capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "max_num_batched_tokens" in out.stderr

@@ -58,7 +58,7 @@ def test_flash_attn_engine_with_multi_block_prefix_hits(tiny_checkpoints):
     for batch in _shared_prefix_prompts():
         got = [o.token_ids for o in flash.generate(batch, params)]
         assert got == [o.token_ids for o in sdpa.generate(batch, params)]
-    assert flash.stats["prefix_cache_hit_tokens"] >= 2 * 256 and flash.block_manager.block_size == 256
+    assert flash.stats["prefix_cache_hit_tokens"] >= 2 * 256 and flash.scheduler.block_manager.block_size == 256
     assert flash.stats["attention_backend"] == "flash_attn"
 
 

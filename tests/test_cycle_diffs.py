@@ -28,53 +28,65 @@ IDENTICAL = {"run.py": CYCLES, "__init__.py": CYCLES, "serve.py": CYCLES[3:]}   
 NEW = "new file"
 
 ALLOWED = {
-    # The cache: the runner reserves it per static group and splits a step into prefill and decode.
+    # 1 -> 2, the KV cache: one contiguous buffer per static group; prefill once, then decode.
     ("cycle1_naive", "cycle2_kvcache"): {
         "kv_cache.py": NEW,
+        # the group reserves and frees its buffer; a step is prefill or decode; the peak is the reservation
         "llm.py": {"<docstring>", "LLM._check_memory", "LLM._run_group", "LLM._stats", "LLM.generate"},
+        # attention reads K/V from the cache instead of recomputing it
         "model.py": {"<docstring>", "Attention.forward", "CausalLM.forward", "DecoderLayer.forward"},
-        "model_runner.py": {"<docstring>", "<imports>", "ModelRunner.__init__", "ModelRunner._prepare",
-                            "ModelRunner._prepare_decode", "ModelRunner._prepare_prefill",
+        # the runner owns the buffer and builds prefill and decode inputs; a finished sequence's
+        # row leaves the buffer (_keep_rows): with no cache it simply was not fed again
+        "model_runner.py": {"<docstring>", "<imports>", "ModelRunner.__init__", "ModelRunner._keep_rows",
+                            "ModelRunner._prepare", "ModelRunner._prepare_decode", "ModelRunner._prepare_prefill",
                             "ModelRunner.allocate_kv_cache", "ModelRunner.free_kv_cache", "ModelRunner.run"},
     },
-    # Paging: the block pool (sized and profiled by the runner), block tables, slot mapping.
+    # 2 -> 3, paging: a pool of blocks sized at start-up, block tables, slot mapping.
     ("cycle2_kvcache", "cycle3_paged"): {
         "block_manager.py": NEW,
+        # the pool's size options (num_kv_blocks, kv_cache_memory_bytes, gpu_memory_utilization)
         "config.py": {"<imports>", "Config", "Config.__post_init__", "DEFAULTS"},
+        # the contiguous buffer becomes the paged pool, planned from a profiled step; a finished
+        # sequence's blocks go back to the pool, so no rows are moved up (keep_rows) any more
         "kv_cache.py": {"<docstring>", "<imports>", "CPU_KV_CACHE_BYTES", "ContiguousKVCache",
-                        "ContiguousKVCache.__init__", "GPU_MEMORY_UTILIZATION", "PagedKVCache",
-                        "PagedKVCache.__init__", "block_bytes", "plan_kv_pool", "profile_activation_peak",
-                        "profile_batches"},
+                        "ContiguousKVCache.__init__", "ContiguousKVCache.keep_rows", "GPU_MEMORY_UTILIZATION",
+                        "PagedKVCache", "PagedKVCache.__init__", "block_bytes", "plan_kv_pool",
+                        "profile_activation_peak", "profile_batches"},
+        # groups sized by the pool (refused by check_fits, not by an estimate); blocks taken per
+        # token and freed at finish; the peak is the blocks held, not a reservation
         "llm.py": {"<docstring>", "<imports>", "LLM.__init__", "LLM._check_memory", "LLM._groups",
                    "LLM._postprocess", "LLM._run_group", "LLM._stats", "LLM._track_peak", "LLM.generate"},
+        # K/V stored by slot_mapping, read through block tables
         "model.py": {"<docstring>", "<imports>", "Attention.forward", "AttentionMetadata", "CausalLM.forward",
                      "DecoderLayer.forward", "gather_blocks", "store_kv"},
-        "model_runner.py": {"<docstring>", "<imports>", "ModelRunner.__init__", "ModelRunner._kv_cache",
-                            "ModelRunner._metadata", "ModelRunner._plan_kv_pool", "ModelRunner._prepare_decode",
-                            "ModelRunner._prepare_prefill", "ModelRunner._profile_run", "ModelRunner._slot",
-                            "ModelRunner.allocate_kv_cache", "ModelRunner.free_kv_cache", "ModelRunner.run",
-                            "ModelRunner.stats"},
+        # the runner sizes (profiles) the pool and builds slot mappings and block tables; no cache
+        # rows to drop (_keep_rows): a finished sequence's blocks are freed by the BlockManager
+        "model_runner.py": {"<docstring>", "<imports>", "ModelRunner.__init__", "ModelRunner._keep_rows",
+                            "ModelRunner._kv_cache", "ModelRunner._metadata", "ModelRunner._plan_kv_pool",
+                            "ModelRunner._prepare_decode", "ModelRunner._prepare_prefill", "ModelRunner._profile_run",
+                            "ModelRunner._slot", "ModelRunner.allocate_kv_cache", "ModelRunner.free_kv_cache",
+                            "ModelRunner.run", "ModelRunner.stats"},
+        # a sequence's block table, and the most tokens it can ever store
         "sequence.py": {"Sequence.__init__", "Sequence.max_len"},
     },
-    # Continuous batching: the scheduler, the flat batch, the engine loop (add_request, step,
-    # abort_request) and its streaming hooks (stop strings, delta_text), serve.py.
+    # 3 -> 4, continuous batching: the Scheduler (owning the BlockManager), flat batches, the loop.
     ("cycle3_paged", "cycle4_batching"): {
+        # the token budget of one step (max_num_batched_tokens), and --trace of each step
         "config.py": {"Config", "Config.__post_init__", "DEFAULTS"},
-        "llm.py": {"<docstring>", "<imports>", "LLM.__init__", "LLM._add", "LLM._groups", "LLM._output",
-                   "LLM._postprocess", "LLM._reset_counters", "LLM._run_group", "LLM._stats", "LLM._track_peak",
-                   "LLM.abort_request", "LLM.add_request", "LLM.generate", "LLM.has_unfinished_requests",
-                   "LLM.step"},
+        # static groups give way to the engine loop: add_request, step, abort_request, load
+        "llm.py": {"<docstring>", "<imports>", "LLM.__init__", "LLM._add", "LLM._groups", "LLM._postprocess",
+                   "LLM._prepare", "LLM._run_group", "LLM._stats", "LLM._track_peak", "LLM.abort_request",
+                   "LLM.add_request", "LLM.describe", "LLM.generate", "LLM.has_unfinished_requests",
+                   "LLM.load", "LLM.step"},
+        # one flat batch of prefill and decode tokens, no padding
         "model.py": {"<docstring>", "Attention.forward", "AttentionMetadata", "CausalLM.forward", "store_kv"},
         "model_runner.py": {"<docstring>", "ModelRunner._layout", "ModelRunner._metadata", "ModelRunner._prepare",
                             "ModelRunner._prepare_decode", "ModelRunner._prepare_prefill",
                             "ModelRunner._profile_run", "ModelRunner._slot", "ModelRunner.run"},
-        "sampling_params.py": {"<imports>", "SamplingParams", "SamplingParams.__post_init__"},
         "scheduler.py": NEW,
-        "sequence.py": {"Sequence.__init__"},
-        "serve.py": NEW,
+        "serve.py": NEW,   # a server needs a loop that takes requests while others run
     },
-    # Prefix caching: hash-chained blocks with ref counts in the BlockManager; the scheduler admits
-    # a prompt's cached blocks; the runner starts a prefill after them.
+    # 4 -> 5, prefix caching: hash-chained blocks with ref counts; admission reuses cached blocks.
     ("cycle4_batching", "cycle5_prefix"): {
         "block_manager.py": {"<docstring>", "<imports>", "Block", "Block.__init__", "BlockManager.__init__",
                              "BlockManager._take_free_block", "BlockManager.allocate",
@@ -82,53 +94,83 @@ ALLOWED = {
                              "BlockManager.cached_blocks", "BlockManager.can_allocate", "BlockManager.free",
                              "BlockManager.needs_block", "BlockManager.prompt_block_hashes",
                              "BlockManager.stats", "chain_hash"},
-        "config.py": {"Config"},
-        "llm.py": {"<docstring>", "LLM.__init__", "LLM._postprocess"},
-        "model_runner.py": {"ModelRunner._prepare"},
-        "scheduler.py": {"<docstring>", "Scheduler._admit", "Scheduler.describe", "Scheduler.reset_stats",
-                         "Scheduler.stats"},
-        "sequence.py": {"Sequence.__init__"},
+        "config.py": {"Config"},                        # enable_prefix_caching
+        "llm.py": {"<docstring>"},                      # the chapter's title
+        "model_runner.py": {"ModelRunner._prepare"},    # a prefill starts after its cached tokens
+        # admission counts only uncached tokens; blocks are hashed once computed (postprocess)
+        "scheduler.py": {"<docstring>", "Scheduler.__init__", "Scheduler._admit", "Scheduler.describe",
+                         "Scheduler.postprocess", "Scheduler.reset_stats", "Scheduler.stats"},
+        "sequence.py": {"Sequence.__init__"},           # its block hashes and cached tokens
     },
-    # Fused attention: the backends (attention.py, triton_attention.py), chosen in Config, and the
-    # layout each needs.
+    # 5 -> 6, fused attention: the backends, chosen in Config, and the layout each needs.
     ("cycle5_prefix", "cycle6_flash"): {
         "attention.py": NEW,
-        "config.py": {"<imports>", "Config", "Config.__post_init__", "Config.fit_head_dim",
-                      "Config._choose_backend"},
-        "llm.py": {"<imports>", "LLM.__init__"},   # the backend must take the model's head size
+        "config.py": {"<imports>", "Config", "Config.__post_init__"},   # attention_backend
         "model.py": {"<docstring>", "<imports>", "Attention.__init__", "Attention.forward",
                      "AttentionMetadata", "Backbone.__init__", "CausalLM.__init__", "DecoderLayer.__init__",
                      "gather_blocks", "grouped_attention"},
         "model_runner.py": {"<imports>", "ModelRunner.__init__", "ModelRunner._dense_layout",
                             "ModelRunner._layout", "ModelRunner._prepare", "ModelRunner.run",
-                            "ModelRunner.stats", "build_model"},
+                            "ModelRunner.stats", "build_model", "say_fallbacks"},
         "triton_attention.py": NEW,
     },
-    # int8 weight-only quantization: the runner quantizes after loading; our int8 matmul kernel.
+    # 6 -> 7, int8 weight-only quantization: the runner quantizes after loading; our int8 kernel.
     ("cycle6_flash", "cycle7_int8"): {
-        "config.py": {"<imports>", "Config", "Config.__post_init__"},
-        "llm.py": {"<docstring>"},
+        "config.py": {"<imports>", "Config", "Config.__post_init__"},   # quantization, int8_matmul
+        "llm.py": {"<docstring>"},                                      # the chapter's title
         "model_runner.py": {"<imports>", "ModelRunner.__init__", "ModelRunner._quantize",
                             "ModelRunner.stats"},
         "quantization.py": NEW,
         "triton_int8.py": NEW,
     },
-    # CUDA graphs: the runner measures, holds, sizes and captures; decode rows follow the
-    # BlockManager; the compiled small ops (a flag) in model.py and compiled_ops.py.
+    # 7 -> 8, CUDA graphs: the runner captures one graph per batch-size bucket and replays decode
+    # steps through static buffers; the compiled small ops (a flag) in model.py and compiled_ops.py.
     ("cycle7_int8", "cycle8_graphs"): {
-        "block_manager.py": {"BlockManager.__init__", "BlockManager.allocate", "BlockManager.append_slot",
-                             "BlockManager.free"},
         "compiled_ops.py": NEW,
-        "config.py": {"Config", "Config.__post_init__"},
+        "config.py": {"Config", "Config.__post_init__"},                # enforce_eager, compile
         "cuda_graphs.py": NEW,
-        "kv_cache.py": {"<imports>", "held"},
-        "llm.py": {"<docstring>", "LLM.__init__"},
         "model.py": {"Attention.__init__", "Attention.forward", "MLP.__init__", "MLP.forward",
                      "RMSNorm.__init__", "RMSNorm.forward", "rms_norm", "silu_mul"},
-        "model_runner.py": {"<docstring>", "<imports>", "ModelRunner.__init__",
-                            "ModelRunner._blocks_with_scratch", "ModelRunner._profile_run",
-                            "ModelRunner.follow", "ModelRunner.run", "ModelRunner.stats"},
-        "sampler.py": {"Sampler.__call__", "Sampler.sample"},
+        "model_runner.py": {"<docstring>", "<imports>", "ModelRunner.__init__", "ModelRunner._layout",
+                            "ModelRunner._prepare", "ModelRunner._to_device", "ModelRunner.run",
+                            "ModelRunner.stats"},
+    },
+    # Chunked prefill: every step spends one token budget, decodes first, prompts in chunks.
+    ("cycle8_graphs", "cycle9_chunked"): {
+        "attention.py": {"<docstring>", "dense_attention", "sdpa_attention",   # a mixed step: one-query
+                         "triton_paged_attention"},                             # rows apart
+        "block_manager.py": {"<docstring>", "BlockManager.allocate", "BlockManager.append_slot",   # blocks
+                             "BlockManager.blocks_needed", "BlockManager.can_allocate",            # per chunk
+                             "BlockManager.can_append", "BlockManager.free", "BlockManager.needs_block"},
+        "config.py": {"Config", "Config.__post_init__"},   # enable_chunked_prefill, long_prefill_token_threshold
+        "llm.py": {"<docstring>", "LLM._prepare", "LLM.step"},   # token counts per step; long prompts accepted
+        "model.py": {"AttentionMetadata"},                   # num_decodes
+        "model_runner.py": {"<docstring>", "ModelRunner._layout", "ModelRunner._prepare",   # tokens from
+                            "ModelRunner._profile_run", "ModelRunner.run"},   # num_computed_tokens; sampling rows
+        "scheduler.py": {"<docstring>", "<imports>", "Scheduler.__init__", "Scheduler._admit", "Scheduler._chunk",
+                         "Scheduler._decode", "Scheduler._in_prompt", "Scheduler._schedule_running",   # the budget
+                         "Scheduler._schedule_waiting", "Scheduler._track_peak", "Scheduler.add",
+                         "Scheduler.describe", "Scheduler.postprocess", "Scheduler.schedule"},
+        "sequence.py": {"Sequence.__init__"},                # num_computed_tokens
+    },
+    # Speculative decoding: n-gram drafts verified as rows of 1 + k in the mixed step, exact rejection sampling.
+    ("cycle9_chunked", "cycle10_speculative"): {
+        "block_manager.py": {"BlockManager.trim"},          # blocks taken only for rejected drafts go back
+        "config.py": {"Config", "Config.__post_init__",     # speculative_config, vLLM's dict, checked
+                      "SPECULATIVE_KEYS", "check_speculative_config"},
+        "llm.py": {"LLM.describe"},                         # the engine reports its speculative_config
+        "model_runner.py": {"<docstring>", "<imports>", "ModelRunner.__init__",   # drafts are inputs; logits
+                            "ModelRunner._prepare", "ModelRunner.run"},            # of all k + 1 rows
+        "output_processor.py": {"OutputProcessor._finished", "OutputProcessor.process"},   # several tokens a step
+        "proposer.py": NEW,                                 # the n-gram proposer and its adaptive draft length
+        "rejection_sampler.py": NEW,                        # which drafts to keep, the distribution exact
+        "sampler.py": {"SamplerOutput"},                    # accepted_token_ids beside each sampled token
+        "scheduler.py": {"<docstring>", "<imports>", "Scheduler.__init__",        # drafts under the budget,
+                         "Scheduler._in_prompt", "Scheduler._propose",            # rollback after the step,
+                         "Scheduler._schedule_running", "Scheduler._verified",    # and vLLM's counters
+                         "Scheduler.postprocess", "Scheduler.reset_stats", "Scheduler.spec_stats",
+                         "Scheduler.stats"},
+        "sequence.py": {"Sequence.__init__"},               # spec_token_ids, the adaptive draft length
     },
 }
 
@@ -259,8 +301,8 @@ def test_diff_touches_only_its_lesson(old, new):
 
 
 def test_the_checker_catches_an_edited_function(tmp_path):
-    """A copy of cycle 2 with one function of model.py edited and one line added to llm.py's
-    _finish_reason: the checker names exactly those, and nothing else."""
+    """A copy of cycle 2 with one function of model.py edited and one comment added to llm.py's
+    _postprocess: the checker names exactly those, and nothing else."""
     old, new = tmp_path / "cycle1_naive", tmp_path / "cycle2_kvcache"
     shutil.copytree(ROOT / "cycle1_naive", old, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "cycle2_kvcache", new, ignore=shutil.ignore_patterns("__pycache__"))
@@ -270,10 +312,11 @@ def test_the_checker_catches_an_edited_function(tmp_path):
     assert "def apply_rotary(" in model
     (new / "model.py").write_text(model.replace("    half = x.shape[-1] // 2\n", "    half = x.shape[-1] >> 1\n"))
     llm = (new / "llm.py").read_text()
-    (new / "llm.py").write_text(llm.replace('            return "stop"\n', '            return "stop"  # EOS\n', 1))
+    assert "        finished = []\n" in llm
+    (new / "llm.py").write_text(llm.replace("        finished = []\n", "        finished = []   # none yet\n", 1))
     (new / "notes.txt").write_text("a file no lesson lists\n")
     assert sorted(unexpected(diff_touches(old, new), allowed)) == [
-        "llm.py: LLM._finish_reason", "model.py: apply_rotary", f"notes.txt: the diff touches this file ({NEW})"]
+        "llm.py: LLM._postprocess", "model.py: apply_rotary", f"notes.txt: the diff touches this file ({NEW})"]
 
 
 def test_line_owners_name_methods_fields_and_comments():

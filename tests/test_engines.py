@@ -70,13 +70,15 @@ def test_stops_at_eos_and_keeps_it(name, tiny_llms):
     llm = tiny_llms(name, "qwen3")
     free = llm.generate(PROMPTS[1], greedy(c, max_tokens=8))[0].token_ids
     eos = free[3]
-    saved = llm.eos_token_ids
-    llm.eos_token_ids = {eos}
+    saved = set(llm.eos_token_ids)
+    llm.eos_token_ids.clear()                  # in place: the OutputProcessor checks this same set
+    llm.eos_token_ids.add(eos)
     try:
         out = llm.generate(PROMPTS[1], c.SamplingParams(temperature=0, max_tokens=8))[0]
         ignored = llm.generate(PROMPTS[1], greedy(c, max_tokens=8))[0]
     finally:
-        llm.eos_token_ids = saved
+        llm.eos_token_ids.clear()
+        llm.eos_token_ids.update(saved)
     stop = free.index(eos)
     assert out.token_ids == free[:stop + 1] and out.finish_reason == "stop"
     assert ignored.token_ids == free and ignored.finish_reason == "length"

@@ -71,28 +71,29 @@ def test_naive_token_forwards(tiny_llms, p, n):
 
 
 def test_naive_static_batch(tiny_llms):
-    """Prompts of 3 and 7 tokens, max_tokens 2 and 5, one static batch: every step feeds both rows,
-    left-padded to the longer one, until the slower finishes: sum_{i=0}^{4} 2 * (7 + i) = 90."""
+    """Prompts of 3 and 7 tokens, max_tokens 2 and 5, one static batch: two steps feed both rows,
+    left-padded to the longer one (14, 16); then the short one has finished and leaves: 9, 10, 11."""
     llm = tiny_llms("cycle1_naive")
     fed = count_fed_tokens(llm)
     llm.generate([[10, 11, 12], list(range(20, 27))], [greedy("cycle1_naive", 2), greedy("cycle1_naive", 5)])
-    assert fed == [14, 16, 18, 20, 22] and sum(fed) == 90
+    assert fed == [14, 16, 9, 10, 11] and sum(fed) == 60
 
 
 # --- chapter 2: KV cache ----------------------------------------------------------------------
 
-def kv_bytes_per_token(layers, kv_heads, head_dim, bytes_per_value):
-    return 2 * layers * kv_heads * head_dim * bytes_per_value   # K and V, every layer
-
-
-def test_kv_bytes():
+def test_kv_bytes(tiny_llms):
+    """The engine's own byte counts: a real cycle 3 engine's pool (the tiny model: 2 layers, 2 KV
+    heads, head_dim 32, fp32) holds 2 x 2 x 2 x 32 x 4 = 1,024 bytes per token and per slot, and
+    block_bytes, the function that sizes every pool, gives the guide's 46,080 and 114,688."""
+    llm = tiny_llms("cycle3_paged")
+    pool, config = llm.model_runner.kv_cache, llm.source.config
+    per_token = pool.bytes_per_block // llm.block_manager.block_size
+    assert per_token == 1024 == 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
+    assert pool.k[0].numel() * pool.k[0].element_size() * 2 * len(pool.k) == pool.bytes_per_block * llm.block_manager.num_blocks
     block_bytes = importlib.import_module("cycle3_paged.kv_cache").block_bytes
-    s = SMOLLM2_SHAPE
-    smol = kv_bytes_per_token(s["num_hidden_layers"], s["num_key_value_heads"], s["head_dim"], 4)
-    assert smol == 46_080 == block_bytes(s["num_hidden_layers"], 1, s["num_key_value_heads"], s["head_dim"], torch.float32)
-    c = qwen3_0_6b()
-    qwen = kv_bytes_per_token(c["num_hidden_layers"], c["num_key_value_heads"], c["head_dim"], 2)
-    assert qwen == 114_688 == block_bytes(c["num_hidden_layers"], 1, c["num_key_value_heads"], c["head_dim"], torch.bfloat16)
+    s, c = SMOLLM2_SHAPE, qwen3_0_6b()
+    assert block_bytes(s["num_hidden_layers"], 1, s["num_key_value_heads"], s["head_dim"], torch.float32) == 46_080
+    assert block_bytes(c["num_hidden_layers"], 1, c["num_key_value_heads"], c["head_dim"], torch.bfloat16) == 114_688
     # A block of 16 tokens, and what the CPU pool of 512 MiB holds: the engine's own plan for
     # SmolLM2 (64 sequences of 8192 positions at most, so the cap is far above the budget).
     assert block_bytes(30, 16, 3, 64, torch.float32) == 737_280
@@ -117,9 +118,10 @@ def test_kv_reservation(tiny_llms):
     llm = tiny_llms("cycle2_kvcache")
     fed = count_fed_tokens(llm)
     llm.generate([[10, 11, 12], list(range(20, 27))], [greedy("cycle2_kvcache", 2), greedy("cycle2_kvcache", 5)])
-    assert kv_bytes_per_token(2, 2, 32, 4) == 1024
-    assert llm.stats["kv_cache_peak_bytes"] == 2 * (7 + 5) * 1024 == 24_576
-    assert fed == [14, 2, 2, 2, 2]                 # the finished row still decodes: static batching
+    config = llm.source.config
+    per_column = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4   # 1,024
+    assert llm.stats["kv_cache_peak_bytes"] == 2 * (7 + 5) * per_column == 24_576
+    assert fed == [14, 2, 1, 1, 1]                 # the finished row leaves; its columns stay reserved
     # Tokens whose K/V an output needs (prompt + max_tokens - 1, as the paged cycles count them): 15 of 24
     needed = [new_seq("cycle3_paged", i, range(n), max_tokens=m).max_len for i, (n, m) in enumerate([(3, 2), (7, 5)])]
     assert needed == [4, 11] and sum(needed) == 15
@@ -259,12 +261,13 @@ def test_ref_counts():
 def test_prefix_wait():
     """Two identical 12-token prompts, block_size 4, queued together: the second waits one step
     for the first's blocks, then computes only its last block (8 tokens cached)."""
-    bm = block_manager("cycle5_prefix", 16, 4)
-    Scheduler = importlib.import_module("cycle5_prefix.scheduler").Scheduler
-    scheduler = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=4096)
+    Config = importlib.import_module("cycle5_prefix.config").Config
+    config = Config("no/model-loaded", device="cpu", block_size=4, max_num_seqs=8, max_num_batched_tokens=4096)
+    OutputProcessor = importlib.import_module("cycle5_prefix.output_processor").OutputProcessor
+    scheduler = importlib.import_module("cycle5_prefix.scheduler").Scheduler(config, 16, OutputProcessor(None, set()))
+    bm = scheduler.block_manager
     a, b = new_seq("cycle5_prefix", 0, range(100, 112)), new_seq("cycle5_prefix", 1, range(100, 112))
-    scheduler.add(a)
-    scheduler.add(b)
+    scheduler.add([a, b], detokenize=False)
     seqs, is_prefill = scheduler.schedule()                  # step 1
     assert is_prefill and seqs == [a] and list(scheduler.waiting) == [b]
     bm.cache_full_blocks(a, num_computed_tokens=len(a))     # what the engine does after the step
@@ -373,22 +376,25 @@ def test_backend(monkeypatch, device, dtype, has_flash, requested, expected):
     imports, and what was asked for; a fallback nobody asked for carries a note, an impossible
     request is an error; the block size follows the backend. (select_backend reads only the
     device's type, so the CUDA rows run without a GPU.)"""
+    import sys
+    from types import ModuleType
+
     attention = importlib.import_module("cycle6_flash.attention")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    def flash_problem(dev, dt, head_dim=None):   # stands in for the import attempt: the rest of the choice is the engine's
-        if dev.type != "cuda":
-            return "flash-attn runs on CUDA only"
-        if dt not in attention.HALF_DTYPES:
-            return "flash-attn takes fp16/bf16 only"
-        return None if has_flash else "flash-attn does not import: ImportError"
-
-    monkeypatch.setattr(attention, "flash_attn_problem", flash_problem)
-    monkeypatch.setitem(attention.PROBLEMS, "flash_attn", flash_problem)
+    # Only the import of flash_attn is arranged here (a stand-in module, or None: "import fails");
+    # every rule (device, dtype, the order, the notes, the errors) is cycle 6's own select_backend.
+    fake = ModuleType("flash_attn")
+    fake.flash_attn_varlen_func = fake.flash_attn_with_kvcache = lambda *a, **k: None
+    monkeypatch.setitem(sys.modules, "flash_attn", fake if has_flash else None)
     if expected in attention.BACKENDS or expected.endswith("(note)"):
         backend, note = attention.select_backend(torch.device(device), dtype, requested)
         assert backend == expected.split()[0]
         assert (note is not None) == expected.endswith("(note)")
         assert attention.DEFAULT_BLOCK_SIZE[backend] == (256 if backend == "flash_attn" else 16)
+        attention.check_block_size(backend, attention.DEFAULT_BLOCK_SIZE[backend])
+        if backend == "flash_attn":       # its paged kernels read whole 256-token pages
+            with pytest.raises(ValueError, match="multiple of 256"):
+                attention.check_block_size(backend, 16)
     else:
         with pytest.raises(ValueError, match=expected):
             attention.select_backend(torch.device(device), dtype, requested)
@@ -467,9 +473,64 @@ def test_int8_stats(tiny_llms):
     forced = tiny_llms("cycle7_int8", int8_matmul="cast")
     forced.generate([[1, 2, 3]], greedy("cycle7_int8", 2))
     assert forced.stats["int8_matmul"] == "cast"
+    layers = [m for m in forced.model_runner.model.modules() if isinstance(m, quant.Int8Linear)]
+    assert layers and all(m.matmul is quant.cast_matmul for m in layers)
+    # What the cast path computes: a real quantize + Int8Linear against the float matmul. Each
+    # output is off by at most sum_j |x_j| * scale_row / 2 (each weight within half a step).
+    gen = torch.Generator().manual_seed(0)
+    w, x = torch.randn(48, 64, generator=gen), torch.randn(5, 64, generator=gen)
+    q, scale = quant.quantize_absmax(w)
+    out = quant.Int8Linear(q, scale, None, "cast")(x)
+    torch.testing.assert_close(out, x @ quant.dequantize(q, scale).t(), rtol=1e-5, atol=1e-5)
+    bound = x.abs().sum(dim=1, keepdim=True) * scale / 2
+    error = (out - x @ w.t()).abs()
+    assert (error <= bound + 1e-5).all() and error.max() > 0
     assert llm.stats["quantize_s"] > 0
     model = llm.model_runner.model
     assert model.lm_head.qweight is model.model.embed_tokens.qweight
+
+
+# --- chapter 8: side by side ------------------------------------------------------------------
+
+def test_suite_summary():
+    """8.1: the stored suite's paging row is 0.72x, -28%, better; equal bytes: NO GAIN, more:
+    REGRESSED; cycle 8 on a CPU: GPU only, with no change printed (summary.py on the stored run)."""
+    summary = importlib.import_module("common.benchmark.summary")
+    data = json.loads((ROOT / "docs/results/cpu-course-suite/results.json").read_text())
+    parts = {name: [dict(r) for r in part["results"]] for name, part in data["parts"].items()}
+    rows = {r["cycle"]: r for r in summary.summarize(parts)}
+    paging = rows[3]
+    assert (round(paging["ratio"], 2), summary.change_text(paging["change"]), paging["verdict"]) == (0.72, "-28%", "better")
+    assert rows[8]["verdict"] == "GPU only" and rows[8]["before"] != rows[8]["after"]
+    table = summary.format_summary(list(rows.values()))
+    assert [line for line in table.splitlines() if line.startswith("c7 -> c8")][0].split()[-6:] == ["-", "-", "(none", "stated)", "GPU", "only"]
+    by_engine = {r["engine"]: r for r in parts["throughput"]}
+    for factor, verdict in ((1.0, "NO GAIN"), (1.1, "REGRESSED")):
+        by_engine["cycle3_paged"]["kv_cache_peak_bytes"] = by_engine["cycle2_kvcache"]["kv_cache_peak_bytes"] * factor
+        row = {r["cycle"]: r for r in summary.summarize(parts)}[3]
+        assert row["verdict"] == verdict
+        assert f"c2 -> c3 ({verdict})" in summary.format_summary([row])
+
+
+@pytest.mark.parametrize("name", ["cycle3_paged", "cycle6_flash"])
+def test_gather_blocks(name):
+    """8.2: 4 blocks of 2 slots, each slot holding its flat index; tables [2, 0] and [3, 3]."""
+    module = importlib.import_module(f"{name}.{'model' if name == 'cycle3_paged' else 'attention'}")
+    cache = torch.arange(8, dtype=torch.float32).view(4, 2, 1, 1)       # [num_blocks, block_size, KVH, D]
+    tables = torch.tensor([[2, 0], [3, 3]])
+    out = module.gather_blocks(cache, tables)
+    assert out.shape == (2, 1, 4, 1)
+    assert out.flatten(1).tolist() == [[4, 5, 0, 1], [6, 7, 6, 7]]
+    assert torch.equal(out, cache[tables].flatten(1, 2).transpose(1, 2))
+
+
+def test_static_batch_peak():
+    """8.3: one forward of cycle 1 over 256 x 1,850 tokens of Qwen3-0.6B in bf16: ~152 GiB beyond
+    the weights, ~134 GiB of it the attention term (scores, their fp32 copy and probabilities, mask)."""
+    memory = importlib.import_module("common.engine.memory")
+    peak = memory.static_batch_bytes(SimpleNamespace(**qwen3_0_6b()), 256, 1850, torch.bfloat16)
+    assert (round(peak["total"] / 2**30), round(peak["attention"] / 2**30)) == (152, 134)
+    assert peak["attention"] > 0.85 * peak["total"]
 
 
 # --- chapter 9: serving -----------------------------------------------------------------------
@@ -557,36 +618,26 @@ def test_graph_buckets_padding(tiny_llms, monkeypatch, n, bucket):
     fed = count_fed_tokens(llm)
     llm.generate([[10 + i, 11, 12] for i in range(n)], greedy("cycle8_graphs", 2))   # 1 prefill, 1 decode
     assert fed == [3 * n, bucket]
-    graphs, scratch = llm.model_runner.graphs, llm.block_manager.num_blocks
+    graphs, scratch = llm.model_runner.graphs, llm.model_runner.num_kv_blocks
     assert (graphs.block_tables[n:bucket] == scratch).all()
     assert (graphs.block_tables[:n, 0] != scratch).all()
 
 
-def test_graph_rows(tiny_llms):
-    """Rows A..E; B and D finish, F joins: rows A, E, C, F; the host writes rows 1, 3 and 4 only."""
-    g = graphs_module()
+def test_graph_rows(tiny_llms, monkeypatch):
+    """A step of A..E (bucket 8), then of A, C, E (bucket 4): rows 0-2 hold A, C, E, row 3 is
+    padding on the scratch block, and rows 4-7, outside the bucket, keep what they held."""
     llm = tiny_llms("cycle8_graphs")
-    runner = g.DecodeGraphs(llm.model_runner.model, "sdpa", 4, 8, 64, torch.device("cpu"))
-    bm = block_manager("cycle8_graphs", 32, 4)
-    runner.bind(None, scratch_block=32)
-    runner.follow(bm)
-    written = []
-    copy_rows = runner._copy_rows
-    runner._copy_rows = lambda rows: written.append(rows) or copy_rows(rows)
-    a, b, c, d, e, f = (new_seq("cycle8_graphs", i, [10 + i] * 3) for i in range(6))
-    for seq in (a, b, c, d, e):
-        bm.allocate(seq)
-    runner.collect_changes()
-    runner._write_rows()
-    assert runner.rows == [a, b, c, d, e] and written[-1] == [0, 1, 2, 3, 4]
-    bm.free(b)
-    bm.free(d)
-    bm.allocate(f)
-    runner.collect_changes()
-    runner._write_rows()
-    assert runner.rows == [a, e, c, f]
-    assert written[-1] == [1, 3, 4]
-    assert runner.block_tables[4].tolist() == [32] * 16 and runner.block_tables[3, 0] == f.block_table[0]
+    runner, g = llm.model_runner, llm.model_runner.graphs
+    monkeypatch.setattr(g, "pad_eager", True)      # the CPU replays no graph: run the buffers eagerly
+    a, b, c, d, e = (new_seq("cycle8_graphs", i, [10 + i] * 3) for i in range(5))
+    for block, seq in enumerate((a, b, c, d, e)):
+        seq.block_table = [block]
+    with torch.inference_mode():
+        g.run(*runner._prepare([a, b, c, d, e], is_prefill=False))
+        assert g.block_tables[:8, 0].tolist() == [0, 1, 2, 3, 4] + [g.scratch_block] * 3
+        g.run(*runner._prepare([a, c, e], is_prefill=False))
+    assert g.block_tables[:8, 0].tolist() == [0, 2, 4, g.scratch_block, 4] + [g.scratch_block] * 3
+    assert g.input_ids[3] == 0 and g.positions[3] == 0 and g.context_lens[3] == 1
 
 
 def test_graph_table(tiny_llms):
@@ -599,12 +650,12 @@ def test_graph_table(tiny_llms):
     assert qwen.block_tables.shape == (256, 160)
     assert qwen.block_tables.numel() * qwen.block_tables.element_size() == 163_840
     smol = g.DecodeGraphs(llm.model_runner.model, "sdpa", 16, 64, 8192, torch.device("cpu"))
-    smol.bind(None, scratch_block=64)
-    smol.follow(block_manager("cycle8_graphs", 64, 16))
     assert smol.max_blocks == 512
-    width = smol._width([new_seq("cycle8_graphs", 0, [5] * 100), new_seq("cycle8_graphs", 1, [5] * 40)])
-    assert (width, width * 16) == (7, 112)
-    assert qwen._width([]) == 160                          # in-place kernels: the full table, at no cost
+    seqs = [new_seq("cycle8_graphs", 0, [5] * 100), new_seq("cycle8_graphs", 1, [5] * 40)]
+    seqs[0].block_table, seqs[1].block_table = list(range(7)), [7, 8, 9]
+    assert llm.model_runner.block_size == 16
+    _, _, meta = llm.model_runner._prepare(seqs, is_prefill=False)    # sdpa's eager step, as in cycle 7
+    assert meta.block_tables.shape[1] == 7 and meta.mask.shape[-1] == 112
 
 
 # --- the guide itself -------------------------------------------------------------------------
@@ -653,7 +704,8 @@ def test_guide_quotes_the_code():
                 stale.append(f"context line not in both {old_path} and {new_path}: {line!r}")
             elif line[0] not in "+- ":
                 stale.append(f"{new_path}: a diff line with no +, - or space marker: {line!r}")
-    source = {line for path in ROOT.glob("cycle*/*.py") for line in path.read_text().splitlines()}
+    source = {line for pattern in ("cycle*/*.py", "common/**/*.py") for path in ROOT.glob(pattern)
+              for line in path.read_text().splitlines()}
     for block in re.findall(r"```python\n(.*?)```", text, re.S):
         stale += [line for line in block.splitlines()
                   if line.strip() and not line.strip().startswith("#") and line not in source]
@@ -678,8 +730,16 @@ def test_logprob_shapes(tiny_llms):
     out = llm.generate([list(range(10, 22))], sp)[0]
     assert len(out.prompt_logprobs) == 12 and out.prompt_logprobs[0] is None
     assert len(out.logprobs) == 5
-    assert max(len(d) for d in out.prompt_logprobs[1:]) <= 3 + 1
-    assert max(len(d) for d in out.logprobs) <= 2 + 1
+    # Each dict: the k most likely first (descending), then the chosen token if it was not among
+    # them: k keys when it was, k + 1 when not; never empty, the chosen token always there.
+    chosen = [(d, t, 3) for d, t in zip(out.prompt_logprobs[1:], out.prompt_token_ids[1:])] + \
+             [(d, t, 2) for d, t in zip(out.logprobs, out.token_ids)]
+    for d, token, k in chosen:
+        values = list(d.values())
+        top = values[:k]
+        assert token in d and len(d) == (k if token in list(d)[:k] else k + 1), (d, token, k)
+        assert top == sorted(top, reverse=True) and all(v <= 0 for v in values)
+        assert d[token] <= top[0]
 
 
 def test_penalty_logits():
@@ -693,3 +753,65 @@ def test_penalty_logits():
                           token_ids=[7, 1, 9, 9], num_prompt_tokens=2)
     out = sampler.apply_penalties(logits, [seq])[0]
     assert [out[7].item(), out[9].item(), out[4].item()] == [1.5, -3.25, 2.0]
+
+
+# --- chapter 11: chunked prefill --------------------------------------------------------------
+
+def _chunked_scheduler(num_blocks, block_size, budget):
+    """Cycle 9's Scheduler (it owns the BlockManager), no model: token ids only, never text."""
+    config = SimpleNamespace(block_size=block_size, enable_prefix_caching=True, max_num_seqs=8,
+                             max_num_batched_tokens=budget, enable_chunked_prefill=True, long_prefill_token_threshold=0)
+    processor = importlib.import_module("cycle9_chunked.output_processor").OutputProcessor(None, {2})
+    scheduler = importlib.import_module("cycle9_chunked.scheduler").Scheduler(config, num_blocks, processor)
+    return scheduler.block_manager, scheduler
+
+
+def _run_step(scheduler):
+    """One step as the engine runs it, token 1 for each row that samples: {seq_id: tokens computed}."""
+    seqs, num_tokens = scheduler.schedule()
+    samples = sum(s.num_computed_tokens + n == len(s) for s, n in zip(seqs, num_tokens))
+    scheduler.postprocess(seqs, num_tokens, importlib.import_module("cycle9_chunked.sampler").SamplerOutput([1] * samples))
+    return {s.seq_id: n for s, n in zip(seqs, num_tokens)}
+
+
+def test_chunked_steps():
+    """11.1: three decoding streams and a 40-token prompt, budget 16: chunks of 13, 13, 13, then 1,
+    which samples; every step decodes the streams first."""
+    _, scheduler = _chunked_scheduler(64, 4, 16)
+    scheduler.add([new_seq("cycle9_chunked", i, [10 + i] * 4, max_tokens=20) for i in range(3)], detokenize=False)
+    _run_step(scheduler)                                       # the streams' prompts
+    long = new_seq("cycle9_chunked", 3, range(100, 140))
+    scheduler.add([long], detokenize=False)
+    steps = [_run_step(scheduler) for _ in range(4)]
+    assert [step[3] for step in steps] == [13, 13, 13, 1]
+    assert all(step[i] == 1 for step in steps for i in range(3))
+    assert len(long.output_token_ids) == 1                     # its first token: the fourth step
+
+
+def test_chunked_prefix():
+    """11.2: a 50-token prompt with two cached blocks of 16, budget 8: chunks 8, 8, 2; blocks 3, 3, 4."""
+    bm, scheduler = _chunked_scheduler(16, 16, 8)
+    first = new_seq("cycle9_chunked", 0, list(range(100, 132)) + [7] * 18)
+    hashes = bm.prompt_block_hashes(first)
+    bm.allocate(first, [], hashes)
+    bm.cache_full_blocks(first, 48)                            # its first three blocks are computed
+    bm.free(first)
+    seq = new_seq("cycle9_chunked", 1, list(range(100, 132)) + [9] * 18)   # shares the first two
+    scheduler.add([seq], detokenize=False)
+    chunks, blocks = [], []
+    while len(seq) == seq.num_prompt_tokens:
+        chunks.append(_run_step(scheduler)[1])
+        blocks.append(len(seq.block_table))
+    assert seq.num_cached_tokens == 32 and chunks == [8, 8, 2] and blocks == [3, 3, 4]
+
+
+def test_chunked_mask():
+    """11.3: context_len 37, 5 queries: query 2 is position 34 and sees keys 0..34."""
+    runner_mod = importlib.import_module("cycle9_chunked.model_runner")
+    seq = new_seq("cycle9_chunked", 0, [5] * 37)
+    seq.num_computed_tokens, seq.block_table = 32, [0, 1, 2]
+    runner = object.__new__(runner_mod.ModelRunner)            # only its step layout
+    runner.device, runner.block_size, runner.dense_layout = torch.device("cpu"), 16, True
+    _, positions, meta = runner._prepare([seq], [5])
+    assert positions.tolist() == [32, 33, 34, 35, 36] and int(meta.context_lens[0]) == 37
+    assert meta.mask[0, 2].nonzero().flatten().tolist() == list(range(35))

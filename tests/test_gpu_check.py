@@ -1,4 +1,4 @@
-"""scripts/gpu_check.sh on the CPU: its plan (--dry-run runs nothing), checked against the lease it must fit."""
+"""scripts/gpu_check.sh on the CPU: its plan (--dry-run runs nothing), checked against the GPU time it must fit."""
 
 import subprocess
 from pathlib import Path

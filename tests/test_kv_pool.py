@@ -8,6 +8,13 @@ import torch
 from conftest import CYCLES, cycle
 
 PAGED = [c for c in CYCLES if c not in ("cycle1_naive", "cycle2_kvcache")]
+
+
+def block_manager(llm):
+    """Cycle 3's LLM holds its BlockManager; from cycle 4 on the Scheduler owns it."""
+    return llm.scheduler.block_manager if hasattr(llm, "scheduler") else llm.block_manager
+
+
 kv = importlib.import_module("cycle4_batching.kv_cache")
 GiB = 1 << 30
 
@@ -71,7 +78,7 @@ def test_bad_pool_options_are_refused_before_loading(name):
 def test_tiny_model_pool_is_capped_and_recorded(name, tiny_llms):
     llm = tiny_llms(name, max_num_seqs=4)
     # tiny config: max_position_embeddings 512 = 32 blocks of 16; 4 sequences at most
-    assert llm.block_manager.num_blocks == 4 * 32
+    assert block_manager(llm).num_blocks == 4 * 32
     llm.generate([[5, 6, 7]], cycle(name).SamplingParams(temperature=0, max_tokens=2))
     pool = llm.stats["kv_pool"]
     assert pool["num_kv_blocks"] == 128 and pool["cap_blocks"] == 128
@@ -85,10 +92,11 @@ def test_profile_run_touches_no_real_kv_slot_and_leaves_no_state(name, tiny_llms
     params = cycle(name).SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     before = [o.token_ids for o in llm.generate(prompts, params)]
     pool = [t.clone() for t in llm.model_runner.kv_cache.k + llm.model_runner.kv_cache.v]
-    manager, free = llm.block_manager, llm.block_manager.num_free_blocks
+    manager = block_manager(llm)
+    free = manager.num_free_blocks
     llm.model_runner._profile_run()     # what CUDA runs before the pool exists
     assert all(torch.equal(a, b) for a, b in zip(pool, llm.model_runner.kv_cache.k + llm.model_runner.kv_cache.v))
-    assert llm.block_manager is manager and manager.num_free_blocks == free
+    assert block_manager(llm) is manager and manager.num_free_blocks == free
     assert [o.token_ids for o in llm.generate(prompts, params)] == before
 
 

@@ -120,7 +120,7 @@ def test_step_driver_adds_each_request_once_it_has_arrived(tiny_llms):
     # steps end at 1 (prefill 0, 1), 2, 3; request 2 arrived at 2.5 joins with a prefill ending at 4
     assert records[0].token_times_s == [1.0, 2.0, 3.0, 5.0] and records[2].token_times_s[0] == 4.0
     assert [r.token_ids for r in records] == [o.token_ids for o in llm.generate(prompts, params)]
-    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+    assert llm.scheduler.block_manager.num_free_blocks == llm.scheduler.block_manager.num_blocks
 
 
 def test_step_driver_sleeps_while_idle(tiny_llms):

@@ -426,9 +426,8 @@ def test_a_step_that_raises_answers_every_request_and_health_says_503(char_check
         failed = post(base, *_request("completions"))
         assert failed.status_code == 500 and "injected fault" in failed.json()["error"]["message"]
         assert httpx.get(base + "/health", timeout=TIMEOUT_S).status_code == 503
-        started = time.monotonic()
         later = post(base, *_request("completions", stream=True))
-        assert later.status_code == 503 and time.monotonic() - started < 5     # at once, never a hang
+        assert later.status_code == 503     # at once: a request queued for the dead engine ends in ReadTimeout
         assert metrics(base)['request_success_total{finished_reason="error"}'] == 1
 
 

@@ -121,7 +121,7 @@ def test_outputs_equal_with_caching_on_and_off(name, tiny_checkpoints):
     # the same prompts again: now every full prefix block is a hit
     assert [o.token_ids for o in on.generate(prompts, params)] == reference
     assert on.stats["prefix_cache_hit_rate"] > 0.6
-    assert all(b.ref_count == 0 for b in on.block_manager.blocks)
+    assert all(b.ref_count == 0 for b in on.scheduler.block_manager.blocks)
 
 
 @pytest.mark.parametrize("name", EXACT)
@@ -135,7 +135,7 @@ def test_preemption_with_cached_blocks_loses_nothing(name, tiny_checkpoints):
     small = c.LLM(path, device="cpu", num_kv_blocks=10, block_size=4)
     assert [o.token_ids for o in small.generate(prompts, params)] == reference
     assert small.stats["preemptions"] > 0 and small.stats["prefix_cache_hit_tokens"] > 0
-    assert small.block_manager.num_free_blocks == 10
+    assert small.scheduler.block_manager.num_free_blocks == 10
 
 
 @pytest.mark.parametrize("name", PREFIX)

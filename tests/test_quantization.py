@@ -59,6 +59,43 @@ def rounding_bound(x, qw, scale, unit):
     return 2 * (K + 2) * unit * (x.abs().double() @ qw.abs().double().t()) * scale.double()
 
 
+@pytest.mark.parametrize("rows", [1, 4, 5, 40], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("name", INT8)
+def test_int8pack_bf16_is_the_dequantized_product_of_bf16_activations(name, rows):
+    """The CPU's default path: x rounded to bf16, times the dequantized weight, summed in fp32 and
+    rounded to bf16 once. Bound: that rounding (2^-8 of |x| @ |q|^T * s) and fp32's sums."""
+    gen = torch.Generator().manual_seed(rows)
+    qw, scale = q(name).quantize_absmax(torch.randn(48, 208, generator=gen))
+    x = torch.randn(rows, 208, generator=gen)
+    got = q(name).Int8Linear(qw, scale, None, "int8pack_bf16")(x)
+    xb, sb = x.bfloat16().double(), scale.bfloat16().double()
+    want = xb @ (qw.double() * sb.unsqueeze(1)).t()
+    magnitude = (xb.abs() @ qw.abs().double().t()) * sb
+    assert got.dtype == torch.float32 and ((got.double() - want).abs() <= 2.0 ** -8 * magnitude
+                                           + rounding_bound(x, qw, scale, 2.0 ** -24)).all()
+    with pytest.raises(ValueError, match="multiple of 16"):   # torch's kernel would crash on it
+        q(name).Int8Linear(qw[:, :200].contiguous(), scale, None, "int8pack_bf16")
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("name", INT8)
+def test_w8a8_is_per_row_int8_activations_times_int8_weights(name, rows):
+    """x quantized per row (AbsMax, as the weights are), then the exact int8 product: equal to
+    dequantize(xq) @ dequantize(q)^T up to fp32's last multiplies, and within both halves of a step
+    of the float product."""
+    gen = torch.Generator().manual_seed(rows)
+    qw, scale = q(name).quantize_absmax(torch.randn(48, 200, generator=gen))
+    x = torch.randn(rows, 200, generator=gen) * 3
+    x[0, :5] = 0
+    got = q(name).Int8Linear(qw, scale, None, "w8a8")(x).double()
+    xq, x_scale = q(name).quantize_absmax(x)
+    w = q(name).dequantize(qw, scale).double()
+    want = q(name).dequantize(xq, x_scale).double() @ w.t()
+    assert (got - want).abs().max() <= 4 * 2.0 ** -24 * want.abs().max()
+    bound = x_scale.double().unsqueeze(1) / 2 * w.abs().sum(1) + x.abs().double() @ (scale.double() / 2).expand(200, 48)
+    assert ((got - x.double() @ w.t()).abs() <= bound + 1e-5).all()
+
+
 @pytest.mark.parametrize("rows", [1, 5, 40], ids=lambda m: f"M{m}")   # decode tiles (<= 16 rows) and prefill tiles
 @pytest.mark.parametrize("name", INT8)
 def test_triton_int8_kernel_matches_dequantize_then_matmul(name, rows):
@@ -93,13 +130,17 @@ def test_triton_int8_kernel_in_bf16_on_cuda(name):
 
 @pytest.mark.parametrize("name", INT8)
 def test_int8_path_is_a_fixed_choice_by_device(name, monkeypatch):
-    """No timing: the CPU takes the cast path (measured in chapter 7), CUDA our triton kernel;
-    int8_matmul overrides; an unknown or unusable choice is a clear error."""
+    """No timing: a CPU with AVX512-BF16 takes int8pack_bf16, another the cast path (measured in
+    chapter 7), CUDA our triton kernel; int8_matmul overrides; an unknown or unusable choice is a
+    clear error."""
     choose = q(name).choose_matmul
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    for dtype in (torch.float32, torch.bfloat16):
-        assert [choose(cpu, dtype, None) for _ in range(3)] == [("cast", None)] * 3
-        assert choose(cuda, dtype, None) == ("triton", None)   # reads only the device type: no GPU needed
+    for native, path in ((True, "int8pack_bf16"), (False, "cast")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
+        for dtype in (torch.float32, torch.bfloat16):
+            assert [choose(cpu, dtype, None) for _ in range(3)] == [(path, None)] * 3
+            assert choose(cuda, dtype, None) == ("triton", None)   # reads only the device type: no GPU needed
+    assert choose(cpu, torch.float32, "w8a8") == ("w8a8", None)
     assert choose(cpu, torch.float32, "int8pack_mm") == ("int8pack_mm", None)
     with pytest.raises(ValueError, match="unknown int8_matmul"):
         choose(cpu, torch.float32, "fast")
@@ -118,7 +159,8 @@ def test_weights_are_int8_and_take_a_quarter_of_fp32(name, tiny_checkpoints):
     assert not any(isinstance(m, torch.nn.Linear) for m in llm.model_runner.model.modules())
     ratio = llm.stats["weight_bytes"] / fp.stats["weight_bytes"]
     assert ratio < 0.3, ratio                                 # int8 + scales + fp32 norms
-    assert llm.stats["int8_matmul"] == "cast" and llm.stats["int8_matmul_note"] is None   # the CPU's measured path
+    assert llm.stats["int8_matmul"] == q(name).default_matmul(torch.device("cpu"))   # the CPU's measured path
+    assert llm.stats["int8_matmul_note"] is None
 
 
 @pytest.mark.slow

@@ -28,6 +28,26 @@ def test_requests_leave_independently(name, tiny_llms):
 
 
 @pytest.mark.parametrize("name", BATCHING)
+def test_describe_and_load_are_what_the_engine_is_and_holds(name, tiny_llms):
+    """The public face common/ reads (the server's gauges): two requests, one slot, 4-token blocks."""
+    llm = tiny_llms(name, max_num_seqs=1, block_size=4, num_kv_blocks=16)
+    engine = llm.describe()
+    assert (engine["max_num_seqs"], engine["block_size"], engine["num_kv_blocks"]) == (1, 4, 16)
+    assert engine["max_model_len"] == 512 and engine["device"] == "cpu"
+    assert llm.load()["num_running"] == llm.load()["num_waiting"] == 0
+    a = llm.add_request(list(range(10, 16)), greedy(name, 3))     # 6 prompt tokens: 2 blocks
+    llm.add_request([7, 8, 9], greedy(name, 3))
+    llm.step()                                                    # a's prefill; b waits for the slot
+    load = llm.load()
+    assert (load["num_running"], load["num_waiting"], load["free_kv_blocks"]) == (1, 1, 14)
+    llm.abort_request(a)
+    assert llm.load()["num_waiting"] == 1 and llm.load()["free_kv_blocks"] == 16
+    while llm.has_unfinished_requests():
+        llm.step()
+    assert llm.load()["free_kv_blocks"] == 16
+
+
+@pytest.mark.parametrize("name", BATCHING)
 def test_a_waiting_request_joins_as_soon_as_a_slot_frees(name, tiny_llms):
     llm = tiny_llms(name, max_num_seqs=2)
     ids = [llm.add_request([9, 10, 11], greedy(name, n)) for n in (2, 8, 3)]
@@ -50,7 +70,7 @@ def test_a_small_pool_preempts_but_changes_nothing(name, tiny_llms):
     outs = small.generate(prompts, params)
     assert [o.token_ids for o in outs] == reference
     assert small.stats["preemptions"] > 0
-    assert small.block_manager.num_free_blocks == small.block_manager.num_blocks
+    assert small.scheduler.block_manager.num_free_blocks == small.scheduler.block_manager.num_blocks
     assert small.stats["free_kv_blocks"] == 8
 
 

@@ -84,7 +84,7 @@ def test_stop_string_finishes_the_request(name, char_llms):
     stop = free.text[5:7]
     out = llm.generate(["Hello"], greedy(name, 20, stop=stop))[0]
     assert out.finish_reason == "stop" and out.text == free.text[:free.text.index(stop)]
-    assert len(out.token_ids) < 20 and llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+    assert len(out.token_ids) < 20 and llm.scheduler.block_manager.num_free_blocks == llm.scheduler.block_manager.num_blocks
 
 
 @pytest.mark.parametrize("name", STREAMING)
@@ -102,7 +102,7 @@ def test_detokenize_false_streams_token_ids_only(name, char_llms):
 @pytest.mark.parametrize("name", STREAMING)
 def test_abort_frees_waiting_and_running_requests_at_once(name, char_llms):
     llm = char_llms(name, max_num_seqs=1)
-    bm = llm.block_manager
+    bm = llm.scheduler.block_manager
     running = llm.add_request("a long request", greedy(name, 40))
     waiting = llm.add_request("another one", greedy(name, 40))
     llm.step()
@@ -116,7 +116,7 @@ def test_abort_frees_waiting_and_running_requests_at_once(name, char_llms):
 @pytest.mark.parametrize("name", PREFIX_CACHING)
 def test_abort_keeps_shared_prefix_blocks_for_the_other_request(name, char_llms):
     llm = char_llms(name, block_size=4)
-    bm = llm.block_manager
+    bm = llm.scheduler.block_manager
     prefix = "The same long shared prefix text. "
     alone = llm.generate([prefix + "B"], greedy(name, 12))[0].token_ids
     a = llm.add_request(prefix + "A", greedy(name, 30))

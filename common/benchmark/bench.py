@@ -13,7 +13,6 @@ import argparse
 import importlib
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from common.engine.device import default_model, resolve_device, resolve_dtype
 from common.engine.memory import MemoryEstimateError
 from common.engine.metrics import (PEAK_GENERATION, PEAK_WITH_LOADING, peak_memory_bytes, peak_rss_bytes,
                             reset_peak_memory, summarize)
+from common.benchmark.machine import machine_info
 from common.benchmark.vllm_baseline import VLLM_ENGINE
 from common.benchmark.workloads import WORKLOADS, check_supported, make_workload, parse_length_range, warmup_request
 
@@ -50,32 +50,6 @@ EXPLICIT_ATTENTION = "explicit"
 
 def _dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _cpu_name() -> str:
-    """platform.processor() is often empty or just 'x86_64' on Linux; /proc/cpuinfo has the model."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info(device: torch.device) -> dict:
-    info = {
-        "processor": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-    }
-    info["name"] = info["gpu"] or info["processor"]  # the one line a table or plot shows
-    return info
 
 
 def _accepted_options(engine: str, options: dict) -> tuple[dict, list[str]]:
@@ -131,17 +105,20 @@ def _run_cycle_online(llm, cycle, work, online: dict, load_s: float, peak_scope:
 
     settings = online_settings(work.device_size, **online)
     start = time.perf_counter()
-    records = run_online_engine(llm, cycle, work, settings)
+    kv_peaks = []    # a static engine's batches; an engine with step() keeps its run's peak itself
+    records = run_online_engine(llm, cycle, work, settings, kv_peaks=kv_peaks)
     wall_s = time.perf_counter() - start
+    kv_peak = llm.load()["kv_cache_peak_bytes"] if hasattr(llm, "step") else max(filter(None, kv_peaks), default=None)
     return {
         "source": llm.source, "dtype": llm.dtype, "work": work, "wall_s": wall_s, "load_s": load_s,
         "token_ids": [r.token_ids for r in records],
         "ttft_s": [r.token_times_s[0] - r.arrival_s for r in records],   # from each request's arrival
         "latency_s": [r.finish_s - r.arrival_s for r in records],
         "peak_memory_bytes": peak_memory_bytes(llm.device), "peak_memory_scope": peak_scope,
-        "weight_bytes": llm.stats.get("weight_bytes"), "kv_cache_peak_bytes": llm.stats.get("kv_cache_peak_bytes"),
-        "attention_backend": getattr(llm.config, "attention_backend", EXPLICIT_ATTENTION),
-        "int8_path": getattr(llm.config, "int8_matmul", None),
+        "weight_bytes": llm.stats.get("weight_bytes"), "kv_cache_peak_bytes": kv_peak,
+        # what the engine reported at the warm-up's generate(): config holds only what was asked for
+        "attention_backend": llm.stats.get("attention_backend", EXPLICIT_ATTENTION),
+        "int8_path": llm.stats.get("int8_matmul"),
         "stats": {}, "ignored_options": ignored, "online": online_row(records, settings),
     }
 

@@ -98,10 +98,13 @@ class NaiveCost:
 
 def naive_steps(requests, max_num_seqs: int):
     """(batch, tokens per sequence) of every forward cycle 1 runs: each group of max_num_seqs,
-    left-padded to its longest prompt, grows by one token per step until its largest max_tokens."""
-    for batch, longest, largest in static_groups(requests, max_num_seqs):
-        for step in range(largest):
-            yield batch, longest + step
+    left-padded to its longest prompt, grows by one token per step until its largest max_tokens;
+    a sequence leaves the batch once it has its max_tokens (no EOS: the estimate's worst case)."""
+    for first in range(0, len(requests), max_num_seqs):
+        group = requests[first:first + max_num_seqs]
+        longest = max(len(r.prompt_token_ids) for r in group)
+        for step in range(max(r.max_tokens for r in group)):
+            yield sum(r.max_tokens > step for r in group), longest + step
 
 
 def naive_cost(config, requests, max_num_seqs: int, dtype: torch.dtype, speed: GpuSpeed) -> NaiveCost:
@@ -257,11 +260,11 @@ def main(argv: list[str] | None = None) -> None:
     rows = [estimate_workload(name, source, tokenizer, speed) for name in ("throughput", "nano_vllm_bench")]
     print("Qwen3-0.6B, bf16, max_num_seqs 256, max_num_batched_tokens 16384, CUDA sizes of common/benchmark/workloads.py")
     print(format_table(rows, speed))
-    # The one observation to hold the estimate against: on an H200 (139 GiB usable),
-    # cycle 1 on nano_vllm_bench's sizes ran ~40 minutes and ran out of memory near T = 1,850.
+    # What the estimate says of the largest static batch an H200 (139 GiB usable) could hold: an
+    # estimate only; no stored run ran cycle 1 on nano_vllm_bench's sizes to see where it stops.
     at_oom = static_batch_bytes(source.config, 256, 1850, torch.bfloat16)["total"] / GIB
     print(f"\ncheck: cycle 1, 256 sequences at T = 1,850 tokens: est. {at_oom:.0f} GiB beside the weights "
-          "(it ran out of memory there on an H200)")
+          "(more than an H200's 139 GiB: estimated, not run)")
 
 
 if __name__ == "__main__":

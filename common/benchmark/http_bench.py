@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.benchmark.bench import machine_info
+from common.benchmark.machine import machine_info
 from common.engine.device import resolve_device
 from common.benchmark.online import (RequestRecord, arrival_times, format_online_table, online_row, online_settings,
                            parse_rates)

@@ -110,12 +110,13 @@ def drive_steps(llm, prompts: list[list[int]], params: list, arrivals: list[floa
 
 
 def drive_static(llm, prompts: list[list[int]], params: list, arrivals: list[float], max_num_seqs: int,
-                 clock=time.perf_counter, sleep=time.sleep) -> list[RequestRecord]:
+                 clock=time.perf_counter, sleep=time.sleep, kv_peaks: list | None = None) -> list[RequestRecord]:
     """Replay the arrivals against a generate()-only engine as a static server (cycles 1-3).
 
     generate() reports each request's first-token and finish times but not the tokens in between,
     so the inner token times are spread evenly between those two: the TTFT, end-to-end latency and
-    TPOT are exact, the ITL percentiles are those of an even spread."""
+    TPOT are exact, the ITL percentiles are those of an even spread. Each generate() reports its own
+    batch's KV peak: kv_peaks, when given, receives every batch's (the run's peak is their max)."""
     order = sorted(range(len(prompts)), key=lambda i: arrivals[i])
     records = [RequestRecord(arrivals[i]) for i in range(len(prompts))]
     nxt = 0
@@ -131,6 +132,8 @@ def drive_static(llm, prompts: list[list[int]], params: list, arrivals: list[flo
             nxt += 1
         began = clock() - start
         outputs = llm.generate([prompts[i] for i in batch], [params[i] for i in batch])
+        if kv_peaks is not None:
+            kv_peaks.append(llm.stats.get("kv_cache_peak_bytes"))
         for i, out in zip(batch, outputs):
             first, last, n = began + out.metrics.ttft_s, began + out.metrics.latency_s, len(out.token_ids)
             rec = records[i]
@@ -189,15 +192,17 @@ def online_row(records: list[RequestRecord], settings: dict) -> dict:
             "finish_s": [r.finish_s for r in records]}
 
 
-def run_online_engine(llm, engine_module, work, settings: dict, seed: int = ARRIVAL_SEED) -> list[RequestRecord]:
-    """Replay the workload's requests, greedy, at the settings' rate against an engine."""
+def run_online_engine(llm, engine_module, work, settings: dict, seed: int = ARRIVAL_SEED,
+                      kv_peaks: list | None = None) -> list[RequestRecord]:
+    """Replay the workload's requests, greedy, at the settings' rate against an engine. kv_peaks:
+    see drive_static (an engine with step() reports its run's KV peak itself, in llm.load())."""
     arrivals = arrival_times(len(work.requests), settings["request_rate"], settings["burstiness"], seed)
     prompts = [r.prompt_token_ids for r in work.requests]
     params = [engine_module.SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=r.ignore_eos)
               for r in work.requests]
     if hasattr(llm, "step"):
         return drive_steps(llm, prompts, params, arrivals)
-    return drive_static(llm, prompts, params, arrivals, llm.config.max_num_seqs)
+    return drive_static(llm, prompts, params, arrivals, llm.config.max_num_seqs, kv_peaks=kv_peaks)
 
 
 def _same_tokens_cell(r: dict) -> str:

@@ -270,16 +270,21 @@ def plot_summary(summary: list[dict], run_info: dict, path) -> Path:
     (measured, and the design's expectation beside it), on a log axis where 1x is no change and a
     bar left of it is a regression. The caption names the home workloads and why a cycle may cost
     speed on a metric it does not target."""
-    from common.benchmark.summary import DESIGN, change_text, gain_factor
+    from common.benchmark.summary import DESIGN, change_text, gain_factor, judged_elsewhere
 
     rows = [r for r in summary if r["verdict"] != "not measured"]
     fig, ax = plt.subplots(figsize=(10, 1.0 + 0.7 * max(1, len(rows))))
+    device = run_info.get("device", "?")
     for y, r in enumerate(rows):
+        if judged_elsewhere(r):   # the table prints no change for it either: the lesson did not run here
+            ax.annotate(f"{r['label']}: GPU only, not drawn (no graph replays on {device})", (1.0, y - 0.18),
+                        xytext=(3, 0), textcoords="offset points", va="center", fontsize=8, color="tab:gray")
+            continue
         measured = min(gain_factor(r["change"], r["lower_is_better"]), 1e3)   # from 0: off the scale
         expected = gain_factor(r["expected_change"], r["lower_is_better"])
-        color = "tab:gray" if r["verdict"] == "GPU only" else ("tab:green" if measured > 1 else "tab:red")
+        color = "tab:green" if measured > 1 else "tab:red"
         ax.barh(y - 0.18, measured - 1, 0.36, left=1, color=color)   # from 1x: a regression grows leftwards
-        ax.annotate(f"{change_text(r['change'])} {r['label']}" + (" (GPU only)" if r["verdict"] == "GPU only" else ""),
+        ax.annotate(f"{change_text(r['change'])} {r['label']}",
                     (max(measured, 1.0), y - 0.18), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
         if expected is not None:
             ax.barh(y + 0.18, expected - 1, 0.36, left=1, color="tab:blue", alpha=0.45)
@@ -287,8 +292,9 @@ def plot_summary(summary: list[dict], run_info: dict, path) -> Path:
                         textcoords="offset points", va="center", fontsize=8)
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log")
-    factors = [f for r in rows for f in (min(gain_factor(r["change"], r["lower_is_better"]), 1e3),
-                                         gain_factor(r["expected_change"], r["lower_is_better"])) if f]
+    factors = [f for r in rows if not judged_elsewhere(r)
+               for f in (min(gain_factor(r["change"], r["lower_is_better"]), 1e3),
+                         gain_factor(r["expected_change"], r["lower_is_better"])) if f]
     lo, hi = min(factors + [0.5]) / 1.3, max(factors + [2.0]) * 2.5   # room for the labels
     ax.set_xlim(lo, hi)
     ax.set_xticks([t for t in (0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000) if lo <= t <= hi])
@@ -335,10 +341,23 @@ def main(argv: list[str] | None = None) -> None:
     import json
 
     p = argparse.ArgumentParser(prog="python -m common.benchmark.plots",
-                                description="Peak memory against context length from several compare.py results.json files.")
+                                description="Peak memory against context length from several compare.py results.json "
+                                            "files; with --summary, the course suite's summary chart redrawn from its "
+                                            "stored results.json, without rerunning anything.")
     p.add_argument("out", help="the PNG to write")
     p.add_argument("results", nargs="+", help="results.json files written by compare.py")
+    p.add_argument("--summary", action="store_true",
+                   help="RESULTS is one suite results.json: recompute its summary from its parts and draw summary.png")
     args = p.parse_args(argv)
+    if args.summary:
+        from common.benchmark.summary import summarize
+
+        if len(args.results) != 1:
+            p.error("--summary takes one suite results.json")
+        data = json.loads(Path(args.results[0]).read_text())
+        summary = summarize({name: part["results"] for name, part in data["parts"].items()})
+        print(plot_summary(summary, data["run"], args.out))
+        return
     results = [r for f in args.results for r in json.loads(Path(f).read_text())["results"]]
     print(plot_memory_vs_context(results, args.out))
 

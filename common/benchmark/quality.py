@@ -10,8 +10,7 @@ prefix, so one early disagreement cannot snowball as it does in free generation.
 import argparse
 import importlib
 import math
-
-import torch
+from pathlib import Path
 
 from common.engine.device import default_model, resolve_device
 
@@ -27,38 +26,35 @@ TEXT = (
 
 
 def cycle_name(spec: str) -> str:
+    """"7" -> the package at the repository root whose name starts with "cycle7_"; a name as is."""
     if spec.isdigit():
-        matches = [m for m in ("cycle1_naive", "cycle2_kvcache", "cycle3_paged", "cycle4_batching",
-                               "cycle5_prefix", "cycle6_flash", "cycle7_int8", "cycle8_graphs") if m.startswith(f"cycle{spec}_")]
+        root = Path(__file__).resolve().parents[2]
+        matches = sorted(p.parent.name for p in root.glob(f"cycle{spec}_*/__init__.py"))
         if matches:
             return matches[0]
     return spec
 
 
-@torch.inference_mode()
-def text_logits(llm, token_ids: list[int]) -> torch.Tensor:
-    """fp32 logits at every position of one prompt, through the engine's own prefill path."""
-    seq_mod = importlib.import_module(type(llm).__module__.rsplit(".", 1)[0] + ".sequence")
-    params = importlib.import_module(type(llm).__module__.rsplit(".", 1)[0]).SamplingParams()
-    seq = seq_mod.Sequence(-1, None, token_ids, params, None)
-    llm.block_manager.allocate(seq)
-    try:
-        runner = llm.model_runner
-        input_ids, positions, meta = runner._prepare([seq], True)
-        return runner.model.compute_logits(runner.model(input_ids, positions, meta, runner.kv_cache))
-    finally:
-        llm.block_manager.free(seq)
+def text_logprobs(llm, token_ids: list[int]) -> list[dict[int, float]]:
+    """Per position after the first: {most likely token: its logprob, true next token: its logprob},
+    through the engine's public face (prompt_logprobs, which a prefix-cache hit cannot skip)."""
+    params = importlib.import_module(type(llm).__module__.rpartition(".")[0]).SamplingParams
+    out = llm.generate([token_ids], params(temperature=0, max_tokens=1, prompt_logprobs=1))[0]
+    return out.prompt_logprobs[1:]
 
 
 def compare(reference, candidate, text: str = TEXT) -> dict:
     ids = reference.tokenizer(text).input_ids
-    targets = torch.tensor(ids[1:])
-    ref, cand = text_logits(reference, ids)[:-1].cpu(), text_logits(candidate, ids)[:-1].cpu()
-    def perplexity(logits):
-        return math.exp(torch.nn.functional.cross_entropy(logits, targets).item())
+    targets = ids[1:]
+    ref, cand = text_logprobs(reference, ids), text_logprobs(candidate, ids)
+
+    def perplexity(positions):
+        return math.exp(-sum(p[t] for p, t in zip(positions, targets)) / len(targets))
+
+    top = [(next(iter(r)), next(iter(c))) for r, c in zip(ref, cand)]   # the top-1 token comes first
     return {
         "tokens": len(targets),
-        "next_token_agreement": (ref.argmax(-1) == cand.argmax(-1)).float().mean().item(),
+        "next_token_agreement": sum(r == c for r, c in top) / len(top),
         "perplexity_reference": perplexity(ref),
         "perplexity_candidate": perplexity(cand),
     }

@@ -12,6 +12,8 @@ Each size below is a named constant with the stored run it was chosen from (docs
 
 from dataclasses import dataclass, field
 
+from common.benchmark.online import parse_rates
+
 # -- CPU (SmolLM2-135M, fp32, 2 cores) ------------------------------------------------------------
 # The budget counts the README's whole first command on a fresh 2-core AMD EPYC: the install took
 # 126 s there and the one-time GGUF conversion ~30 s, which leaves the suite about 4 minutes. Every
@@ -111,3 +113,16 @@ def part_engines(part: Part, cycles: list[str], hf_allowed: bool, vllm_allowed: 
 
     chosen = [c for c in cycles if part.cycles is None or cycle_number(c) in part.cycles]
     return chosen + (list(part.hf) if hf_allowed else []) + ([VLLM_ENGINE] if part.vllm and vllm_allowed else [])
+
+
+def single_part(args) -> "Part":
+    """compare.py --workload NAME: a suite of one part, every selected cycle (and HF but online, and vLLM)."""
+    rates = (None,)
+    if args.workload == "online" and args.request_rate:
+        try:
+            rates = tuple(parse_rates(args.request_rate))
+        except ValueError as error:
+            raise SystemExit(f"--request-rate: {error}")
+    return Part(args.workload, args.workload, None, hf=HF if args.workload != "online" else (), vllm=True,
+                num_requests=args.num_requests, prompt_len=args.prompt_len, output_len=args.output_len,
+                request_rates=rates)

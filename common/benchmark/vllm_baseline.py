@@ -78,7 +78,9 @@ def vllm_env(base: dict | None = None) -> dict:
 
     Threads: vLLM's default CPU binding ("auto") keeps one core back for its scheduler process, so on
     2 cores it computes on 1 while the cycles' torch uses both. Binding its OpenMP threads to every
-    CPU this process may use gives it the same cores as the cycles."""
+    CPU this process may use gives it the same cores as the cycles. To measure vLLM as it starts
+    by default as well, run compare.py again with VLLM_CPU_OMP_THREADS_BIND=auto set (a value set
+    wins; bench.py stores it in the row's stats)."""
     env = dict(os.environ if base is None else base)
     defaults = {"VLLM_CPU_KVCACHE_SPACE": str(CPU_KVCACHE_SPACE_GIB), "VLLM_CPU_OMP_THREADS_BIND": cpu_list(),
                 "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}

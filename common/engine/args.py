@@ -2,9 +2,14 @@
 
 run.py, serve.py, compare.py and the per-engine benchmark all build an engine from the same five
 choices, so they declare them here, once, and read --option KEY=VALUE with `parse_options`.
+vLLM's own flags for the engine options a reader meets first (--max-num-batched-tokens 512,
+--speculative-config '{...}') are the same thing: each adds its KEY=VALUE to --option, so every
+command, and every engine compare.py starts, sees one list. An engine that does not take an option
+refuses it (its Config has no such field); compare.py passes each engine only the ones it takes.
 """
 
 import argparse
+import json
 
 MODEL_HELP = "HF id or local directory (default: Qwen3-0.6B on CUDA, SmolLM2-135M on CPU)"
 OPTION_HELP = "an engine option, e.g. --option max_num_seqs=8 (repeatable)"
@@ -28,6 +33,29 @@ def add_model_args(parser: argparse.ArgumentParser, *, model_positional: bool = 
     parser.add_argument("--dtype", default=None,
                         help="float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 elsewhere)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help=option_help)
+    flags = parser.add_argument_group("vLLM's names for engine options (each is --option KEY=VALUE)")
+    for flag, metavar in VLLM_FLAGS.items():
+        flags.add_argument(flag, action=_AsOption, metavar=metavar)
+    for name in SWITCHES:     # --enable-prefix-caching / --no-enable-prefix-caching, as vLLM spells them
+        flags.add_argument(f"--{name}", f"--no-{name}", action=_AsOption, nargs=0)
+
+
+# flag -> metavar. The engine checks every value, as it checks an option given with --option.
+VLLM_FLAGS = {"--max-num-seqs": "N", "--max-num-batched-tokens": "N", "--block-size": "N",
+              "--gpu-memory-utilization": "FRACTION", "--long-prefill-token-threshold": "N",
+              "--speculative-config": "JSON", "--tensor-parallel-size": "N"}
+SWITCHES = ("enable-prefix-caching", "enable-chunked-prefill", "enforce-eager")
+
+
+class _AsOption(argparse.Action):
+    """--max-num-batched-tokens 512 -> --option max_num_batched_tokens=512; --no-enforce-eager ->
+    --option enforce_eager=false."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        key = option_string.lstrip("-").removeprefix("no-").replace("-", "_")
+        if self.nargs == 0:
+            value = "false" if option_string.startswith("--no-") else "true"
+        namespace.option = [*(namespace.option or []), f"{key}={value}"]
 
 
 def parse_options(pairs: list[str]) -> dict:
@@ -42,6 +70,11 @@ def parse_options(pairs: list[str]) -> dict:
 
 
 def _literal(value: str):
+    if value.startswith("{"):            # a JSON object, e.g. speculative_config={"method": "ngram", ...}
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"--option value {value!r} is not valid JSON: {e}") from None
     if value.lower() in ("true", "false"):
         return value.lower() == "true"
     if value.lower() == "none":          # e.g. quantization=None

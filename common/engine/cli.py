@@ -21,6 +21,15 @@ def engine_options(package: str) -> set[str]:
     return {f.name for f in dataclasses.fields(config) if f.init}
 
 
+def refuse_unknown_options(package: str, options: dict) -> None:
+    """An option this cycle does not have (--max-num-batched-tokens on a static-batch cycle) is an
+    error that names it and the options the cycle has: never ignored."""
+    unknown = sorted(set(options) - engine_options(package))
+    if unknown:
+        raise SystemExit(f"{package} takes no option {', '.join(unknown)}; its options: "
+                         f"{', '.join(sorted(engine_options(package)))}")
+
+
 def build_parser(package: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m {package}.run", description=f"Generate text with {package}.")
     p.add_argument("prompts", nargs="+", help="one or more prompts")
@@ -40,6 +49,7 @@ def main(package: str, argv: list[str] | None = None) -> None:
     args = build_parser(package).parse_args(argv)
     cycle = importlib.import_module(package)
     options = parse_options(args.option)
+    refuse_unknown_options(package, options)
     if args.trace:
         if "trace" not in engine_options(package):
             raise SystemExit(f"--trace needs an engine with a scheduler (cycle 4 onward); {package} has none")

@@ -79,11 +79,12 @@ class PackedLinear(nn.Module):
 
 
 @torch.no_grad()
-def pack_linear_weights(model: nn.Module, device: torch.device, dtype: torch.dtype) -> str:
+def pack_linear_weights(model: nn.Module, device: torch.device, dtype: torch.dtype, enabled: bool = True) -> str:
     """Replace every nn.Linear of the model with a PackedLinear where oneDNN packing applies
     (linear_backend); returns the backend its float linear layers now run (an int8 model has none
-    left to pack: its layers run their own matmul, and this says "torch")."""
-    backend = linear_backend(device, dtype)
+    left to pack: its layers run their own matmul, and this says "torch"). enabled=False (the
+    engine option cpu_fast_paths=False) leaves torch's nn.Linear everywhere, to measure against."""
+    backend = linear_backend(device, dtype) if enabled else TORCH_LINEAR
     if backend == TORCH_LINEAR:
         return TORCH_LINEAR
     slots = [(parent, name) for parent in model.modules() for name, child in parent.named_children()

@@ -25,9 +25,13 @@ MMAP_THRESHOLD = 32 << 20    # the largest glibc allows on 64-bit: bigger blocks
 TRIM_THRESHOLD = 1 << 30     # keep up to 1 GiB of free heap rather than return it
 
 
-def keep_freed_memory(device: torch.device) -> str:
+def keep_freed_memory(device: torch.device, enabled: bool = True) -> str:
     """Fix glibc's thresholds for this process when the engine runs on a CPU; returns what was done,
-    for the engine's stats. Process-wide and idempotent: a second engine sets the same values."""
+    for the engine's stats. Process-wide and idempotent: a second engine sets the same values.
+    enabled=False (the engine option cpu_fast_paths=False) sets nothing; since the thresholds
+    belong to the process, measure that in a fresh one (an earlier engine's values stay)."""
+    if not enabled:
+        return "unchanged (cpu_fast_paths=False: glibc's defaults unless this process set them earlier)"
     if device.type != "cpu":
         return "unchanged (the engine's memory is on the device)"
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":

@@ -11,18 +11,10 @@ Stop strings live here too (the engine only sees tokens): the text is cut before
 string, and while one could still be forming, its possible start is held back from the stream.
 """
 
+from common.engine.sampling_limits import check_stop as normalize_stop  # noqa: F401  (the cycles import it here)
+
 REPLACEMENT_CHAR = "\ufffd"
 CONTEXT_TOKENS = 5   # prompt tokens decoded with the first output tokens, for correct spacing
-
-
-def normalize_stop(stop) -> tuple[str, ...]:
-    """None, one string, or a list of strings -> a tuple of non-empty strings (ValueError otherwise)."""
-    if stop is None:
-        return ()
-    stops = (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, (list, tuple)) else None
-    if stops is None or not all(isinstance(s, str) and s for s in stops):
-        raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
-    return stops
 
 
 class IncrementalDetokenizer:
@@ -67,6 +59,18 @@ class IncrementalDetokenizer:
         delta = self.text[self.emitted:end] if end > self.emitted else ""
         self.emitted = max(self.emitted, end)
         return delta
+
+    def process(self, new_token_ids: list[int], finish_reason: str | None) -> tuple[str, int, str | None]:
+        """One step's new tokens of a request -> (text to show, how many of the tokens to keep,
+        finish reason). The one rule for stop strings, for the engine (cycle 4 on, one token a
+        step) and the server (a step's batch): a stop string ends the request with "stop", and
+        the tokens after the one that completed it are dropped."""
+        text = ""
+        for i, token in enumerate(new_token_ids):
+            text += self.update(token, finishing=finish_reason is not None and i == len(new_token_ids) - 1)
+            if self.stopped:
+                return text, i + 1, "stop"
+        return text, len(new_token_ids), finish_reason
 
     def _find_stop(self, old_len: int) -> None:
         """Only a stop string that ends in the new text can be new: search from there on."""

@@ -66,13 +66,23 @@ def _sampling_list(sampling_params, n: int, params_cls) -> list:
 
 
 def prepare_requests(prompts, sampling_params, tokenizer, vocab_size: int, max_model_len: int,
-                     params_cls) -> list[PreparedRequest]:
-    """Validate everything up front; return one PreparedRequest per prompt, in input order."""
+                     params_cls, max_prompt_tokens: int | None = None) -> list[PreparedRequest]:
+    """Validate everything up front; return one PreparedRequest per prompt, in input order.
+    `max_prompt_tokens`: the longest prompt whose prefill the engine's memory plan budgets
+    (cycles 4 on pass `max_num_batched_tokens`: one step's activations were profiled at that
+    size); a longer prompt is refused here instead of running the engine out of memory."""
     prompts = _as_prompt_list(prompts)
     params = _sampling_list(sampling_params, len(prompts), params_cls)
     requests = []
     for i, (prompt, sp) in enumerate(zip(prompts, params)):
         ids = _token_ids(i, prompt, tokenizer, vocab_size)
+        if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+            raise ValueError(f"prompt {i} has {len(ids)} tokens, more than one prefill step may hold "
+                             f"(max_num_batched_tokens={max_prompt_tokens}, the size the engine's "
+                             f"memory plan was profiled at)")
+        if sp.top_k > vocab_size:     # the table (sampling_limits.py) cannot know the vocabulary
+            raise ValueError(f"top_k must be -1 or 0 (off) or an int in [1, {vocab_size}] (the vocabulary), "
+                             f"got {sp.top_k}")
         outside = [t for t in getattr(sp, "stop_token_ids", ()) if t >= vocab_size]
         if outside:
             raise ValueError(f"sampling_params of prompt {i}: stop_token_ids {outside} are outside the "

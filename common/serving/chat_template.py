@@ -12,6 +12,7 @@ newlines, as vLLM does for templates that expect strings), or null on an assista
 """
 
 from common.serving.openai_protocol import APIError
+from common.serving.template_worker import TemplateBusy
 
 ROLES = ("system", "developer", "user", "assistant")
 # Arguments of apply_chat_template a client may not set through chat_template_kwargs: they would
@@ -62,8 +63,10 @@ def normalize_messages(messages: list[dict]) -> list[dict]:
 
 
 def render_chat(tokenizer, messages: list[dict], template: str | None = None, kwargs: dict | None = None,
-                add_generation_prompt: bool = True, continue_final_message: bool = False) -> str:
-    """The chat as text, by `template` or the tokenizer's own; every failure is a 400."""
+                add_generation_prompt: bool = True, continue_final_message: bool = False,
+                worker=None) -> str:
+    """The chat as text, by `template` or the tokenizer's own; every failure is a 400. `worker`: a
+    template_worker.TemplateWorker, which renders a client's `template` under its limits."""
     kwargs = kwargs or {}
     if reserved := sorted(RESERVED_KWARGS & set(kwargs)):
         raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}",
@@ -74,6 +77,9 @@ def render_chat(tokenizer, messages: list[dict], template: str | None = None, kw
     if template is None and not getattr(tokenizer, "chat_template", None):
         # No template at all: the contents joined as plain text (printed once at start-up).
         return "\n\n".join(m["content"] for m in messages) + "\n"
+    if template is not None and worker is not None:   # a client's template: in the limited worker
+        return _render_in_worker(worker, tokenizer, messages, template, kwargs, add_generation_prompt,
+                                 continue_final_message)
     try:
         text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                              add_generation_prompt=add_generation_prompt,
@@ -83,6 +89,26 @@ def render_chat(tokenizer, messages: list[dict], template: str | None = None, kw
                        param="chat_template" if template else "messages") from None
     if not isinstance(text, str):
         raise APIError(400, f"the chat template rendered a {type(text).__name__}, not text", param="messages")
+    return text
+
+
+def _render_in_worker(worker, tokenizer, messages, template, kwargs, add_generation_prompt,
+                      continue_final_message) -> str:
+    """The variables transformers gives a template, rendered by the worker (its limits apply)."""
+    special = {k: v for k, v in getattr(tokenizer, "special_tokens_map", {}).items() if isinstance(v, str)}
+    variables = {**special, **kwargs, "messages": messages, "add_generation_prompt": add_generation_prompt}
+    try:
+        text = worker.render(template, variables)
+    except TemplateBusy as error:
+        raise APIError(429, str(error), "rate_limit_error", headers={"Retry-After": "2"}) from None
+    except ValueError as error:
+        raise APIError(400, f"the chat template failed: {error}", param="chat_template") from None
+    if continue_final_message:      # end the text where the last message's content ends
+        final = messages[-1]["content"].strip()
+        if final not in text:
+            raise APIError(400, "continue_final_message: the template does not render the last message",
+                           param="continue_final_message")
+        text = text[:text.rindex(final) + len(final)]
     return text
 
 

@@ -27,6 +27,7 @@ import importlib
 import itertools
 import multiprocessing
 import os
+import queue
 import sys
 import threading
 from multiprocessing.connection import wait
@@ -91,14 +92,10 @@ class RequestStream:
         """Called on the event loop with one step's tokens; detokenizes them here. A stop string
         cuts the tokens (and their logprobs) after the one that completed it and finishes the request."""
         text = ""
-        if self.detokenizer is not None:
-            for i, token in enumerate(new_token_ids):
-                last = i == len(new_token_ids) - 1
-                text += self.detokenizer.update(token, finishing=last and finish_reason is not None)
-                if self.detokenizer.stopped:
-                    new_token_ids, finish_reason = new_token_ids[:i + 1], "stop"
-                    logprobs = None if logprobs is None else logprobs[:i + 1]
-                    break
+        if self.detokenizer is not None:     # the engine's own stop-string rule (detokenizer.py)
+            text, kept, finish_reason = self.detokenizer.process(new_token_ids, finish_reason)
+            new_token_ids = new_token_ids[:kept]
+            logprobs = None if logprobs is None else logprobs[:kept]
         self.token_ids += new_token_ids
         self.text += text
         self.finished, self.finish_reason = finish_reason is not None, finish_reason
@@ -132,6 +129,10 @@ class _CoreConnection:
         self._tokens = itertools.count()
         self._core_stats: dict = info["stats"]
         self._reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
+        # Sends go through a thread of their own: a large prompt's send could block on a full pipe
+        # while the core runs a step, and the event loop must never wait for that.
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_loop, name="engine-sender", daemon=True)
 
     # --- what handlers call (on the event loop) -----------------------------------------------
 
@@ -169,15 +170,28 @@ class _CoreConnection:
     def _start_reader(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._reader.start()
+        self._sender.start()
 
     def _send(self, message) -> None:
-        # Called on the event loop. The core reads between steps; the socket's buffer holds
-        # hundreds of commands meanwhile, so a send does not wait for a step in practice.
+        """Called on the event loop: queued for the sender thread, in order (never blocks)."""
+        if self._sender.is_alive():
+            self._outbox.put(message)
+        else:                      # not started (or already stopped): nobody else is sending
+            self._send_now(message)
+
+    def _send_now(self, message) -> None:
         try:
             with self._send_lock:
                 self._conn.send(message)
         except OSError:            # the core is gone; the reader thread reports it
             pass
+
+    def _send_loop(self) -> None:
+        while True:
+            message = self._outbox.get()
+            self._send_now(message)
+            if message[0] == "shutdown":
+                return
 
     def _read(self) -> None:
         """The reader thread: recv() blocks (without the GIL) until the core sends something."""
@@ -264,6 +278,8 @@ class InProcessEngine(_CoreConnection):
     def shutdown(self) -> None:
         self._closing = True
         self._send(("shutdown",))
+        if self._sender.is_alive():      # it sends the shutdown, then ends
+            self._sender.join(CORE_EXIT_TIMEOUT_S)
         self._core_thread.join(CORE_EXIT_TIMEOUT_S)
         self._conn.close()
 
@@ -318,6 +334,8 @@ class EngineCoreClient(_CoreConnection):
     def shutdown(self) -> None:
         self._closing = True
         self._send(("shutdown",))
+        if self._sender.is_alive():      # it sends the shutdown, then ends
+            self._sender.join(CORE_EXIT_TIMEOUT_S)
         self.process.join(CORE_EXIT_TIMEOUT_S)
         if self.process.is_alive():
             self.process.kill()

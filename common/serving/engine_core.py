@@ -121,19 +121,23 @@ class EngineCore:
 
     def stats(self) -> dict:
         """The gauges and counters only the engine knows (the server's /metrics reads them)."""
-        scheduler = self.llm.scheduler
-        counters, blocks = scheduler.stats(), self.llm.block_manager.stats()
-        used = blocks["num_kv_blocks"] - blocks["free_kv_blocks"]
-        stats = {"num_requests_running": len(scheduler.running), "num_requests_waiting": len(scheduler.waiting),
-                 "kv_cache_usage_perc": used / blocks["num_kv_blocks"],
-                 "num_preemptions": counters["preemptions"],
+        load = self.llm.load()
+        used = load["num_kv_blocks"] - load["free_kv_blocks"]
+        stats = {"num_requests_running": load["num_running"], "num_requests_waiting": load["num_waiting"],
+                 "kv_cache_usage_perc": used / load["num_kv_blocks"],
+                 "num_preemptions": load["preemptions"],
                  "prompt_tokens_total": self.prompt_tokens_total,
                  "generation_tokens_total": self.generation_tokens_total,
                  "num_steps": self.num_steps, "step_seconds_total": self.step_seconds_total}
-        if "prefix_cache_queried_tokens" in counters:                # cycle 5 on
-            stats |= {"prefix_cache_queries": counters["prefix_cache_queried_tokens"],
-                      "prefix_cache_hits": counters["prefix_cache_hit_tokens"]}
+        if "prefix_cache_queried_tokens" in load:                    # cycle 5 on
+            stats |= {"prefix_cache_queries": load["prefix_cache_queried_tokens"],
+                      "prefix_cache_hits": load["prefix_cache_hit_tokens"]}
+        if "spec_decode_num_drafts" in load:                         # cycle 10, speculation on
+            stats |= {k: load[k] for k in SPEC_DECODE_COUNTERS}
         return stats
+
+
+SPEC_DECODE_COUNTERS = ("spec_decode_num_drafts", "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens")
 
 
 def sampling_params_class(llm):
@@ -144,10 +148,9 @@ def sampling_params_class(llm):
 def describe(llm) -> dict:
     """What the front end must know about the engine, sent once: everything it needs to tokenize,
     validate and detokenize on its own side."""
-    blocks = llm.block_manager.stats()
-    return {"source": llm.source, "vocab_size": llm.source.config.vocab_size,
-            "max_model_len": llm.source.config.max_position_embeddings,
-            "eos_token_ids": sorted(llm.eos_token_ids), "kv_pool_tokens": blocks["num_kv_blocks"] * blocks["block_size"],
+    engine = llm.describe()
+    return {"source": llm.source, "vocab_size": engine["vocab_size"], "max_model_len": engine["max_model_len"],
+            "eos_token_ids": engine["eos_token_ids"], "kv_pool_tokens": engine["num_kv_blocks"] * engine["block_size"],
             "stats": EngineCore(llm, None).stats()}
 
 

@@ -8,6 +8,7 @@ histograms, the token counters and the finished requests by reason. The engine's
     num_requests_running, num_requests_waiting, kv_cache_usage_perc   gauges, now
     num_preemptions                                                     total since start
     prefix_cache_queries, prefix_cache_hits                             tokens, since start (cycle 5 on)
+    spec_decode_num_drafts, _num_draft_tokens, _num_accepted_tokens    since start (cycle 10, speculating)
 
 and each request's first delta carries `queue_time_s`: from its arrival in the engine to the
 start of the step that ran its prefill (vLLM's queue time). A counter or a queue time the engine
@@ -124,6 +125,11 @@ class ServerMetrics:
                    snapshot["prefix_cache_queries"])
             scalar("prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.",
                    snapshot["prefix_cache_hits"])
+        if "spec_decode_num_drafts" in snapshot:    # cycle 10, speculative decoding on
+            for name, help_text in (("num_drafts", "Verifications of draft tokens."),
+                                    ("num_draft_tokens", "Draft tokens proposed."),
+                                    ("num_accepted_tokens", "Draft tokens accepted.")):
+                scalar(f"spec_decode_{name}_total", "counter", help_text, snapshot[f"spec_decode_{name}"])
         lines += ["# HELP vllm:request_success_total Requests ended, by finish reason.",
                   "# TYPE vllm:request_success_total counter"]
         lines += [f'vllm:request_success_total{{{labels},finished_reason="{escape(reason)}"}} {n}'

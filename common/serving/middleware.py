@@ -1,8 +1,11 @@
 """Access and limits, as plain ASGI middleware (Starlette's BaseHTTPMiddleware would buffer
 streams and hide a client's disconnect from the handlers, which must see it to abort).
 
-- ApiKey: with `--api-key` (or VLLM_API_KEY), every /v1/* request needs `Authorization: Bearer
-  KEY`, else 401; /health, /metrics, /tokenize and /detokenize stay open, as in vLLM.
+- ApiKey: with `--api-key` (or VLLM_API_KEY), every request needs `Authorization: Bearer KEY`,
+  else 401, except /health (a load balancer's probe) and /metrics (a scraper's, which computes
+  nothing from the request: our choice; vLLM guards /v1 only). /tokenize and /detokenize need the
+  key too, unlike vLLM: they tokenize, render templates and decode, which is work a stranger
+  could make the server do.
 - BodyLimit: a request body over the limit gets 413, whether it announces its length
   (Content-Length) or sends it in chunks, before any of it is parsed.
 """
@@ -10,7 +13,7 @@ streams and hide a client's disconnect from the handlers, which must see it to a
 import hmac
 import json
 
-GUARDED_PREFIX = "/v1"
+OPEN_PATHS = ("/health", "/metrics")
 
 
 async def _send_error(send, status: int, message: str, type_: str) -> None:
@@ -34,7 +37,7 @@ class ApiKey:
 
     async def __call__(self, scope, receive, send):
         if (scope["type"] == "http" and scope.get("method") != "OPTIONS"
-                and scope["path"].startswith(GUARDED_PREFIX) and not self._allowed(scope)):
+                and scope["path"] not in OPEN_PATHS and not self._allowed(scope)):
             await _send_error(send, 401, "a valid API key is required: Authorization: Bearer KEY",
                               "authentication_error")
             return

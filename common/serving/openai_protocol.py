@@ -2,7 +2,8 @@
 
 The rule: a field is honoured, or a value other than its default is refused with 400 naming the
 field (`param`); it is never silently ignored. `null` always means "the default". A field no table
-here knows (not OpenAI's, not vLLM's) is logged once per server and ignored, as vLLM does.
+here knows (not OpenAI's, not vLLM's) is logged once per server and ignored, as vLLM does (the
+record of names logged is bounded: server.MAX_UNKNOWN_RECORDED).
 
 | field | endpoint | here | why |
 |---|---|---|---|
@@ -17,7 +18,7 @@ here knows (not OpenAI's, not vLLM's) is logged once per server and ignored, as 
 | `stream_options.continuous_usage_stats` | both | honoured | usage in every chunk |
 | `n` | both | 1 only | several choices per prompt need the prompt's KV blocks shared: not built |
 | `best_of` | completions | 1 only | the same |
-| `echo` | completions | honoured | the prompt's text before the completion; `max_tokens: 0` returns the prompt alone |
+| `echo` | completions | honoured | the prompt's text before the completion; `max_tokens: 0` returns the prompt alone, with its logprobs when `logprobs` is set (lm-eval's scoring form) |
 | `echo` | chat | refused | vLLM's extension, not built |
 | `add_special_tokens` | both | honoured | tokenization is the server's (default: true for completions, false for chat) |
 | `add_generation_prompt`, `continue_final_message` | chat | honoured | passed to the chat template |
@@ -44,6 +45,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
+
+
+MAX_PROMPTS = 2048            # prompts in one completions request (OpenAI's limit)
 
 
 class APIError(Exception):
@@ -226,6 +230,9 @@ def normalize_prompts(prompt) -> list[str | list[int]]:
     else:
         raise APIError(400, "prompt must be a string, a list of strings, a non-empty list of token ids, "
                        "or a list of such lists", param="prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise APIError(400, f"prompt holds {len(prompts)} prompts; at most {MAX_PROMPTS} per request (OpenAI's cap)",
+                       param="prompt")
     for i, p in enumerate(prompts):
         if p == "":
             raise APIError(400, f"prompt {i} is an empty string", param="prompt")

@@ -43,9 +43,12 @@ def sse(data: dict) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
-def echo_only(reply: Reply, body, prompt_lengths: list[int]):
-    """`echo` with `max_tokens: 0` (lm-eval's loglikelihood form): the prompts back, no engine work."""
+def echo_only(reply: Reply, body, prompt_lengths: list[int], logprobs: list[dict] | None = None):
+    """`echo` with `max_tokens: 0` (lm-eval's loglikelihood form): the prompts back, with their
+    logprobs when asked (`logprobs`: one completions-form object per prompt)."""
     choices = [reply.choice(i, "", "length", chunk=False) for i in range(len(prompt_lengths))]
+    for choice, scored in zip(choices, logprobs or ()):
+        choice["logprobs"] = scored
     totals = usage(sum(prompt_lengths), 0)
     if not body.stream:
         return {**reply.envelope(chunk=False), "choices": choices, "usage": totals}

@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from common.engine.args import add_model_args, parse_options
+from common.engine.cli import refuse_unknown_options
 from common.serving.chat_template import chat_prompt_ids
 from common.serving.engine_client import EngineCoreClient, EngineError, InProcessEngine
 from common.serving.metrics import RequestTimer, ServerMetrics, parse_metrics  # noqa: F401  (parse_metrics: re-exported)
@@ -45,12 +46,16 @@ from common.serving.middleware import ApiKey, BodyLimit
 from common.serving.openai_protocol import (REFUSED_CHAT, REFUSED_COMPLETIONS, APIError, ChatRequest,
                                             CompletionRequest, DetokenizeRequest, TokenizeRequest, check_fields,
                                             normalize_prompts, unknown_fields)
-from common.serving.logprobs import LogprobsForm
+from common.serving.logprobs import LogprobsForm, completion_logprobs
 from common.serving.openai_responses import Reply, echo_only, sse, usage
 from common.serving.sampling import NEUTRAL, build_sampling_params, default_max_tokens, unusable_defaults
+from common.serving.template_worker import TemplateWorker
+from common.serving.workers import WorkerPool
 
 MAX_BODY_BYTES = 16 * 2**20      # a 100k-token prompt as JSON token ids is under 1 MiB
 RETRY_AFTER_S = 1
+MAX_REQUEST_TOKENS = 2**18       # prompt tokens of one request, all its prompts together
+MAX_UNKNOWN_RECORDED = 256       # unknown field names remembered (each logged once); past that, none
 
 
 @dataclass
@@ -73,7 +78,9 @@ class OpenAIServer:
         self.max_model_len = min(engine.max_model_len, getattr(engine, "kv_pool_tokens", engine.max_model_len))
         self.metrics = ServerMetrics(options.served_model_name)
         self.num_waiting = 0                  # added to the engine, no token yet (--max-waiting-requests)
-        self._unknown_logged: set[str] = set()
+        self._unknown_logged: set[str] = set()   # at most MAX_UNKNOWN_RECORDED names
+        self.workers = WorkerPool()              # tokenizing, templates, decoding: off the event loop
+        self.templates = TemplateWorker()        # clients' chat templates, under limits
 
     # --- checks shared by the endpoints ----------------------------------------------------------
 
@@ -85,16 +92,22 @@ class OpenAIServer:
     def check_request(self, body, table: dict) -> None:
         self.check_model(body.model)
         check_fields(body, table, self.engine.sampling_params_cls)
-        for name in unknown_fields(body, table):
-            if name not in self._unknown_logged:
-                self._unknown_logged.add(name)
-                print(f"note: request field {name!r} is unknown to this server and ignored "
-                      "(logged once)", file=sys.stderr)
+        new = [n for n in unknown_fields(body, table) if n not in self._unknown_logged]
+        room = MAX_UNKNOWN_RECORDED - len(self._unknown_logged)
+        if new and room > 0:      # one line per request at most; a bounded record of names
+            self._unknown_logged.update(new[:room])
+            shown = ", ".join(repr(n[:40]) for n in new[:5]) + (f" and {len(new) - 5} more" if len(new) > 5 else "")
+            print(f"note: request fields unknown to this server are ignored (each logged once): {shown}",
+                  file=sys.stderr)
 
-    def check_fits(self, ids: list[int], max_tokens: int, param: str, index: int = 0) -> None:
-        limit, vocab = self.max_model_len, self.engine.vocab_size
+    def check_vocab(self, ids: list[int], param: str, index: int = 0) -> None:
+        vocab = self.engine.vocab_size
         if (bad := next((t for t in ids if not 0 <= t < vocab), None)) is not None:
             raise APIError(400, f"prompt {index} holds token id {bad}, outside the vocabulary [0, {vocab})", param=param)
+
+    def check_fits(self, ids: list[int], max_tokens: int, param: str, index: int = 0) -> None:
+        limit = self.max_model_len
+        self.check_vocab(ids, param, index)
         if len(ids) + max_tokens > limit:
             raise APIError(400, f"this model's maximum context length is {limit} tokens; prompt {index} has "
                            f"{len(ids)} and max_tokens is {max_tokens} ({len(ids) + max_tokens} in all)",
@@ -104,12 +117,32 @@ class OpenAIServer:
         return self.engine.tokenizer.decode([token_id])
 
     def tokenize(self, prompt: str | list[int], add_special_tokens: bool) -> list[int]:
+        """In a worker thread (`self.workers.run`): a long prompt takes seconds."""
         if isinstance(prompt, list):
             return prompt
+        _check_text(prompt, "prompt")
         ids = self.engine.tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids
         if not ids:
             raise APIError(400, "the prompt tokenizes to no tokens", param="prompt")
         return ids
+
+    def tokenize_all(self, prompts: list, add_special_tokens: bool) -> list[list[int]]:
+        ids, total = [], 0
+        for prompt in prompts:
+            ids.append(self.tokenize(prompt, add_special_tokens))
+            total += len(ids[-1])
+            if total > MAX_REQUEST_TOKENS:
+                raise APIError(400, f"the prompts of one request may hold at most {MAX_REQUEST_TOKENS} tokens "
+                               "in all", param="prompt")
+        return ids
+
+    def chat_ids(self, body) -> list[int]:
+        """The chat rendered and tokenized (in a worker thread); a client's template in the
+        template worker, under its time, memory and size limits."""
+        return chat_prompt_ids(self.engine.tokenizer, body.messages, add_special_tokens=bool(body.add_special_tokens),
+                               template=body.chat_template, kwargs=body.chat_template_kwargs,
+                               add_generation_prompt=body.add_generation_prompt is not False,
+                               continue_final_message=bool(body.continue_final_message), worker=self.templates)
 
     # --- the engine -------------------------------------------------------------------------------
 
@@ -163,26 +196,47 @@ class OpenAIServer:
         arrival = time.perf_counter()
         self.check_request(body, REFUSED_COMPLETIONS)
         prompts = normalize_prompts(body.prompt)
-        ids = [self.tokenize(p, body.add_special_tokens is not False) for p in prompts]
         max_tokens = body.max_tokens if body.max_tokens is not None else \
             default_max_tokens(body, self.options.generation_defaults, False, 0)
-        echoes = [p if isinstance(p, str) else self.engine.tokenizer.decode(i) for p, i in zip(prompts, ids)] \
-            if body.echo else None
+        if max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens must be at least 1 (0 only with echo)", param="max_tokens")
+        # max_tokens 0 with echo (lm-eval's scoring form): one token is generated for the prompt's
+        # logprobs, and dropped from the answer.
+        generated = 1 if max_tokens == 0 else max_tokens      # a negative one is the table's 400
+        params = build_sampling_params(body, self.options.generation_defaults, self.engine.sampling_params_cls,
+                                       generated)
+        ids = await self.workers.run(self.tokenize_all, prompts, body.add_special_tokens is not False)
+        positions = 0 if max_tokens == 0 and body.logprobs is None else generated   # echo alone: none
+        for index, prompt_ids in enumerate(ids):
+            self.check_fits(prompt_ids, positions, "prompt", index)
+        echoes = await self.workers.run(self.echo_texts, prompts, ids) if body.echo else None
         reply = Reply(f"cmpl-{uuid.uuid4().hex}", self.options.served_model_name, chat=False, echoes=echoes)
         if body.logprobs is not None:
-            if max_tokens == 0:
-                raise APIError(400, "logprobs with max_tokens 0 is not built: ask for max_tokens 1 (lm-eval's "
-                               "form) and read the prompt's positions", param="max_tokens")
             reply.logprobs = LogprobsForm(self.decode_token, chat=False, top=body.logprobs,
                                           prompts=ids if body.echo else None)
-        if max_tokens == 0 and body.echo:
-            return echo_only(reply, body, [len(i) for i in ids])
-        params = build_sampling_params(body, self.options.generation_defaults, self.engine.sampling_params_cls,
-                                       max_tokens)
-        for index, prompt_ids in enumerate(ids):
-            self.check_fits(prompt_ids, max_tokens, "prompt", index)
+        if max_tokens == 0:
+            scored = None if body.logprobs is None else await self.workers.run(
+                self.prompt_only_logprobs, ids, await self.prompt_logprobs(ids, params))
+            return echo_only(reply, body, [len(i) for i in ids], scored)
         streams = await self.submit(ids, params)
         return await self.respond(request, body, streams, reply, arrival)
+
+    def echo_texts(self, prompts: list, ids: list[list[int]]) -> list[str]:
+        return [p if isinstance(p, str) else self.engine.tokenizer.decode(i) for p, i in zip(prompts, ids)]
+
+    async def prompt_logprobs(self, ids: list[list[int]], params) -> list:
+        """The prompts' logprobs, from a one-token generation of each (its token is not returned)."""
+        flight = _Flight(self, await self.submit(ids, params), time.perf_counter())
+        found = [None] * len(ids)
+        try:
+            async for i, delta in self.deltas(flight):
+                found[i] = delta.prompt_logprobs or found[i]
+        except EngineError as error:
+            raise APIError(500, f"the engine failed: {error}", "server_error") from None
+        return found
+
+    def prompt_only_logprobs(self, ids: list[list[int]], prompt_logprobs: list) -> list[dict]:
+        return [completion_logprobs(p, lp, self.decode_token) for p, lp in zip(ids, prompt_logprobs)]
 
     async def chat(self, body: ChatRequest, request: Request):
         arrival = time.perf_counter()
@@ -190,10 +244,7 @@ class OpenAIServer:
         if body.chat_template is not None and not self.options.trust_request_chat_template:
             raise APIError(400, "chat_template in a request runs the client's code on the server: start the "
                            "server with --trust-request-chat-template to allow it", param="chat_template")
-        ids = chat_prompt_ids(self.engine.tokenizer, body.messages, add_special_tokens=bool(body.add_special_tokens),
-                              template=body.chat_template, kwargs=body.chat_template_kwargs,
-                              add_generation_prompt=body.add_generation_prompt is not False,
-                              continue_final_message=bool(body.continue_final_message))
+        ids = await self.workers.run(self.chat_ids, body)
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         room = self.max_model_len - len(ids)
         max_tokens = requested if requested is not None else \
@@ -283,13 +334,12 @@ class OpenAIServer:
         if body.messages is not None:
             if body.chat_template is not None and not self.options.trust_request_chat_template:
                 raise APIError(400, "chat_template needs --trust-request-chat-template", param="chat_template")
-            ids = chat_prompt_ids(self.engine.tokenizer, body.messages, add_special_tokens=bool(body.add_special_tokens),
-                                  template=body.chat_template, kwargs=body.chat_template_kwargs,
-                                  add_generation_prompt=body.add_generation_prompt,
-                                  continue_final_message=body.continue_final_message)
+            ids = await self.workers.run(self.chat_ids, body)
         else:
-            ids = self.engine.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens is not False).input_ids
-        strs = self.engine.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+            ids = await self.workers.run(self.tokenize_all, [body.prompt], body.add_special_tokens is not False)
+            ids = ids[0]
+        strs = await self.workers.run(self.engine.tokenizer.convert_ids_to_tokens, ids) \
+            if body.return_token_strs else None
         return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids, "token_strs": strs}
 
     async def detokenize_endpoint(self, body: DetokenizeRequest) -> dict:
@@ -297,7 +347,18 @@ class OpenAIServer:
         vocab = self.engine.vocab_size
         if (bad := next((t for t in body.tokens if not 0 <= t < vocab), None)) is not None:
             raise APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab})", param="tokens")
-        return {"prompt": self.engine.tokenizer.decode(body.tokens)}
+        if len(body.tokens) > MAX_REQUEST_TOKENS:
+            raise APIError(400, f"at most {MAX_REQUEST_TOKENS} tokens per request", param="tokens")
+        return {"prompt": await self.workers.run(self.engine.tokenizer.decode, body.tokens)}
+
+
+def _check_text(text: str, param: str) -> None:
+    """A string the tokenizer can take: UTF-8 encodable (JSON may carry a lone surrogate, "\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise APIError(400, f"{param} is not valid Unicode text: {error.reason} at character {error.start}",
+                       param=param) from None
 
 
 class _Flight:
@@ -394,6 +455,8 @@ def build_app(engine, options: ServerOptions | str) -> FastAPI:
         engine.start()
         yield
         engine.shutdown()
+        server.workers.shutdown()
+        server.templates.close()
 
     app = FastAPI(title="vllm-learn", lifespan=lifespan)
     app.state.server = server
@@ -470,7 +533,8 @@ def build_parser(package: str) -> argparse.ArgumentParser:
     p.add_argument("--generation-config", default="auto", choices=["auto", "vllm"],
                    help="sampling defaults: the model's generation_config.json (auto) or the neutral ones (vllm)")
     p.add_argument("--api-key", action="append", default=None,
-                   help="require `Authorization: Bearer KEY` on /v1/* (repeatable; default: $VLLM_API_KEY)")
+                   help="require `Authorization: Bearer KEY` on every route but /health and /metrics "
+                        "(repeatable; default: $VLLM_API_KEY)")
     p.add_argument("--allowed-origins", default=None,
                    help='CORS origins, a JSON list or commas: \'["https://a.example"]\' (default: none)')
     p.add_argument("--max-waiting-requests", type=int, default=None,
@@ -509,6 +573,7 @@ EXIT_GRACE_S = 3               # seconds uvicorn may take to close connections w
 
 def make_engine(package: str, args, options: dict, core_profile: str | None = None):
     """The engine client: the core in a process of its own (default) or in a thread of this one."""
+    refuse_unknown_options(package, options)       # before any process starts or weight loads
     options = dict(device=args.device, dtype=args.dtype, weights=args.weights, seed=args.seed, **options)
     if args.engine_process:
         engine = EngineCoreClient(package, args.model, options, profile_path=core_profile)
