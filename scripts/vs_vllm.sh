@@ -4,6 +4,12 @@
 #   scripts/vs_vllm.sh                      # cycle6_flash, rates 1 2 4, 32 requests each
 #   CYCLE=cycle8_graphs RATES="2" NUM_PROMPTS=8 NAME=trial scripts/vs_vllm.sh
 #   OUR_FLAGS=--no-engine-process NAME=vs_vllm_in_process scripts/vs_vllm.sh   # the first version
+#   LOAD=mixed_arrivals CYCLE=cycle9_chunked OUR_FLAGS="--max-num-batched-tokens 256" \
+#     VLLM_FLAGS="--max-num-batched-tokens 256" scripts/vs_vllm.sh   # chapter 11: streams beside long prompts
+#
+# LOAD=mixed_arrivals replaces vLLM's client (which cannot express streams that decode while long
+# prompts arrive) by ours, common/benchmark/mixed_arrivals.py --base-url, on both servers: the
+# streams' ITL, the long prompts' TTFT; results in $NAME/<server>/results.json and compare.md.
 #
 # On a CPU vLLM runs twice (VLLM_BINDS): `default`, as it starts by default (VLLM_CPU_OMP_THREADS_BIND
 # unset: "auto", which keeps a core back for its scheduler, so on 2 cores it computes on 1), and
@@ -38,6 +44,10 @@ OUTPUT_LEN=${OUTPUT_LEN:-32}
 PORT=${PORT:-8765}
 NAME=${NAME:-vs_vllm_$(date -u +%Y%m%d_%H%M)}
 OUR_FLAGS=${OUR_FLAGS:-}
+VLLM_FLAGS=${VLLM_FLAGS:-}
+LOAD=${LOAD:-random}
+[[ $LOAD == random || $LOAD == mixed_arrivals ]] || { echo "LOAD: random or mixed_arrivals, not $LOAD" >&2; exit 2; }
+[[ $LOAD == random ]] || RATES=once      # the mixed load has its own arrivals: one run per server
 SERVED=smollm2
 SERVER_LIMIT_S=${SERVER_LIMIT_S:-3600}   # each server is killed after this, whatever happens
 LOAD_LIMIT_S=${LOAD_LIMIT_S:-600}        # a server not healthy by then is a failed run
@@ -82,6 +92,11 @@ start_server() {   # start_server LOG CMD...: its own process group (setsid), a 
 
 bench() {   # bench LABEL RATE: vLLM's client, built from its own parser (add_cli_args), then main(args)
   local label=$1 rate=$2
+  if [[ $LOAD == mixed_arrivals ]]; then   # our client, the same requests and arrivals for every server
+    timeout -k 10 "$CLIENT_LIMIT_S" "$PY" -m common.benchmark.mixed_arrivals --base-url "http://127.0.0.1:$PORT/v1" \
+      --model "$SERVED" --name "$label" --out "$OUT/$label" ${MIXED_ARGS:-}   # e.g. MIXED_ARGS=--quick
+    return
+  fi
   timeout -k 10 "$CLIENT_LIMIT_S" "$VLLM_PY" - \
     --backend openai --base-url "http://127.0.0.1:$PORT" --endpoint /v1/completions \
     --model "$MODEL_DIR" --tokenizer "$MODEL_DIR" --served-model-name "$SERVED" \
@@ -104,9 +119,10 @@ EOF
   echo "load average at start: $(cat /proc/loadavg)"
   echo "vllm cores: $VLLM_BINDS (default: VLLM_CPU_OMP_THREADS_BIND unset; all-cores: VLLM_CPU_OMP_THREADS_BIND=$OUR_CPUS)"
   echo "ours: python -m $CYCLE.serve $MODEL_DIR --served-model-name $SERVED $OUR_FLAGS (torch $("$PY" -c 'import torch; print(torch.__version__)'))"
-  echo "vllm: $("$VLLM_PY" -c 'import vllm; print(vllm.__version__)'), --dtype float32 --max-num-seqs 64 --enforce-eager, VLLM_CPU_KVCACHE_SPACE=4"
+  echo "vllm: $("$VLLM_PY" -c 'import vllm; print(vllm.__version__)'), --dtype float32 --max-num-seqs 64 --enforce-eager $VLLM_FLAGS, VLLM_CPU_KVCACHE_SPACE=4"
   echo "model: HuggingFaceTB/SmolLM2-135M-Instruct, real weights ($MODEL_DIR), fp32"
-  echo "load: vllm.benchmarks.serve, backend openai, random dataset, $INPUT_LEN in / $OUTPUT_LEN out tokens, $NUM_PROMPTS requests, --ignore-eos, --temperature 0, seed 0, rates: $RATES req/s"
+  if [[ $LOAD == mixed_arrivals ]]; then echo "load: common/benchmark/mixed_arrivals.py --base-url (cpu size), greedy, ignore_eos, seed 0"
+  else echo "load: vllm.benchmarks.serve, backend openai, random dataset, $INPUT_LEN in / $OUTPUT_LEN out tokens, $NUM_PROMPTS requests, --ignore-eos, --temperature 0, seed 0, rates: $RATES req/s"; fi
 } >"$OUT/machine.txt"
 
 # shellcheck disable=SC2086  # OUR_FLAGS is a list of flags
@@ -124,11 +140,24 @@ for bind in $VLLM_BINDS; do
   start_server "$OUT/${label}_server.log" env "${bind_env[@]}" VLLM_CPU_KVCACHE_SPACE=4 \
     "$VLLM_PY" -m vllm.entrypoints.openai.api_server \
     --model "$MODEL_DIR" --served-model-name "$SERVED" --dtype float32 --max-num-seqs 64 --enforce-eager \
-    --host 127.0.0.1 --port "$PORT"
+    --host 127.0.0.1 --port "$PORT" $VLLM_FLAGS
   for rate in $RATES; do bench "$label" "$rate"; done
   stop_server
 done
 echo "load average at end: $(cat /proc/loadavg)" >>"$OUT/machine.txt"
+
+if [[ $LOAD == mixed_arrivals ]]; then   # one table: every server's row of the mixed load
+  "$PY" - "$OUT" <<'EOF'
+import json, pathlib, sys
+from common.benchmark.mixed_arrivals import format_table
+out = pathlib.Path(sys.argv[1])
+rows = [json.loads(p.read_text())["results"][0] for p in sorted(out.glob("*/results.json"))]
+text = f"# Streams beside long prompts, served ({out.name})\n\n{(out / 'machine.txt').read_text()}\n{format_table(rows)}\n"
+(out / "compare.md").write_text(text)
+print(text)
+EOF
+  exit 0
+fi
 
 "$PY" - "$OUT" $RATES <<'EOF'
 import json, pathlib, sys

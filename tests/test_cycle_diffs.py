@@ -167,9 +167,9 @@ ALLOWED = {
         "sampler.py": {"SamplerOutput"},                    # accepted_token_ids beside each sampled token
         "scheduler.py": {"<docstring>", "<imports>", "Scheduler.__init__",        # drafts under the budget,
                          "Scheduler._in_prompt", "Scheduler._propose",            # rollback after the step,
-                         "Scheduler._schedule_running", "Scheduler._verified",    # and vLLM's counters
-                         "Scheduler.postprocess", "Scheduler.reset_stats", "Scheduler.spec_stats",
-                         "Scheduler.stats"},
+                         "Scheduler._schedule_running", "Scheduler._verified",    # and vLLM's counters;
+                         "Scheduler.describe", "Scheduler.postprocess",           # --trace shows id+drafts
+                         "Scheduler.reset_stats", "Scheduler.spec_stats", "Scheduler.stats"},
         "sequence.py": {"Sequence.__init__"},               # spec_token_ids, the adaptive draft length
     },
 }

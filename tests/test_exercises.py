@@ -815,3 +815,51 @@ def test_chunked_mask():
     _, positions, meta = runner._prepare([seq], [5])
     assert positions.tolist() == [32, 33, 34, 35, 36] and int(meta.context_lens[0]) == 37
     assert meta.mask[0, 2].nonzero().flatten().tolist() == list(range(35))
+
+
+# --- chapter 12: speculative decoding ---------------------------------------------------------
+
+def test_spec_propose():
+    """12.1: [5, 9, 2, 7, 5, 9, 3, 5, 9], n from 3 down to 1, k = 3: no earlier [3, 5, 9]; the
+    latest earlier [5, 9] is at positions 4-5, followed by [3, 5, 9]."""
+    proposer = importlib.import_module("cycle10_speculative.proposer").NgramProposer(3, 1, 3)
+    assert proposer.propose([5, 9, 2, 7, 5, 9, 3, 5, 9]) == [3, 5, 9]
+
+
+def test_spec_rule():
+    """12.2: p = (A 0.5, B 0.3, C 0.2), draft B: accepted with probability 0.3; a rejection emits A
+    with probability 5/7, C 2/7; A overall 0.5. 20,000 seeded draws, within 0.015 (over 4 standard
+    deviations of each estimate)."""
+    sampler = importlib.import_module("cycle10_speculative.sampler").Sampler(torch.device("cpu"), seed=0)
+    rejection = importlib.import_module("cycle10_speculative.rejection_sampler").RejectionSampler(sampler)
+    params = cycle("cycle10_speculative").SamplingParams(temperature=1.0)
+    n, A, B = 20000, 0, 1
+    seqs = [SimpleNamespace(token_ids=[0], num_prompt_tokens=1, sampling_params=params, generator=None)] * n
+    logits = torch.tensor([[0.5, 0.3, 0.2], [1.0, 1.0, 1.0]]).log().repeat(n, 1)   # row 2: after B, unused here
+    out = rejection(logits, seqs, [[B]] * n)
+    accepted = sum(len(a) for a in out.accepted_token_ids) / n
+    rejected_tokens = [t for a, t in zip(out.accepted_token_ids, out.token_ids) if not a]
+    assert abs(accepted - 0.3) < 0.015
+    assert abs(rejected_tokens.count(A) / len(rejected_tokens) - 5 / 7) < 0.015
+    assert abs(rejected_tokens.count(A) / n - 0.5) < 0.015
+
+
+def test_spec_rollback():
+    """12.3: blocks of 4, a 10-token sequence decoding (9 computed, 3 blocks) gets 4 drafts: the step
+    computes positions 9-13 and needs 4 blocks; 1 draft accepted: 12 tokens, 11 computed, 3 blocks."""
+    config = SimpleNamespace(block_size=4, enable_prefix_caching=True, max_num_seqs=8, max_num_batched_tokens=64,
+                             enable_chunked_prefill=True, long_prefill_token_threshold=0,
+                             speculative_config={"num_speculative_tokens": 4, "prompt_lookup_min": 1,
+                                                 "prompt_lookup_max": 1})
+    processor = importlib.import_module("cycle10_speculative.output_processor").OutputProcessor(None, {2})
+    scheduler = importlib.import_module("cycle10_speculative.scheduler").Scheduler(config, 16, processor)
+    SamplerOutput = importlib.import_module("cycle10_speculative.sampler").SamplerOutput
+    seq = new_seq("cycle10_speculative", 0, [7, 8, 9, 7, 8, 9, 7, 8, 9], max_tokens=20)
+    scheduler.add([seq], detokenize=False)
+    seqs, num_tokens = scheduler.schedule()                   # the prompt: 9 tokens, samples its first
+    scheduler.postprocess(seqs, num_tokens, SamplerOutput([7]))
+    seqs, num_tokens = scheduler.schedule()                   # a decode of 10 tokens, 9 computed
+    assert seq.spec_token_ids == [8, 9, 7, 8] and num_tokens == [5] and len(seq.block_table) == 4
+    scheduler.postprocess(seqs, num_tokens, SamplerOutput([5], accepted_token_ids=[[8]]))
+    assert len(seq) == 12 and seq.num_computed_tokens == 11 and len(seq.block_table) == 3
+    assert scheduler.block_manager.num_free_blocks == 16 - 3

@@ -226,3 +226,19 @@ def test_http_benchmark_records_the_server_it_measured(server):
     assert found["models"][0]["root"] == server["llm"].source.name
     gone = server_identity(f"http://127.0.0.1:{_free_port()}/v1")   # nothing listens there
     assert gone["models"] is None and gone["error"]
+
+
+def test_mixed_arrivals_measures_a_server_as_it_measures_an_engine(server, monkeypatch):
+    """chapter 11's workload over HTTP (how a server, ours or vLLM's, is compared): every stream's
+    tokens are timed, the long prompt's first token comes after its arrival, and a refused request
+    is an error, not a silently shorter run."""
+    from common.benchmark import mixed_arrivals
+
+    monkeypatch.setattr(mixed_arrivals, "SAFE_ID_RANGE", (5, 90))     # the character tokenizer's 98 ids
+    size = mixed_arrivals.SIZES["quick"]
+    row = mixed_arrivals.run_server(server["base"] + "/v1", MODEL, "ours", "quick", seed=0, max_model_len=512)
+    assert [len(times) for times in row["stream_token_times_s"]] == [size["stream_output"]] * size["streams"]
+    assert row["long_ttft_mean_s"] > 0 and row["stream_itl_p99_s"] >= row["stream_itl_p50_s"] > 0
+    with pytest.raises(SystemExit, match="failed"):                   # ids past the vocabulary: every one a 400
+        monkeypatch.setattr(mixed_arrivals, "SAFE_ID_RANGE", (1000, 2000))
+        mixed_arrivals.run_server(server["base"] + "/v1", MODEL, "ours", "quick", seed=0, max_model_len=512)

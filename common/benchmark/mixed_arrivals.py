@@ -93,6 +93,27 @@ def run_one(engine: str, budget: int | None, device: str, model: str, size_key: 
             "device": device, **metrics(records, size["streams"])}
 
 
+def run_server(base_url: str, model: str, name: str, size_key: str, seed: int, max_model_len: int) -> dict:
+    """The same requests and arrivals against a running OpenAI-compatible server (ours or vLLM's),
+    streamed by our HTTP client (common/benchmark/http_bench.py): one token time per streamed chunk."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from common.benchmark.http_bench import run_http, server_identity
+
+    size = SIZES[size_key]
+    prompts, outputs, arrivals = make_requests(size, max_model_len, seed)
+    requests = [SimpleNamespace(prompt_token_ids=p, max_tokens=n, ignore_eos=True) for p, n in zip(prompts, outputs)]
+    asyncio.run(run_http(base_url, model, requests[:1], [0.0]))     # warm-up, as run_one's
+    started = time.perf_counter()
+    records = asyncio.run(run_http(base_url, model, requests, arrivals))
+    if any(r.finish_s is None for r in records):
+        raise SystemExit(f"{name}: {sum(r.finish_s is None for r in records)} request(s) failed (see above)")
+    return {"engine": name, "max_num_batched_tokens": "server's", "budget": "server's", "server": server_identity(base_url),
+            "wall_s": time.perf_counter() - started, "size": size_key, "workload": size, "model": model,
+            **metrics(records, size["streams"])}
+
+
 def format_table(rows: list[dict]) -> str:
     header = ["engine", "budget", "stream ITL p50 s", "ITL p99 s", "ITL max s", "TPOT p99 s",
               "long TTFT mean s", "long TTFT max s", "tok/s"]
@@ -137,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for results.json (default: print only)")
     p.add_argument("--plot", action="store_true", help="with --out: also itl_over_time.png")
     p.add_argument("--timeout", type=float, default=1800, help="seconds one engine may take, start-up included")
+    p.add_argument("--base-url", default=None, help="measure this running server instead (e.g. "
+                   "http://127.0.0.1:8000/v1); --name labels its row, --model is the served model's name")
+    p.add_argument("--name", default="server", help="--base-url: the row's name")
+    p.add_argument("--max-model-len", type=int, default=8192, help="--base-url: the served model's context length")
     p.add_argument("--one", nargs=2, metavar=("ENGINE", "BUDGET"), help=argparse.SUPPRESS)   # a child process
     return p
 
@@ -149,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         row = run_one(engine, None if budget == "default" else int(budget), args.device, args.model, size_key, args.seed)
         print("RESULT " + json.dumps(row))
         return 0
+    if args.base_url:
+        rows = [run_server(args.base_url, args.model, args.name, size_key, args.seed, args.max_model_len)]
+        return _report(rows, args)
     budgets = args.budgets.split(",")
     # The budget is swept for cycles that chunk (9 on); the others refuse a prompt longer than it.
     runs = [(c, b) for c in args.cycles.split(",") for b in (budgets if cycle_number(c) >= 9 else ["default"])]
@@ -166,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{engine} budget {budget} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
             return 1
         rows.append(json.loads(lines[-1][len("RESULT "):]))
+    return _report(rows, args)
+
+
+def _report(rows: list[dict], args) -> int:
+    """Print the table; with --out, store results.json (and the ITL chart with --plot)."""
     print(format_table(rows))
     if args.out:
         out = Path(args.out)
@@ -178,13 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 def from_compare(args, cycles: list[str], device, model: str) -> int:
     """`compare.py --workload mixed_arrivals`: the same run, with compare.py's cycles, device, model,
     --quick, --out, --plot, --timeout and --budgets."""
     argv = ["--cycles", ",".join(cycles), "--budgets", args.budgets, "--device", device.type, "--model", model]
     argv += ["--quick"] * args.quick + ["--plot"] * args.plot + ["--out", args.out] * bool(args.out)
     return main(argv + ["--timeout", str(args.timeout)] * bool(args.timeout))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -32,7 +32,7 @@ VLLM_ENGINE = "vllm"
 
 # Options of ours that mean the same in vLLM and go through; any other --option is reported as not
 # taken. max_num_seqs itself defaults to the cycles' value on the device (bench.hf_batch_limits).
-VLLM_OPTIONS = ("max_num_seqs", "max_num_batched_tokens", "enforce_eager")
+VLLM_OPTIONS = ("max_num_seqs", "max_num_batched_tokens", "enforce_eager", "speculative_config")   # same names as ours
 
 # GiB of KV cache vLLM reserves on a CPU (its default reserves more than a small machine may have).
 CPU_KVCACHE_SPACE_GIB = 4

@@ -66,6 +66,13 @@ SIZES: dict[str, dict[str, Size]] = {
         "cpu": Size(256, prompt_len=(100, 1024), output_len=(100, 1024)),
         "quick": Size(4, prompt_len=(100, 128), output_len=(4, 8)),
     },
+    # Chat prompts whose answer copies from them (repeat, quote, fix code): where n-gram speculative
+    # decoding's drafts hit (chapter 12). Real text, the chat template, stop at EOS.
+    "copy": {
+        "cuda": Size(64, output_len=(128, 128)),
+        "cpu": Size(8, output_len=(64, 64)),
+        "quick": Size(2, output_len=(8, 8)),
+    },
 }
 
 WORKLOADS = list(SIZES)
@@ -87,7 +94,21 @@ DESCRIPTIONS = {
     "long_context": "a few prompts of thousands of random tokens: attention cost and KV cache size",
     "online": "random token-id prompts arriving over time (--request-rate, --burstiness): serving latency and goodput",
     "nano_vllm_bench": "nano-vllm's benchmark: 256 random prompts, lengths 100-1024 in and out, ignore_eos",
+    "copy": "chat prompts whose answers copy from them (repeat, quote, fix code), stop at EOS: speculative decoding",
 }
+
+# The copy workload: an instruction, then the text its answer copies from.
+COPY_TASKS = ["Repeat the following text exactly, word for word:", "Fix the typo and print the whole text again:",
+              "Quote every sentence of this text that mentions the river:"]
+COPY_TEXTS = [
+    "The old mill stood by the river for two hundred years. Every spring the river rose and the wheel turned "
+    "faster. The miller's daughter kept the books, and the books said the mill never lost a season.",
+    "def mean(values):\n    total = 0\n    for v in values:\n        totl += v\n    return total / len(values)",
+    "Trains leave the north station every ten minutes. The last train crosses the river at midnight, and the "
+    "first one leaves again at five. Tickets are sold at the gate and on the train.",
+    "Dear team, the meeting moves to Thursday at ten. Please bring the river survey, the budget sheet and the "
+    "list of open questions. Lunch will be served after the meeting.",
+]
 
 # Random prompt ids come from here: above the first 100 ids (bytes and special tokens in most
 # vocabularies) and below 10000 (ordinary subwords in every tokenizer we use).
@@ -254,6 +275,15 @@ def _chat_requests(tokenizer, size: Size, rng: random.Random) -> list[Request]:
     return requests
 
 
+def _copy_requests(tokenizer, size: Size, rng: random.Random) -> list[Request]:
+    requests = []
+    for i in range(size.num_requests):
+        prompt = f"{COPY_TASKS[i % len(COPY_TASKS)]}\n\n{rng.choice(COPY_TEXTS)}"
+        requests.append(Request(prompt, _uniform(rng, size.output_len), ignore_eos=False,
+                                prompt_token_ids=chat_token_ids(tokenizer, prompt)))
+    return requests
+
+
 def make_workload(name: str, tokenizer, device: str, quick: bool = False, seed: int = 0,
                   max_model_len: int | None = None, num_requests: int | None = None,
                   prompt_len: int | None = None, output_len: tuple[int, int] | None = None) -> Workload:
@@ -282,6 +312,8 @@ def make_workload(name: str, tokenizer, device: str, quick: bool = False, seed: 
         requests = _random_id_requests(tokenizer, size, rng, max_model_len)
     elif name == "shared_prefix":
         requests = _shared_prefix_requests(tokenizer, size, rng)
+    elif name == "copy":
+        requests = _copy_requests(tokenizer, size, rng)
     else:
         requests = _chat_requests(tokenizer, size, rng)
     return Workload(name, DESCRIPTIONS[name], requests, key)

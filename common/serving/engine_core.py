@@ -137,7 +137,8 @@ class EngineCore:
         return stats
 
 
-SPEC_DECODE_COUNTERS = ("spec_decode_num_drafts", "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens")
+SPEC_DECODE_COUNTERS = ("spec_decode_num_drafts", "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens",
+                        "spec_decode_num_accepted_tokens_per_pos")
 
 
 def sampling_params_class(llm):

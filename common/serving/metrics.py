@@ -130,6 +130,10 @@ class ServerMetrics:
                                     ("num_draft_tokens", "Draft tokens proposed."),
                                     ("num_accepted_tokens", "Draft tokens accepted.")):
                 scalar(f"spec_decode_{name}_total", "counter", help_text, snapshot[f"spec_decode_{name}"])
+            name = "spec_decode_num_accepted_tokens_per_pos_total"
+            lines += [f"# HELP vllm:{name} Draft tokens accepted, by draft position.", f"# TYPE vllm:{name} counter"]
+            lines += [f'vllm:{name}{{{labels},position="{p}"}} {n}'
+                      for p, n in enumerate(snapshot["spec_decode_num_accepted_tokens_per_pos"])]
         lines += ["# HELP vllm:request_success_total Requests ended, by finish reason.",
                   "# TYPE vllm:request_success_total counter"]
         lines += [f'vllm:request_success_total{{{labels},finished_reason="{escape(reason)}"}} {n}'
