@@ -63,7 +63,7 @@ def test_ratio_and_change_against_the_designs_expectation():
     assert rows[8]["verdict"] == "GPU only"     # no graph replays: the CPU's decode step says nothing
     table = format_summary(list(rows.values()))
     assert "c1 -> c2" in table and "-60%" in table and "-96%" in table and "+200% throughput" in table
-    assert "REGRESSED" not in table and "no gain" not in table and "int8's cast on a CPU" in table and "block tables" in table
+    assert "REGRESSED" not in table and "no gain" not in table and "int8 on a CPU" in table and "block tables" in table
 
 
 def test_a_cycle_that_regresses_on_its_home_metric_is_flagged():

@@ -50,10 +50,10 @@ STEPS = (
     Step(6, "flash attention", ("long_context",), "latency_mean_s", "mean latency", True, -0.30,
          cost="on short prompts a fused attention call's fixed cost may outweigh what it saves"),
     Step(7, "int8 weights", ("throughput",), "weight_bytes", "weight memory", True, -0.50,
-         cost="int8's cast on a CPU: each matmul first casts the int8 weights back to float, "
-              "so tokens/s drop while weight memory does"),
+         cost="int8 on a CPU: torch's int8 kernel is fast at a few rows only, and without AVX512-BF16 each "
+              "matmul casts the weights back to float, so tokens/s can drop while weight memory does"),
     Step(8, "CUDA graphs", ("throughput",), DECODE_STEP, "decode step time", True, None,
-         cost="CUDA graphs are GPU only: on a CPU the decode runs eagerly over the same static buffers"),
+         cost="CUDA graphs are GPU only: on a CPU the decode runs eagerly, as in cycle 7"),
 )
 
 
