@@ -1,4 +1,4 @@
-"""Every Triton kernel of cycles 6-8, compiled for an A100 (sm_80) and an H100/H200 (sm_90) on this
+"""Every Triton kernel of cycles 6-10, compiled for an A100 (sm_80) and an H100/H200 (sm_90) on this
 CPU, through the real launch wrappers at real model shapes (scripts/triton_compile_report.py says
 how). A kernel that would not compile for a GPU, spill registers, or ask for more shared memory
 than the GPU has fails here, on a machine without one.
