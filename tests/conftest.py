@@ -25,12 +25,13 @@ CYCLES = [
     "cycle8_graphs",   # the bonus: cycle 7 + decode as a CUDA graph replay; its tokens equal cycle 7's
     "cycle9_chunked",  # bonus 2: cycle 8 + chunked prefill in mixed steps; its tokens equal cycle 8's
     "cycle10_speculative",  # bonus 3: cycle 9 + n-gram speculative decoding (off by default); tokens equal cycle 9's
+    "cycle11_tp",  # bonus 4: cycle 10 + tensor parallelism (tensor_parallel_size=1 by default); tokens equal cycle 10's
 ]
 
 # Exact cycles must reproduce cycle 1 (and HF) token for token; the int8 cycles are measured instead
 # (cycle 7 against cycle 6; cycle 8 must equal cycle 7: tests/test_graphs.py; cycle 9 cycle 8:
-# tests/test_chunked.py; cycle 10 cycle 9: tests/test_speculative.py).
-INT8_CYCLES = ["cycle7_int8", "cycle8_graphs", "cycle9_chunked", "cycle10_speculative"]
+# tests/test_chunked.py; cycle 10 cycle 9: tests/test_speculative.py; cycle 11 cycle 10: tests/test_tp.py).
+INT8_CYCLES = ["cycle7_int8", "cycle8_graphs", "cycle9_chunked", "cycle10_speculative", "cycle11_tp"]
 EXACT_CYCLES = [c for c in CYCLES if c not in INT8_CYCLES]
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -7,11 +7,14 @@ import pytest
 
 import compare
 from common.benchmark import runner
-from common.benchmark.suite import CPU_NAIVE_REQUESTS, CPU_THROUGHPUT_REQUESTS, part_engines, suite
+from common.benchmark.bench import _accepted_options
+from common.benchmark.report import cycle_number
+from common.benchmark.suite import CPU_NAIVE_REQUESTS, CPU_THROUGHPUT_REQUESTS, CPU_TP_SIZE, part_engines, suite
 from common.benchmark.summary import STEPS, format_summary, summarize
+from common.engine.args import parse_options
 
 CYCLES = ["cycle1_naive", "cycle2_kvcache", "cycle3_paged", "cycle4_batching", "cycle5_prefix",
-          "cycle6_flash", "cycle7_int8", "cycle8_graphs"]
+          "cycle6_flash", "cycle7_int8", "cycle8_graphs", "cycle9_chunked", "cycle10_speculative", "cycle11_tp"]
 
 
 def _row(engine, workload="throughput", **values):
@@ -40,12 +43,19 @@ def _fake_parts(**overrides):
     return parts | overrides
 
 
+# Cycle 10 against cycle 11 at tp=3: rank 0 holds a third of the weights. In the throughput part
+# both hold them all: a step that read that part would find no change.
+TENSOR_PARALLEL = [_row("cycle10_speculative", weight_bytes=900), _row("cycle11_tp", weight_bytes=300)]
+
+
 def test_each_step_reads_its_home_workload_and_metric():
-    rows = {r["cycle"]: r for r in summarize(_fake_parts())}
+    parts = _fake_parts(tensor_parallel=TENSOR_PARALLEL)
+    parts["throughput"] += [_row("cycle10_speculative", weight_bytes=900), _row("cycle11_tp", weight_bytes=900)]
+    rows = {r["cycle"]: r for r in summarize(parts)}
     expected = {2: ("kv_cache", "latency_mean_s", 10.0, 4.0), 3: ("throughput", "kv_cache_peak_bytes", 100, 60),
                 4: ("online", "ttft_p99_s", 12.0, 0.5), 5: ("shared_prefix", "ttft_mean_s", 6.0, 1.5),
                 6: ("long_context", "latency_mean_s", 10.0, 5.0), 7: ("throughput", "weight_bytes", 1000, 250),
-                8: ("throughput", "decode_step_s", 0.2, 0.1)}
+                8: ("throughput", "decode_step_s", 0.2, 0.1), 11: ("tensor_parallel", "weight_bytes", 900, 300)}
     assert sorted(rows) == sorted(expected) == [s.cycle for s in STEPS]
     for cycle, (part, metric, before, after) in expected.items():
         r = rows[cycle]
@@ -64,6 +74,30 @@ def test_ratio_and_change_against_the_designs_expectation():
     table = format_summary(list(rows.values()))
     assert "c1 -> c2" in table and "-60%" in table and "-96%" in table and "+200% throughput" in table
     assert "REGRESSED" not in table and "no gain" not in table and "int8 on a CPU" in table and "block tables" in table
+
+
+def test_tensor_parallelism_is_judged_on_the_weight_memory_of_one_rank():
+    row = summarize(_fake_parts(tensor_parallel=TENSOR_PARALLEL))[-1]
+    assert (row["step"], row["label"], row["verdict"]) == ("c10 -> c11", "weight memory per rank", "better")
+    assert row["ratio"] == pytest.approx(1 / 3) and row["expected_change"] is None
+    table = format_summary(summarize(_fake_parts(tensor_parallel=TENSOR_PARALLEL)))
+    line = next(line for line in table.splitlines() if line.startswith("c10 -> c11"))
+    # the design states no figure: its expectation is text, beside the measured -67%
+    assert "tensor_parallel" in line and "-67%" in line and "1/N of the weights per rank" in line
+    assert "c11: on one machine tensor parallelism buys memory, not speed" in table
+    # cycle 11 failed: the part ran, so the row stays, unmeasured
+    failed = summarize(_fake_parts(tensor_parallel=TENSOR_PARALLEL[:1]))[-1]
+    assert failed["cycle"] == 11 and failed["verdict"] == "not measured"
+
+
+def test_without_the_tensor_parallel_part_there_is_no_cycle_11_row():
+    rows = summarize(_fake_parts())    # cycle 11 not selected (or not built yet): its part did not run
+    assert [r["cycle"] for r in rows] == [2, 3, 4, 5, 6, 7, 8]
+    assert "c10 -> c11" not in format_summary(rows)
+    # a course step keeps its row, unmeasured, when its part did not run
+    parts = _fake_parts()
+    del parts["online"]
+    assert {r["cycle"]: r for r in summarize(parts)}[4]["verdict"] == "not measured"
 
 
 def test_a_cycle_that_regresses_on_its_home_metric_is_flagged():
@@ -93,7 +127,7 @@ def test_without_a_reduced_part_cycle_1_is_read_from_the_throughput_part():
 
 def test_the_suite_puts_each_step_where_its_lesson_lives():
     cpu = {p.name: p for p in suite("cpu")}
-    assert list(cpu) == ["throughput", "kv_cache", "online", "shared_prefix", "long_context"]
+    assert list(cpu) == ["throughput", "kv_cache", "online", "shared_prefix", "long_context", "tensor_parallel"]
     # HF's stronger baseline (its own continuous batching) in the suite; --workload throughput runs both
     assert part_engines(cpu["throughput"], CYCLES, hf_allowed=True) == CYCLES[1:] + ["hf_generate_batch"]
     assert cpu["throughput"].num_requests == CPU_THROUGHPUT_REQUESTS
@@ -102,21 +136,61 @@ def test_the_suite_puts_each_step_where_its_lesson_lives():
     assert part_engines(cpu["shared_prefix"], CYCLES, True) == CYCLES[3:5]
     assert part_engines(cpu["long_context"], CYCLES, False) == CYCLES[4:6] and cpu["long_context"].prompt_len >= 1024
     assert "reduced" in cpu["throughput"].note
-    cuda = {p.name: p for p in suite("cuda")}
+    assert part_engines(cpu["tensor_parallel"], CYCLES, True) == CYCLES[9:11]
+    cuda = {p.name: p for p in suite("cuda", num_gpus=1)}
     assert "kv_cache" not in cuda and part_engines(cuda["throughput"], CYCLES, False) == CYCLES
     every_home = {name for step in STEPS for name in step.parts}
     assert every_home <= set(cpu) | {"throughput"}
 
 
+def test_the_tensor_parallel_part_splits_the_model_over_the_ranks_the_device_has():
+    cpu = next(p for p in suite("cpu") if p.name == "tensor_parallel")
+    # SmolLM2-135M's 9 heads and 3 KV heads split over 3 ranks; a few short requests: start-up is the cost
+    assert cpu.options == (f"tensor_parallel_size={CPU_TP_SIZE}",) and CPU_TP_SIZE == 3
+    assert cpu.num_requests <= 4 and cpu.output_len[1] <= 16 and cpu.cycles == (10, 11)
+    # NCCL runs one rank per GPU: with one GPU the part is left out, not run at tp=1 (cycle 10 again)
+    assert "tensor_parallel" not in {p.name for p in suite("cuda", num_gpus=1)}
+    for gpus in (2, 8):
+        cuda = next(p for p in suite("cuda", num_gpus=gpus) if p.name == "tensor_parallel")
+        assert cuda.options == ("tensor_parallel_size=2",)
+    assert "tensor_parallel" not in {p.name for p in suite("mps")}
+    quick = next(p for p in suite("cpu", quick=True) if p.name == "tensor_parallel")
+    assert quick.num_requests is None and quick.options == cpu.options
+
+
+def test_the_part_option_reaches_cycle_11_and_cycle_10_runs_as_tp_1():
+    args = SimpleNamespace(weights="auto", quick=False, option=[], burstiness=1.0)
+    part = next(p for p in suite("cpu") if p.name == "tensor_parallel")
+    for engine in ("cycle10_speculative", "cycle11_tp"):
+        cmd = runner.bench_command(engine, part, args, "cpu", "model", None, compare.ROOT / "x.json", None)
+        assert cmd[cmd.index("--option") + 1] == f"tensor_parallel_size={CPU_TP_SIZE}"
+        assert cmd[cmd.index("--num-requests") + 1] == str(part.num_requests)
+    # bench gives each engine only the options it takes: cycle 10 records the option as ignored
+    options = parse_options(list(part.options))
+    assert _accepted_options("cycle11_tp", options) == ({"tensor_parallel_size": CPU_TP_SIZE}, [])
+    assert _accepted_options("cycle10_speculative", options) == ({}, ["tensor_parallel_size"])
+
+
+def test_the_tensor_parallel_part_runs_only_with_cycles_10_and_11(capsys):
+    assert "tensor_parallel" in [p.name for p in compare.suite_parts("cpu", False, CYCLES[9:11])]
+    assert [p.name for p in compare.suite_parts("cpu", False, ["cycle11_tp"])] == ["throughput"]
+    assert "skipping the tensor_parallel part: it compares cycles 10 and 11" in capsys.readouterr().out
+    assert "tensor_parallel" not in [p.name for p in compare.suite_parts("cpu", False, CYCLES[:8])]
+
+
 def _fake_engine(cmd):
-    """A bench result for the command's engine and workload, the home metrics showing each gain."""
+    """A bench result for the command's engine and workload, the home metrics showing each gain;
+    from cycle 10 on, the weights are split over the tensor_parallel_size the engine takes."""
     engine, workload = cmd[cmd.index("--engine") + 1], cmd[cmd.index("--workload") + 1]
-    n = int(engine[5]) if engine.startswith("cycle") else 0
+    n = cycle_number(engine) or 0
+    options = parse_options([cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--option"])
+    tp = _accepted_options(engine, options)[0].get("tensor_parallel_size", 1) if n else 1
     result = {"engine": engine, "model": "tiny", "weights": "real", "device": "cpu", "dtype": "float32",
               "workload": workload, "workload_size": "cpu", "num_requests": 1, "machine": {"name": "test cpu", "cpu_count": 2},
               "token_ids": [[1, 2]], "latency_mean_s": 10.0 / (n + 1), "latency_p90_s": 1.0, "throughput_tok_s": 10.0,
               "ttft_mean_s": 1.0 / (n + 1), "peak_memory_bytes": 2**20, "peak_memory_scope": "generation",
-              "kv_cache_peak_bytes": 2**20 / (n + 1), "weight_bytes": 2**20 / (n + 1), "attention_backend": "explicit",
+              "kv_cache_peak_bytes": 2**20 / (n + 1), "attention_backend": "explicit",
+              "weight_bytes": 2**20 / (n + 1) if n < 10 else 2**20 / 11 / tp,
               "int8_path": None, "ignored_options": [], "stats": {"step_times": [[1, 1.0], [2, 0.1]]},
               "ttft_s": [0.1], "latency_s": [1.0]}
     if workload == "online":
@@ -133,11 +207,16 @@ def test_the_suite_prints_the_summary_first_then_one_table_per_workload(tmp_path
     out = capsys.readouterr().out
     assert status == compare.EXIT_OK
     order = [out.index(s) for s in ("What each cycle adds", "== throughput", "== kv_cache", "== online",
-                                    "== shared_prefix", "== long_context")]
+                                    "== shared_prefix", "== long_context", "== tensor_parallel")]
     assert order == sorted(order)
     data = json.loads((tmp_path / "results.json").read_text())
     assert [r["verdict"] for r in data["summary"]][:6] == ["better"] * 6 and data["summary"][6]["verdict"] == "GPU only"
-    assert set(data["parts"]) == {"throughput", "kv_cache", "online", "shared_prefix", "long_context"}
+    # cycle 11 ran at tp=3 from the part's option (the fake splits its weights over what it takes)
+    tp = data["summary"][7]
+    assert (tp["step"], tp["part"], tp["verdict"]) == ("c10 -> c11", "tensor_parallel", "better")
+    assert tp["ratio"] == pytest.approx(1 / CPU_TP_SIZE)
+    assert set(data["parts"]) == {"throughput", "kv_cache", "online", "shared_prefix", "long_context",
+                                  "tensor_parallel"}
     assert json.loads((tmp_path / "online" / "results.json").read_text())["results"][0]["engine"] == "cycle3_paged"
     assert (tmp_path / "summary.png").exists() and (tmp_path / "online" / "timeline.png").exists()
     assert not (tmp_path / "throughput" / "timeline.png").exists()   # there cycles 3 and 4 do not differ

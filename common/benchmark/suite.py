@@ -51,6 +51,20 @@ CUDA_ONLINE_RATE = 10.0
 CUDA_LONG_PROMPT = None
 CUDA_LONG_REQUESTS = 8
 
+# -- Tensor parallelism (cycle 11 against cycle 10, its tp=1) --------------------------------------
+# The lesson's metric is the weight memory per rank, which a run of any length measures: the part
+# only has to start both engines, so it runs 2 short requests (start-up is its cost: cycle 11 starts
+# 2 more processes, each importing torch and loading and quantizing its shard). The size is the model's:
+# each rank must hold whole heads. SmolLM2-135M (9 heads, 3 KV heads) splits over 1 or 3 ranks only,
+# so the CPU part runs 3 ranks (on 2 cores they share the cores: memory, not speed, is the point).
+# Qwen3-0.6B (16 heads, 8 KV heads) splits over 2. NCCL runs one rank per GPU, so on a machine with
+# one GPU (the usual H100/H200) the part is left out rather than run at tp=1, where cycle 11 is
+# cycle 10 and the row would measure nothing.
+CPU_TP_SIZE = 3
+CUDA_TP_SIZE = 2
+TP_REQUESTS = 2
+TP_OUTPUT = (8, 8)
+
 HF = ("hf_generate", "hf_generate_batch")
 # The suite's throughput part: 8 engines, so its generation is kept short (6 requests of 16-32
 # tokens; their varied lengths are what paging's KV memory gain lives on), and HF is represented by
@@ -77,8 +91,9 @@ class Part:
     options: tuple[str, ...] = field(default_factory=tuple)
 
 
-def suite(device_kind: str, quick: bool = False) -> list[Part]:
-    """The course suite on a device ("cpu" or "cuda"); quick: every part at its smoke-test size."""
+def suite(device_kind: str, quick: bool = False, num_gpus: int | None = None) -> list[Part]:
+    """The course suite on a device ("cpu" or "cuda"); quick: every part at its smoke-test size.
+    num_gpus: the GPUs the tensor-parallel part may use on CUDA (None: count them)."""
     cpu = device_kind == "cpu"
     naive_requests = None if quick else (CPU_NAIVE_REQUESTS if cpu else CUDA_NAIVE_REQUESTS)
     parts = []
@@ -102,7 +117,26 @@ def suite(device_kind: str, quick: bool = False) -> list[Part]:
         Part("long_context", "long_context", (5, 6), num_requests=None if quick else long_requests,
              prompt_len=None if quick else long_prompt),
     ]
+    tp = tensor_parallel_size(device_kind, num_gpus)
+    if tp is not None:
+        parts.append(Part("tensor_parallel", "throughput", (10, 11), num_requests=None if quick else TP_REQUESTS,
+                          output_len=None if quick else TP_OUTPUT, options=(f"tensor_parallel_size={tp}",),
+                          note=f"cycle 11 at tensor_parallel_size={tp}; cycle 10 takes no such option: "
+                               "it is the tp=1 row. weights MiB: rank 0's share"))
     return parts
+
+
+def tensor_parallel_size(device_kind: str, num_gpus: int | None = None) -> int | None:
+    """The ranks the tensor-parallel part runs cycle 11 on; None: the part is left out (one GPU)."""
+    if device_kind == "cpu":
+        return CPU_TP_SIZE
+    if device_kind != "cuda":   # mps: one device, and no process group to split a model over
+        return None
+    if num_gpus is None:
+        import torch
+
+        num_gpus = torch.cuda.device_count()
+    return CUDA_TP_SIZE if num_gpus >= CUDA_TP_SIZE else None
 
 
 def part_engines(part: Part, cycles: list[str], hf_allowed: bool, vllm_allowed: bool = False) -> list[str]:

@@ -1,7 +1,9 @@
 """"What each cycle adds": for every step N-1 -> N, the metric its lesson moves, on its home workload,
 measured, beside the design's expectation (the gain the course's starting design expected of each
 step: KV cache -60% latency, paging -30% memory, continuous batching +200% throughput, prefix
-caching -50% TTFT, flash attention -30% latency, int8 -50% memory; none for CUDA graphs).
+caching -50% TTFT, flash attention -30% latency, int8 -50% memory; none for CUDA graphs, and no
+figure for tensor parallelism: 1/N of the weights per rank). Cycles 9 and 10 have no row: their
+home workloads do not fit the CPU suite's time budget.
 
 The summary is computed from the suite's results only (compare.py's parts), so a test can build it
 from a fake run: each step names the parts that may hold its home workload (the first present
@@ -30,6 +32,10 @@ class Step:
     # Why this cycle may cost speed where its lesson does not pay: one line under the table.
     cost: str = ""
     expected_text: str = "(none stated)"
+    # True: no row at all unless one of its parts ran (a part runs only when both cycles of its step
+    # are selected). The course's steps 2-8 always show, "not measured" when their part is missing;
+    # cycle 11 is beyond the course a repository may stop at, so without it the table says nothing.
+    optional: bool = False
 
 
 DECODE_STEP = "decode_step_s"
@@ -54,6 +60,12 @@ STEPS = (
               "matmul casts the weights back to float, so tokens/s can drop while weight memory does"),
     Step(8, "CUDA graphs", ("throughput",), DECODE_STEP, "decode step time", True, None,
          cost="CUDA graphs are GPU only: on a CPU the decode runs eagerly, as in cycle 7"),
+    # Cycle 11 at tensor_parallel_size=N against cycle 10 (its tp=1): the result's weight_bytes is
+    # rank 0's (every rank holds the same share), so the row reads the memory one rank needs.
+    Step(11, "tensor parallelism", ("tensor_parallel",), "weight_bytes", "weight memory per rank", True, None,
+         expected_text="1/N of the weights per rank", optional=True,
+         cost="on one machine tensor parallelism buys memory, not speed: every layer adds two all-reduces "
+              "(after attention and after the MLP), and on a CPU the ranks share the same cores"),
 )
 
 
@@ -84,9 +96,11 @@ def summarize(parts: dict[str, list[dict]]) -> list[dict]:
     """One row per step whose two cycles ran: the home part, the metric before and after, the
     ratio after/before, the change, the design's expected change, and a verdict:
     'better', 'NO GAIN' (exactly equal), 'REGRESSED', 'GPU only' (cycle 8 where no graph replays) or
-    'not measured'."""
+    'not measured'. An optional step none of whose parts ran gets no row."""
     rows = []
     for step in STEPS:
+        if step.optional and not any(name in parts for name in step.parts):
+            continue
         part, before = _find(parts, step, step.cycle - 1)
         _, after = _find(parts, step, step.cycle)
         row = {"step": f"c{step.cycle - 1} -> c{step.cycle}", "cycle": step.cycle, "lesson": step.lesson,

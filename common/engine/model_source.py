@@ -300,13 +300,16 @@ EMBEDDING = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
 
 
-def load_weights(model: torch.nn.Module, source: ModelSource) -> None:
+def load_weights(model: torch.nn.Module, source: ModelSource, targets: dict | None = None) -> None:
     """Fill the model's parameters in place (their dtype and device kept); buffers untouched.
 
-    Parameter names must follow the HF checkpoint names (model.layers.0.self_attn.q_proj.weight...).
+    Parameter names must follow the HF checkpoint names (model.layers.0.self_attn.q_proj.weight...),
+    or `targets` maps each checkpoint name to what takes it: a parameter, or an object with the
+    checkpoint tensor's `shape` whose copy_() keeps what it needs of it (a tensor-parallel rank's
+    slice: cycle 11's parallel_layers.Shard).
     """
     # remove_duplicate=False: a tied lm_head shows up under its own name too, so we can see it.
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = targets if targets is not None else dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         if source.weights == "real":
             _load_real(params, source)
