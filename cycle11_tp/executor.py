@@ -76,12 +76,11 @@ class Executor:
         while not self.store.check(keys):
             try:
                 self.check()
-            except WorkerDied:
-                self.close()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"tensor-parallel workers did not start within {STARTUP_TIMEOUT_S:.0f} s")
+            except (WorkerDied, TimeoutError):
+                kill_workers(self.processes)     # not started: none could read a stop message
                 raise
-            if time.monotonic() > deadline:
-                self.close()
-                raise TimeoutError(f"tensor-parallel workers did not start within {STARTUP_TIMEOUT_S:.0f} s")
             time.sleep(0.02)
 
 
@@ -89,6 +88,13 @@ def start_worker(rank: int, world_size: int, port: int) -> subprocess.Popen:
     command = [sys.executable, "-m", f"{__package__}.worker", str(rank), str(world_size), str(port), str(os.getpid())]
     # c10d logs a warning each time a store wait times out: an idle worker's wait is expected to.
     return subprocess.Popen(command, env={**os.environ, "TORCH_CPP_LOG_LEVEL": "ERROR"})
+
+
+def kill_workers(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
 
 
 def stop_workers(channel: StepChannel, processes: list[subprocess.Popen]) -> None:

@@ -88,6 +88,7 @@ class LLM:
         reset_peak_memory(self.device)
         self._step_times = []
         self.scheduler.reset_stats()
+        self.model_runner.tp.reset_stats()   # the collectives' counters: this run's
         outputs = {}
         with tqdm(total=len(ids), disable=not use_tqdm, desc="requests") as bar:
             while self.has_unfinished_requests():

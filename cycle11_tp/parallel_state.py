@@ -30,13 +30,17 @@ class TPGroup:
     """This rank of a tensor-parallel group, and the collectives over it. world_size 1: no process
     group, every collective returns its input, and the engine is cycle 10's.
 
-    It counts what it sends (all_reduce_bytes, calls, seconds inside the collectives) for the chapter's
-    tables: the bytes are those of the tensor reduced, the seconds include waiting for slower ranks."""
+    It counts what the model's collectives move and how long this rank waits in them (the
+    chapter's tables): the bytes are those of the tensor reduced; the seconds include waiting for a
+    slower rank, and on CUDA only the launch (the collective itself runs on the stream)."""
 
     def __init__(self, rank: int = 0, world_size: int = 1, process_group=None):
         self.rank, self.world_size, self.process_group = rank, world_size, process_group
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
         self.all_reduce_bytes = self.all_reduce_calls = 0
-        self.collective_s = 0.0
+        self.all_reduce_s = self.gather_s = 0.0
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum x over the ranks, in place (every rank gets the sum)."""
@@ -44,7 +48,9 @@ class TPGroup:
             return x
         self.all_reduce_bytes += x.numel() * x.element_size()
         self.all_reduce_calls += 1
-        self._wait(self.process_group.allreduce([x]))
+        start = time.perf_counter()
+        self.process_group.allreduce([x]).wait()
+        self.all_reduce_s += time.perf_counter() - start
         return x
 
     def gather(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -55,7 +61,9 @@ class TPGroup:
         parts = [torch.empty_like(x) for _ in range(self.world_size)] if self.rank == 0 else []
         options = dist.GatherOptions()
         options.rootRank = 0
-        self._wait(self.process_group.gather([parts] if self.rank == 0 else [], [x], options))
+        start = time.perf_counter()
+        self.process_group.gather([parts] if self.rank == 0 else [], [x], options).wait()
+        self.gather_s += time.perf_counter() - start
         return torch.cat(parts, dim=-1) if self.rank == 0 else None
 
     def all_reduce_max(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,17 +78,13 @@ class TPGroup:
             return x
         options = dist.AllreduceOptions()
         options.reduceOp = op
-        self._wait(self.process_group.allreduce([x], options))
+        self.process_group.allreduce([x], options).wait()
         return x
-
-    def _wait(self, work) -> None:
-        start = time.perf_counter()
-        work.wait()
-        self.collective_s += time.perf_counter() - start
 
     def stats(self) -> dict:
         return {"tensor_parallel_size": self.world_size, "tp_all_reduce_bytes": self.all_reduce_bytes,
-                "tp_all_reduce_calls": self.all_reduce_calls, "tp_collective_s": self.collective_s}
+                "tp_all_reduce_calls": self.all_reduce_calls, "tp_all_reduce_s": self.all_reduce_s,
+                "tp_gather_s": self.gather_s}
 
 
 def connect_store(host: str, port: int, world_size: int, host_store: bool):

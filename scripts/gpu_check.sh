@@ -42,6 +42,7 @@ STEPS=(
   "online|150|0|python3 compare.py --device cuda --workload online --cycles 3,4 --timeout 70 --out /tmp/gpu/online"
   "mixed_c89|180|0|python3 -m common.benchmark.mixed_arrivals --device cuda --model Qwen/Qwen3-0.6B --cycles cycle8_graphs,cycle9_chunked --budgets 512,2048,default --plot --out /tmp/gpu/mixed_c89"
   "copy_c910|150|0|python3 compare.py --device cuda --workload copy --cycles 9,10 --no-hf --timeout 60 --speculative-config '{\"method\": \"ngram\", \"num_speculative_tokens\": 4, \"prompt_lookup_min\": 2, \"prompt_lookup_max\": 4}' --out /tmp/gpu/copy_c910"
+  "tp_c1011|120|0|python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_tp.py; python3 compare.py --device cuda --workload throughput --cycles 10,11 --no-hf --timeout 60 --out /tmp/gpu/tp_c1011"
   "serve_vs_vllm|300|0|if python3 -c 'import vllm' 2>/dev/null; then VLLM_PY=python3 NAME=gpu-vs-vllm-served RATES='1 4' NUM_PROMPTS=32 bash scripts/vs_vllm.sh && cp -r docs/results/gpu-vs-vllm-served /tmp/gpu/serve_vs_vllm; else echo 'no vllm on this machine: serve_online runs our server alone'; fi"
   "serve_online|150|0|python3 -m cycle8_graphs.serve Qwen/Qwen3-0.6B --device cuda --port 8123 & s=\$!; python3 -m common.benchmark.http_bench wait http://127.0.0.1:8123 90 && python3 compare.py --device cuda --workload online --base-url http://127.0.0.1:8123/v1 --model Qwen/Qwen3-0.6B --out /tmp/gpu/serve_online; kill \$s"
 )

@@ -275,7 +275,8 @@ def figure_graph_schematic(out: Path) -> Path:
 
 FIGURES = (figure_left_padding, figure_block_table, figure_prefix_sharing, figure_int8_error, figure_served,
            figure_graph_schematic, importlib.import_module("scripts.figure_chunked").figure_mixed_step,   # chapter 11
-           importlib.import_module("scripts.figure_speculative").figure_speculative)   # chapter 12
+           importlib.import_module("scripts.figure_speculative").figure_speculative,   # chapter 12
+           importlib.import_module("scripts.figure_tp").figure_tp)                     # chapter 13
 
 
 def main(argv: list[str] | None = None) -> list[Path]:

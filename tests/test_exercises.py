@@ -863,3 +863,53 @@ def test_spec_rollback():
     scheduler.postprocess(seqs, num_tokens, SamplerOutput([5], accepted_token_ids=[[8]]))
     assert len(seq) == 12 and seq.num_computed_tokens == 11 and len(seq.block_table) == 3
     assert scheduler.block_manager.num_free_blocks == 16 - 3
+
+
+# --- chapter 13: tensor parallelism ------------------------------------------------------------
+
+def test_tp_shapes():
+    """13.1: SmolLM2 at tp=3, each rank's matrices: qkv_proj [5 x 64, 576] (3 query heads and 1 KV
+    head, k and v), o_proj [576, 192], gate_up_proj [1024, 576], down_proj [576, 512]; 16,384 rows
+    of the vocabulary each."""
+    from transformers import LlamaConfig
+
+    from cycle11_tp.model import CausalLM
+    from cycle11_tp.parallel_state import TPGroup
+
+    config = LlamaConfig(**SMOLLM2_SHAPE)
+    config.architectures = ["LlamaForCausalLM"]
+    for rank in range(3):
+        with torch.device("meta"):
+            model = CausalLM(config, "sdpa", TPGroup(rank, 3))
+        layer = model.model.layers[0]
+        assert tuple(layer.self_attn.qkv_proj.weight.shape) == (320, 576)
+        assert tuple(layer.self_attn.o_proj.linear.weight.shape) == (576, 192)
+        assert tuple(layer.mlp.gate_up_proj.weight.shape) == (1024, 576)
+        assert tuple(layer.mlp.down_proj.linear.weight.shape) == (576, 512)
+        assert model.model.embed_tokens.rows == 16384 and model.model.embed_tokens.start == rank * 16384
+        # the checkpoint's k_proj rows this rank keeps: its KV head, rows 64r .. 64r + 63
+        shard = model.checkpoint_targets()["model.layers.0.self_attn.k_proj.weight"]
+        assert (shard.start, shard.size, shard.into) == (64 * rank, 64, 192)
+
+
+def test_tp_bytes():
+    """13.2: fp32 SmolLM2 at tp=3 all-reduces (2 x 30 + 1) x 576 x 4 = 140,544 bytes per token
+    computed; a 1,000-token prompt, 140.5 MB. (The engine's counter against this formula, on a
+    tiny model: tests/test_tp.py -k all_reduce_bytes_per_token.)"""
+    per_token = (2 * SMOLLM2_SHAPE["num_hidden_layers"] + 1) * SMOLLM2_SHAPE["hidden_size"] * 4
+    assert per_token == 140_544 and per_token * 1000 / 1e6 == pytest.approx(140.5, abs=0.05)
+
+
+def test_tp_scales():
+    """13.3: a row [1, -4, 2, 8] split over 2 ranks as [1, -4] and [2, 8]. Rank-local AbsMax scales
+    would be 4/127 and 8/127 (rank 0 stores 32, -127); with the whole row's max (cycle 11: one max
+    all-reduce) both use 8/127 and rank 0 stores 16, -64, the whole row's int8 values."""
+    from cycle11_tp.quantization import quantize_absmax
+
+    row = torch.tensor([[1.0, -4.0, 2.0, 8.0]])
+    local_q, local_scale = quantize_absmax(row[:, :2])
+    assert local_q.tolist() == [[32, -127]] and local_scale.item() == pytest.approx(4 / 127)
+    whole_max = lambda amax: torch.maximum(amax, row[:, 2:].abs().amax(dim=1))   # the other rank's max
+    q, scale = quantize_absmax(row[:, :2], whole_max)
+    assert q.tolist() == [[16, -64]] and scale.item() == pytest.approx(8 / 127)
+    assert q.tolist()[0] == quantize_absmax(row)[0].tolist()[0][:2]

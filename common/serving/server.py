@@ -161,16 +161,21 @@ class OpenAIServer:
         except (ValueError, TypeError) as error:
             self._abort(streams)
             raise APIError(400, str(error), param="prompt" if len(prompts) > 1 else None) from None
-        except EngineError as error:          # 503 once the engine is dead, 500 for a failure adding one request
+        except EngineError as error:
             self._abort(streams)
-            dead = not self.engine.alive
-            raise APIError(503 if dead else 500, f"the engine {'is not running' if dead else 'failed'}: {error}",
-                           "server_error") from None
+            raise self._engine_error(error) from None
         except BaseException:
             self._abort(streams)
             raise
         self.num_waiting += len(streams)
         return streams
+
+    def _engine_error(self, error: EngineError) -> APIError:
+        """503 once the engine is dead (a step raised, its core or a tensor-parallel worker died: the
+        server exits next), 500 for a failure of one request's own."""
+        dead = not self.engine.alive
+        return APIError(503 if dead else 500, f"the engine {'is not running' if dead else 'failed'}: {error}",
+                        "server_error")
 
     def _abort(self, streams) -> None:
         for stream in streams:
@@ -232,7 +237,7 @@ class OpenAIServer:
             async for i, delta in self.deltas(flight):
                 found[i] = delta.prompt_logprobs or found[i]
         except EngineError as error:
-            raise APIError(500, f"the engine failed: {error}", "server_error") from None
+            raise self._engine_error(error) from None
         return found
 
     def prompt_only_logprobs(self, ids: list[list[int]], prompt_logprobs: list) -> list[dict]:
@@ -292,7 +297,7 @@ class OpenAIServer:
                     logprobs[i] += delta.logprobs          # this delta's tokens' (engine_client.Delta)
                     prompt_logprobs[i] = delta.prompt_logprobs or prompt_logprobs[i]   # the first delta's
         except EngineError as error:
-            raise APIError(500, f"the engine failed: {error}", "server_error") from None
+            raise self._engine_error(error) from None
         choices = [reply.choice(i, text, reason, chunk=False) for i, (text, reason) in enumerate(zip(texts, reasons))]
         if reply.logprobs is not None:
             for i, choice in enumerate(choices):
@@ -322,7 +327,7 @@ class OpenAIServer:
                     chunk["usage"] = usage(prompt_tokens, completion_tokens) if continuous else None
                 yield sse(chunk)
         except EngineError as error:
-            yield sse(APIError(500, f"the engine failed: {error}", "server_error").body())
+            yield sse(self._engine_error(error).body())
         if include_usage:
             yield sse({**reply.envelope(chunk=True), "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
         yield "data: [DONE]\n\n"
