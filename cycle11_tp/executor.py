@@ -31,15 +31,15 @@ class WorkerDied(RuntimeError):
 class Executor:
     def __init__(self, model: str, options: dict, config):
         n = config.tensor_parallel_size
-        env = torchrun_env()
-        if env and (env["rank"], env["world_size"]) != (0, n):
-            raise ValueError(f"under torchrun the engine is rank 0 of tensor_parallel_size={n} ranks; this "
-                             f"process is rank {env['rank']} of {env['world_size']}")
+        env = torchrun_env()    # its world size is n (LLM checked it): the engine is rank 0
+        if env and env["rank"] != 0:
+            raise ValueError(f"under torchrun the engine is rank 0; this process is rank {env['rank']}")
         host, port = (env["host"], env["port"]) if env else ("127.0.0.1", 0)
         self.store, port = connect_store(host, port, n, host_store=env is None)
         self.channel = StepChannel(self.store)
         # What every worker builds: the same engine options; torch threads shared out on one machine.
-        threads = max(1, (os.cpu_count() or 1) // n)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // n)
         self.store.set("engine", pickle.dumps((model, options, threads)))
         self.processes = [] if env else [start_worker(rank, n, port) for rank in range(1, n)]
         self._finalizer = weakref.finalize(self, stop_workers, self.channel, self.processes)

@@ -23,7 +23,7 @@ from .config import Config
 from .executor import Executor
 from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
-from .parallel_state import check_divisible
+from .parallel_state import check_divisible, check_launch
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence, request_generator
@@ -36,6 +36,7 @@ class LLM:
         self.source = resolve_model(config.model, config.weights)
         self.tokenizer = load_tokenizer(self.source)
         self.eos_token_ids = set(eos_token_ids(self.source, self.tokenizer))
+        check_launch(config.tensor_parallel_size)
         check_divisible(self.source.config, config.tensor_parallel_size)   # before any weight loads
         self.executor = Executor(model, options, config) if config.tensor_parallel_size > 1 else None
         try:

@@ -150,6 +150,15 @@ def torchrun_env() -> dict | None:
             "port": int(os.environ["MASTER_PORT"])}
 
 
+def check_launch(tensor_parallel_size: int) -> None:
+    """Under torchrun, the world torchrun started must be the engine's: else ranks would wait for
+    an engine that never asks them (or the engine for ranks that never come)."""
+    env = torchrun_env()
+    if env and env["world_size"] != tensor_parallel_size:
+        raise ValueError(f"torchrun started {env['world_size']} processes (WORLD_SIZE) but tensor_parallel_size is "
+                         f"{tensor_parallel_size}: pass --tensor-parallel-size {env['world_size']}")
+
+
 def check_divisible(hf_config, tensor_parallel_size: int) -> None:
     """Refuse, before any weight loads, a model whose heads do not split evenly over the ranks."""
     n = tensor_parallel_size

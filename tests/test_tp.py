@@ -232,8 +232,8 @@ def test_all_reduce_bytes_per_token_are_the_formula(tiny_tp):
                         enable_prefix_caching=False)
     try:
         tp = llm.model_runner.tp
-        assert tp.all_reduce_bytes > 0                   # the start-up's profile step
-        out = llm.generate([[5, 6, 7, 8, 9]], greedy(4))   # generate() counts its own run
+        llm.generate([[1, 2, 3]], greedy(2))
+        out = llm.generate([[5, 6, 7, 8, 9]], greedy(4))   # generate() counts its own run only
         computed = 5 + len(out[0].token_ids) - 1      # the prompt, then one token per decode step
         config = llm.model_runner.model.config
         assert tp.all_reduce_bytes == computed * (2 * config.num_hidden_layers + 1) * config.hidden_size * 4
@@ -251,6 +251,12 @@ def test_heads_that_do_not_divide_are_refused_before_loading(monkeypatch):
         tp.LLM(SMOLLM2, device="cpu", tensor_parallel_size=2)
     with pytest.raises(ValueError, match="tensor_parallel_size must be an integer >= 1"):
         tp.LLM(SMOLLM2, device="cpu", tensor_parallel_size=0)
+    # started by torchrun with 3 processes, without --tensor-parallel-size 3: refused, not a hang
+    for key, value in dict(TORCHELASTIC_RUN_ID="x", RANK="0", WORLD_SIZE="3", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT="1").items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError, match="torchrun started 3 processes.*--tensor-parallel-size 3"):
+        tp.LLM(SMOLLM2, device="cpu")
 
 
 def test_two_torchrun_node_groups_give_one_processs_tokens():
