@@ -2,8 +2,10 @@
 
 Each lesson's gain lives on its own workload (its "home"): the suite runs the throughput workload
 for every engine, then each home workload for the two cycles of its step only, at a size chosen to
-show the gain and to fit the budget: 7 minutes on a 2-core CPU, cycle 1 included, about 3 minutes
-on an H100/H200 (`python -m common.benchmark.estimate --suite` prints the estimate per part).
+show the gain and to fit the budget: 7 minutes on a 2-core CPU, install and cycle 1 included (cycles
+1-11 with the tensor_parallel part took 162 s from an empty model cache on a 2-core AMD EPYC:
+docs/results/cpu-course-suite-cycles1-11/), about 3 minutes on an H100/H200 (`python -m
+common.benchmark.estimate --suite` prints the estimate per part).
 Paging and int8 need no run of their own: their home metric is memory, which the throughput part
 already measures. `--workload NAME` runs one workload, as a suite of one part.
 
