@@ -11,7 +11,8 @@
 3. Where a step's time goes at tp=N: rank 0's time inside all-reduces and the logits' gather,
    against its step time; tp=1's step time beside it (fp32, the same workload).
 4. The step channel: one message from rank 0 to a worker through the TCPStore (what cycle 11
-   uses) against a gloo broadcast of the same pickled bytes, for a decode step and a long prefill.
+   uses) against a gloo broadcast of the same pickled bytes and a shared-memory buffer the worker
+   polls (one machine only), for a decode step and a long prefill.
 
 Writes DIR/tp.json and DIR/tp.md (default docs/results/cpu-tp/), naming the machine.
 """
@@ -20,10 +21,13 @@ import argparse
 import datetime
 import json
 import multiprocessing
+import os
 import pickle
 import statistics
+import struct
 import sys
 import time
+from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 
 import torch
@@ -97,21 +101,43 @@ def messages() -> dict:
     return {"decode_64": ("step", decode, list(range(64))), "prefill_4096": ("step", prefill, [4095])}
 
 
-def _channel_rank(rank: int, port: int, results) -> None:
+def _shm_send(buffer, message, seq: int) -> None:
+    """Bytes after a 12-byte header, then the header: the length and message number `seq` (x86
+    keeps stores in order, so a reader that sees the number sees the bytes)."""
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    buffer[12:12 + len(data)] = data
+    struct.pack_into("I", buffer, 8, len(data))
+    struct.pack_into("Q", buffer, 0, seq)
+
+
+def _shm_recv(buffer, seq: int):
+    """Poll (yielding the core each time) until message number `seq` is there."""
+    while struct.unpack_from("Q", buffer, 0)[0] < seq:
+        os.sched_yield()
+    length = struct.unpack_from("I", buffer, 8)[0]
+    return pickle.loads(bytes(buffer[12:12 + length]))
+
+
+def _channel_rank(rank: int, port: int, shm_name: str, results) -> None:
     from cycle11_tp.parallel_state import StepChannel, connect_store, join_group
 
     store, _ = connect_store("127.0.0.1", port, 2, host_store=False)
     tp = join_group(store, rank, 2, torch.device("cpu"))
-    channel, sync = StepChannel(store), torch.zeros(1)
+    shm = shared_memory.SharedMemory(shm_name)
+    resource_tracker.unregister(shm._name, "shared_memory")   # the parent owns (and unlinks) it
+    channel, sync, shm_messages = StepChannel(store), torch.zeros(1), 0
     out = {}
     for name, message in messages().items():
         size = len(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
-        for way in ("store", "broadcast", "none"):
+        for way in ("store", "broadcast", "shm", "none"):
             times = []
             for _ in range(CHANNEL_ROUNDS):
                 start = time.perf_counter()
                 if way == "store":
                     channel.send(message) if rank == 0 else channel.recv()
+                elif way == "shm":
+                    shm_messages += 1
+                    _shm_send(shm.buf, message, shm_messages) if rank == 0 else _shm_recv(shm.buf, shm_messages)
                 elif way == "broadcast":    # the length, then the bytes: what broadcast_object_list does
                     data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL) if rank == 0 else None
                     length = torch.tensor([len(data) if rank == 0 else 0])
@@ -124,6 +150,8 @@ def _channel_rank(rank: int, port: int, results) -> None:
                 tp.process_group.allreduce([sync]).wait()   # both ranks done: the message arrived
                 times.append(time.perf_counter() - start)
             out[f"{name}/{way}"] = {"bytes": size, "median_us": statistics.median(times) * 1e6}
+    del channel
+    shm.close()
     if rank == 0:
         results.put(out)
 
@@ -132,9 +160,11 @@ def channel_rows() -> dict:
     from cycle11_tp.parallel_state import connect_store
 
     store, port = connect_store("127.0.0.1", 0, 2, host_store=True)
+    shm = shared_memory.SharedMemory(create=True, size=1 << 20)
+    shm.buf[:12] = bytes(12)
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_channel_rank, args=(r, port, results)) for r in range(2)]
+    procs = [ctx.Process(target=_channel_rank, args=(r, port, shm.name, results)) for r in range(2)]
     for p in procs:
         p.start()
     try:
@@ -144,6 +174,8 @@ def channel_rows() -> dict:
             p.join(30)
             if p.is_alive():
                 p.kill()
+        shm.close()
+        shm.unlink()
     del store
     return got
 
@@ -168,11 +200,13 @@ def markdown(result: dict) -> str:
                      f"{r['gather_share_of_steps']:.1%} |")
     lines += ["", f"Greedy tokens tp=N equal tp=1: {result['tokens_equal']}", "", "## The step channel (median of "
               f"{CHANNEL_ROUNDS}, 2 ranks, one message then a 1-float all-reduce)", "",
-              "| message | pickled bytes | store µs | gloo broadcast µs | all-reduce alone µs |", "|---|---|---|---|---|"]
+              "| message | pickled bytes | store µs | gloo broadcast µs | shared memory µs | all-reduce alone µs |",
+              "|---|---|---|---|---|---|"]
     for name in messages():
         c = result["channel"]
         lines.append(f"| {name} | {c[f'{name}/store']['bytes']:,} | {c[f'{name}/store']['median_us']:.0f} | "
-                     f"{c[f'{name}/broadcast']['median_us']:.0f} | {c[f'{name}/none']['median_us']:.0f} |")
+                     f"{c[f'{name}/broadcast']['median_us']:.0f} | {c[f'{name}/shm']['median_us']:.0f} | "
+                     f"{c[f'{name}/none']['median_us']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -180,7 +214,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "docs/results/cpu-tp"))
     p.add_argument("--tp", type=int, default=3)
+    p.add_argument("--channel-only", action="store_true", help="rerun the channel table into the stored tp.json")
     args = p.parse_args()
+    out = Path(args.out)
+    if args.channel_only:
+        result = json.loads((out / "tp.json").read_text())
+        result["channel"] = channel_rows()
+        result["channel_machine"] = machine_info(torch.device("cpu"))
+        result["channel_date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        write(out, result)
+        return
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine_info(torch.device("cpu")), "model": MODEL, "weights": "real"}
     result["memory"] = [memory_row(tp, q) for q in (None, "int8") for tp in (1, args.tp)]
@@ -190,7 +233,10 @@ def main() -> None:
         del row["tokens_equal_check"]
     result["channel"] = channel_rows()
     result["loadavg_1min_end"] = machine_info(torch.device("cpu"))["loadavg_1min"]
-    out = Path(args.out)
+    write(out, result)
+
+
+def write(out: Path, result: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "tp.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "tp.md").write_text(markdown(result))
