@@ -7,7 +7,8 @@ Under torchrun they are torchrun's processes, on this node or on others, and tor
 
 No worker outlives the engine: close() (also at exit, or when the engine is garbage-collected) sends
 the stop message and waits; a worker whose parent dies exits by itself within a second
-(worker.watch_parent); a worker that dies makes the next step raise WorkerDied, naming it.
+(worker.watch_parent); a worker that dies makes the next step raise WorkerDied, naming it, and
+calls the failure callbacks at once (a server's engine core stops then, even while idle).
 Nothing here creates shared memory: steps travel through the group's TCPStore (parallel_state.py).
 """
 
@@ -15,6 +16,7 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
 import time
 import weakref
 
@@ -42,7 +44,12 @@ class Executor:
         threads = max(1, cores // n)
         self.store.set("engine", pickle.dumps((model, options, threads)))
         self.processes = [] if env else [start_worker(rank, n, port) for rank in range(1, n)]
-        self._finalizer = weakref.finalize(self, stop_workers, self.channel, self.processes)
+        self.stopping = threading.Event()      # set when we stop them: an exit then is no failure
+        self.failure_callbacks: list = []
+        for rank, process in enumerate(self.processes, start=1):
+            threading.Thread(target=monitor, args=(rank, process, self.stopping, self.failure_callbacks),
+                             daemon=True, name=f"tp-worker-{rank}-monitor").start()
+        self._finalizer = weakref.finalize(self, stop_workers, self.channel, self.processes, self.stopping)
         self._wait_joined(n)
         self.tp: TPGroup = join_group(self.store, 0, n, config.device)
 
@@ -50,6 +57,11 @@ class Executor:
         """One message to every other rank: ("step", StepInputs, logits rows) or ("logits", rows)."""
         self.check()
         self.channel.send(message)
+
+    def register_failure_callback(self, callback) -> None:
+        """callback(message), from a monitor thread, as soon as a worker exits unasked (vLLM's
+        executor has the same hook; its engine core marks itself dead with it)."""
+        self.failure_callbacks.append(callback)
 
     def check(self) -> None:
         """Raise WorkerDied if a worker process has exited (on many nodes torchrun watches them)."""
@@ -79,6 +91,7 @@ class Executor:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"tensor-parallel workers did not start within {STARTUP_TIMEOUT_S:.0f} s")
             except (WorkerDied, TimeoutError):
+                self.stopping.set()
                 kill_workers(self.processes)     # not started: none could read a stop message
                 raise
             time.sleep(0.02)
@@ -90,6 +103,14 @@ def start_worker(rank: int, world_size: int, port: int) -> subprocess.Popen:
     return subprocess.Popen(command, env={**os.environ, "TORCH_CPP_LOG_LEVEL": "ERROR"})
 
 
+def monitor(rank: int, process: subprocess.Popen, stopping: threading.Event, callbacks: list) -> None:
+    """Wait for the worker's exit; unless we were stopping it, tell the callbacks."""
+    status = process.wait()
+    if not stopping.is_set():
+        for callback in callbacks:
+            callback(f"tensor-parallel worker rank {rank} (pid {process.pid}) exited with status {status}")
+
+
 def kill_workers(processes: list[subprocess.Popen]) -> None:
     for process in processes:
         if process.poll() is None:
@@ -97,8 +118,9 @@ def kill_workers(processes: list[subprocess.Popen]) -> None:
         process.wait()
 
 
-def stop_workers(channel: StepChannel, processes: list[subprocess.Popen]) -> None:
+def stop_workers(channel: StepChannel, processes: list[subprocess.Popen], stopping: threading.Event) -> None:
     """The stop message, then wait; a worker still there after STOP_TIMEOUT_S is killed."""
+    stopping.set()
     try:
         channel.send(None)
     except Exception:  # noqa: BLE001  (a store already gone: the workers notice it themselves)

@@ -64,6 +64,12 @@ class LLM:
         if self.executor:
             self.executor.close()
 
+    def register_failure_callback(self, callback) -> None:
+        """callback(message) when another rank's process exits unasked, even while idle (a
+        server's engine core stops then); without one, the next step raises WorkerDied."""
+        if self.executor:
+            self.executor.register_failure_callback(callback)
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 

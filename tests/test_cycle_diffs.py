@@ -181,7 +181,8 @@ ALLOWED = {
         "config.py": {"Config", "Config.__post_init__"},     # tensor_parallel_size, checked
         "executor.py": NEW,                                 # rank 0: start the workers, send steps, stop them
         "llm.py": {"<docstring>", "<imports>", "LLM.__init__",   # heads checked, the executor started,
-                   "LLM.describe", "LLM.generate", "LLM.shutdown"},  # counters per run; shutdown()
+                   "LLM.describe", "LLM.generate", "LLM.register_failure_callback",   # counters per run; a
+                   "LLM.shutdown"},                                  # dead worker reported; shutdown()
         "model.py": {"<docstring>", "<imports>", "Attention.__init__", "Attention.forward",   # this rank's
                      "Backbone.__init__", "CausalLM.__init__", "CausalLM.checkpoint_targets",  # heads and
                      "CausalLM.compute_logits", "DecoderLayer.__init__", "MLP", "MLP.__init__",  # channels;

@@ -331,28 +331,58 @@ def tp_server(checkpoint: str, tmp_path: Path):
         _kill(started)
 
 
-def _complete(base: str) -> httpx.Response:
-    body = {"model": "tiny", "prompt": "hello", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+def _complete(base: str, max_tokens: int = 4) -> httpx.Response:
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
     return httpx.post(base + "/v1/completions", json=body, timeout=TIMEOUT_S)
 
 
-def test_server_a_killed_worker_is_a_503_and_the_server_exits(tp_checkpoint, tmp_path):
+def test_server_a_worker_killed_mid_request_is_a_503_and_the_server_exits(tp_checkpoint, tmp_path):
+    """A request in flight when a worker dies gets a 503 (the engine is not running any more), and
+    the server exits non-zero, its log naming the rank, leaving no process behind."""
+    import concurrent.futures
+
     shm_before = _shm()
     with tp_server(tp_checkpoint, tmp_path) as server:
         response = _complete(server["base"])
         assert response.status_code == 200, response.text
-        assert isinstance(response.json()["choices"][0]["text"], str)
         assert response.json()["usage"]["completion_tokens"] == 4
-
-        os.kill(server["workers"][0][0], signal.SIGKILL)                # rank 1
-        response = _complete(server["base"])
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            long = pool.submit(_complete, server["base"], 400)   # hundreds of steps: in flight below
+            _wait_for_a_step(server["base"])
+            os.kill(server["workers"][0][0], signal.SIGKILL)                # rank 1
+            response = long.result(TIMEOUT_S)
         status = server["proc"].wait(TIMEOUT_S)
         text = server["log"].read_text()
-        assert status != 0, text
-        assert "rank 1" in text, text           # the log says which rank died
-        assert not _still_running([server["core"], *server["workers"]], TIMEOUT_S), text
         assert response.status_code == 503, f"{response.status_code} {response.text}"
+        assert status != 0 and "rank 1" in text, text            # the log says which rank died
+        assert not _still_running([server["core"], *server["workers"]], TIMEOUT_S), text
     assert not _shm_left_behind(shm_before)
+
+
+def test_server_a_worker_killed_while_idle_stops_the_server(tp_checkpoint, tmp_path):
+    """No request needed: the executor's monitor sees the worker exit, the engine core ends, and
+    the server exits as for a dead core."""
+    shm_before = _shm()
+    with tp_server(tp_checkpoint, tmp_path) as server:
+        assert _complete(server["base"]).status_code == 200
+        os.kill(server["workers"][1][0], signal.SIGKILL)                # rank 2
+        status = server["proc"].wait(TIMEOUT_S)
+        text = server["log"].read_text()
+        assert status != 0 and "rank 2" in text, text
+        assert not _still_running([server["core"], *server["workers"]], TIMEOUT_S), text
+    assert not _shm_left_behind(shm_before)
+
+
+def _wait_for_a_step(base: str) -> None:
+    """Until /metrics counts a generated token of the long request (bounded)."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        text = httpx.get(base + "/metrics", timeout=TIMEOUT_S).text
+        tokens = re.search(r"^vllm:generation_tokens_total\S* ([\d.e+]+)$", text, re.M)
+        if tokens and float(tokens.group(1)) > 4:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the long request never started")
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "Ctrl+C"])

@@ -181,9 +181,19 @@ def run_core_process(conn, package: str, model: str, options: dict, num_threads:
         conn.send(("failed", f"{error}" if isinstance(error, (ValueError, TypeError)) else f"{error!r}"))
         conn.close()
         sys.exit(1)
+    # An engine with processes of its own (cycle 11's tensor-parallel workers) reports one that dies,
+    # even while idle: the core then ends as if it had died itself, and the front end answers 503 and
+    # exits, as for a dead core.
+    if hasattr(llm, "register_failure_callback"):
+        llm.register_failure_callback(_end_core)
     print(f"engine core: pid {os.getpid()}, {num_threads} torch threads", file=sys.stderr, flush=True)
     conn.send(("ready", describe(llm)))
     sys.exit(run_profiled(EngineCore(llm, conn), profile_path))
+
+
+def _end_core(message: str) -> None:
+    print(f"engine core: {message}; stopping", file=sys.stderr, flush=True)
+    os._exit(1)    # from a monitor thread: the pipe closes, and the front end sees a dead core
 
 
 def run_profiled(core: EngineCore, profile_path: str | None) -> int:
