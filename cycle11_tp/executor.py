@@ -99,8 +99,11 @@ class Executor:
 
 def start_worker(rank: int, world_size: int, port: int) -> subprocess.Popen:
     command = [sys.executable, "-m", f"{__package__}.worker", str(rank), str(world_size), str(port), str(os.getpid())]
+    # The worker imports this very package, wherever the engine was started from.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     # c10d logs a warning each time a store wait times out: an idle worker's wait is expected to.
-    return subprocess.Popen(command, env={**os.environ, "TORCH_CPP_LOG_LEVEL": "ERROR"})
+    return subprocess.Popen(command, env={**os.environ, "PYTHONPATH": path, "TORCH_CPP_LOG_LEVEL": "ERROR"})
 
 
 def monitor(rank: int, process: subprocess.Popen, stopping: threading.Event, callbacks: list) -> None:
