@@ -56,8 +56,11 @@ def main(package: str, argv: list[str] | None = None) -> None:
         options["trace"] = True
     device = resolve_device(args.device)
     start = time.perf_counter()
-    llm = cycle.LLM(args.model or default_model(device), device=device, dtype=args.dtype,
-                    weights=args.weights, **options)
+    try:    # an impossible option or model is one line naming it, not a traceback
+        llm = cycle.LLM(args.model or default_model(device), device=device, dtype=args.dtype,
+                        weights=args.weights, **options)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"error: {e}")
     load_s = time.perf_counter() - start
     if llm.source.fallback_reason:
         print(f"FALLBACK: {llm.source.fallback_reason}")
