@@ -34,8 +34,9 @@ class TPGroup:
     chapter's tables): the bytes are those of the tensor reduced; the seconds include waiting for a
     slower rank, and on CUDA only the launch (the collective itself runs on the stream)."""
 
-    def __init__(self, rank: int = 0, world_size: int = 1, process_group=None):
+    def __init__(self, rank: int = 0, world_size: int = 1, process_group=None, device: torch.device | None = None):
         self.rank, self.world_size, self.process_group = rank, world_size, process_group
+        self.device = device or torch.device("cpu")     # where its tensors must be (NCCL: this rank's GPU)
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -71,7 +72,7 @@ class TPGroup:
 
     def min_int(self, value: int) -> int:
         """The smallest value any rank has (the KV pool: every rank must hold the same blocks)."""
-        return int(self._reduce(torch.tensor([value], dtype=torch.int64), dist.ReduceOp.MIN).item())
+        return int(self._reduce(torch.tensor([value], dtype=torch.int64, device=self.device), dist.ReduceOp.MIN).item())
 
     def _reduce(self, x: torch.Tensor, op) -> torch.Tensor:
         if self.world_size == 1:
@@ -102,8 +103,8 @@ def join_group(store, rank: int, world_size: int, device: torch.device) -> TPGro
     if device.type == "cuda":
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = COLLECTIVE_TIMEOUT
-        return TPGroup(rank, world_size, dist.ProcessGroupNCCL(prefix, rank, world_size, options))
-    return TPGroup(rank, world_size, dist.ProcessGroupGloo(prefix, rank, world_size, COLLECTIVE_TIMEOUT))
+        return TPGroup(rank, world_size, dist.ProcessGroupNCCL(prefix, rank, world_size, options), device)
+    return TPGroup(rank, world_size, dist.ProcessGroupGloo(prefix, rank, world_size, COLLECTIVE_TIMEOUT), device)
 
 
 class StepChannel:
