@@ -343,6 +343,26 @@ def test_the_worker_pool_queue_is_bounded_and_says_when_to_retry():
     assert error.status == 429 and error.headers["Retry-After"]
 
 
+def test_the_default_pool_takes_a_benchmark_burst():
+    """vLLM's benchmark at --request-rate inf sends every request at once: a burst of 1,000 jobs
+    (its saturation run sends 200) all queue with the server's default pool, none refused."""
+    import asyncio
+
+    from common.serving.workers import WorkerPool
+    release = threading.Event()
+
+    async def run():
+        pool = WorkerPool()
+        jobs = [asyncio.ensure_future(pool.run(release.wait, TIMEOUT_S)) for _ in range(1000)]
+        await asyncio.sleep(0.05)
+        release.set()
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        pool.shutdown()
+        return results
+
+    assert asyncio.run(run()) == [True] * 1000
+
+
 def test_a_send_to_the_engine_core_never_blocks_the_event_loop(hostile):
     """A prompt's send may wait on a full pipe while the core runs a step; it waits in the sender
     thread: /health is answered while a send is held back, and the request completes after."""
