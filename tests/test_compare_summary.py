@@ -47,19 +47,28 @@ def _fake_parts(**overrides):
 # both hold them all: a step that read that part would find no change.
 TENSOR_PARALLEL = [_row("cycle10_speculative", weight_bytes=900), _row("cycle11_tp", weight_bytes=300)]
 
+# Cycle 9 against cycle 10 on the copy workload, one request at a time: TPOT from each request's
+# latency, TTFT and tokens. Cycle 9: (2.1 - 0.1) / 4 and (1.1 - 0.1) / 2, a mean of 0.5 s; cycle 10:
+# (1.1 - 0.1) / 4 and (0.6 - 0.1) / 2, 0.25 s. Their mean latencies are equal: a step that read them
+# would find no change.
+SPECULATIVE = [_row("cycle9_chunked", "copy", latency_s=[2.1, 1.1], ttft_s=[0.1, 0.1], token_ids=[[1] * 5, [2] * 3]),
+               _row("cycle10_speculative", "copy", latency_s=[1.1, 0.6], ttft_s=[0.1, 0.1], token_ids=[[1] * 5, [2] * 3])]
+
 
 def test_each_step_reads_its_home_workload_and_metric():
-    parts = _fake_parts(tensor_parallel=TENSOR_PARALLEL)
+    parts = _fake_parts(tensor_parallel=TENSOR_PARALLEL, speculative=SPECULATIVE)
     parts["throughput"] += [_row("cycle10_speculative", weight_bytes=900), _row("cycle11_tp", weight_bytes=900)]
     rows = {r["cycle"]: r for r in summarize(parts)}
     expected = {2: ("kv_cache", "latency_mean_s", 10.0, 4.0), 3: ("throughput", "kv_cache_peak_bytes", 100, 60),
                 4: ("online", "ttft_p99_s", 12.0, 0.5), 5: ("shared_prefix", "ttft_mean_s", 6.0, 1.5),
                 6: ("long_context", "latency_mean_s", 10.0, 5.0), 7: ("throughput", "weight_bytes", 1000, 250),
-                8: ("throughput", "decode_step_s", 0.2, 0.1), 11: ("tensor_parallel", "weight_bytes", 900, 300)}
+                8: ("throughput", "decode_step_s", 0.2, 0.1), 10: ("speculative", "tpot_mean_s", 0.5, 0.25),
+                11: ("tensor_parallel", "weight_bytes", 900, 300)}
     assert sorted(rows) == sorted(expected) == [s.cycle for s in STEPS]
     for cycle, (part, metric, before, after) in expected.items():
         r = rows[cycle]
-        assert (r["part"], r["metric"], r["before"], r["after"]) == (part, metric, before, after), cycle
+        assert (r["part"], r["metric"]) == (part, metric), cycle
+        assert (r["before"], r["after"]) == (pytest.approx(before), pytest.approx(after)), cycle
         assert r["step"] == f"c{cycle - 1} -> c{cycle}"
 
 
@@ -127,7 +136,8 @@ def test_without_a_reduced_part_cycle_1_is_read_from_the_throughput_part():
 
 def test_the_suite_puts_each_step_where_its_lesson_lives():
     cpu = {p.name: p for p in suite("cpu")}
-    assert list(cpu) == ["throughput", "kv_cache", "online", "shared_prefix", "long_context", "tensor_parallel"]
+    assert list(cpu) == ["throughput", "kv_cache", "online", "shared_prefix", "long_context", "speculative",
+                         "tensor_parallel"]
     # HF's stronger baseline (its own continuous batching) in the suite; --workload throughput runs both
     assert part_engines(cpu["throughput"], CYCLES, hf_allowed=True) == CYCLES[1:] + ["hf_generate_batch"]
     assert cpu["throughput"].num_requests == CPU_THROUGHPUT_REQUESTS
@@ -137,6 +147,10 @@ def test_the_suite_puts_each_step_where_its_lesson_lives():
     assert part_engines(cpu["long_context"], CYCLES, False) == CYCLES[4:6] and cpu["long_context"].prompt_len >= 1024
     assert "reduced" in cpu["throughput"].note
     assert part_engines(cpu["tensor_parallel"], CYCLES, True) == CYCLES[9:11]
+    # speculative decoding: the copy workload, one request at a time, cycle 9 the row without drafts
+    assert part_engines(cpu["speculative"], CYCLES, True) == CYCLES[8:10] and cpu["speculative"].workload == "copy"
+    assert "max_num_seqs=1" in cpu["speculative"].options
+    assert parse_options(list(cpu["speculative"].options))["speculative_config"]["method"] == "ngram"
     cuda = {p.name: p for p in suite("cuda", num_gpus=1)}
     assert "kv_cache" not in cuda and part_engines(cuda["throughput"], CYCLES, False) == CYCLES
     every_home = {name for step in STEPS for name in step.parts}
@@ -192,7 +206,7 @@ def _fake_engine(cmd):
               "kv_cache_peak_bytes": 2**20 / (n + 1), "attention_backend": "explicit",
               "weight_bytes": 2**20 / (n + 1) if n < 10 else 2**20 / 11 / tp,
               "int8_path": None, "ignored_options": [], "stats": {"step_times": [[1, 1.0], [2, 0.1]]},
-              "ttft_s": [0.1], "latency_s": [1.0]}
+              "ttft_s": [0.1], "latency_s": [0.1 + 1.0 / (n + 1)]}
     if workload == "online":
         result |= {"goodput": 0.1 * (n + 1), "ttft_p99_s": 1.0 / (n + 1), "request_rate": 2.0, "burstiness": 1.0, "slo_ttft_s": 2.0,
                    "slo_tpot_s": 0.25, "arrival_s": [0.0], "request_throughput": 1.0}
@@ -207,16 +221,18 @@ def test_the_suite_prints_the_summary_first_then_one_table_per_workload(tmp_path
     out = capsys.readouterr().out
     assert status == compare.EXIT_OK
     order = [out.index(s) for s in ("What each cycle adds", "== throughput", "== kv_cache", "== online",
-                                    "== shared_prefix", "== long_context", "== tensor_parallel")]
+                                    "== shared_prefix", "== long_context", "== speculative", "== tensor_parallel")]
     assert order == sorted(order)
     data = json.loads((tmp_path / "results.json").read_text())
     assert [r["verdict"] for r in data["summary"]][:6] == ["better"] * 6 and data["summary"][6]["verdict"] == "GPU only"
     # cycle 11 ran at tp=3 from the part's option (the fake splits its weights over what it takes)
-    tp = data["summary"][7]
+    spec = data["summary"][7]
+    assert (spec["step"], spec["part"], spec["verdict"]) == ("c9 -> c10", "speculative", "better")
+    tp = data["summary"][8]
     assert (tp["step"], tp["part"], tp["verdict"]) == ("c10 -> c11", "tensor_parallel", "better")
     assert tp["ratio"] == pytest.approx(1 / CPU_TP_SIZE)
     assert set(data["parts"]) == {"throughput", "kv_cache", "online", "shared_prefix", "long_context",
-                                  "tensor_parallel"}
+                                  "speculative", "tensor_parallel"}
     assert json.loads((tmp_path / "online" / "results.json").read_text())["results"][0]["engine"] == "cycle3_paged"
     assert (tmp_path / "summary.png").exists() and (tmp_path / "online" / "timeline.png").exists()
     assert not (tmp_path / "throughput" / "timeline.png").exists()   # there cycles 3 and 4 do not differ

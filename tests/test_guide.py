@@ -397,7 +397,7 @@ def test_the_guide_quotes_the_suite_estimate_as_printed():
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and not line.startswith("| part")]
-    assert len(rows) == 5 and all(row in GUIDE.read_text() for row in rows), rows
+    assert len(rows) == 6 and all(row in GUIDE.read_text() for row in rows), rows
     total = int(re.search(r"\| all \| \| \d+ \| (\d+) ", rows[-1]).group(1))
     assert f"estimated at about {round(total / 60)} minutes on an H200" in _flat((ROOT / "README.md").read_text())
 
@@ -429,6 +429,7 @@ def test_readme_numbers_as_stored():
             f"prefix caching {_pct(rows[5]['change'])} TTFT ({_pct(rows[5]['expected_change'])})",
             f"flash attention {_pct(rows[6]['change'])} latency on a {prompt:,}-token prompt ({_pct(rows[6]['expected_change'])})",
             f"int8 {_pct(rows[7]['change'])} weight memory ({_pct(rows[7]['expected_change'])})",
+            f"speculative decoding {_pct(rows[10]['change'])} time per output token",
             f"tensor parallelism at 3 ranks {_pct(rows[11]['change'])} weight memory per rank"]
     assert rows[8]["verdict"] == "GPU only" and "cycle 8's CUDA graphs are GPU only" in readme
     notes = (RESULTS / SUITE_RUN / "README.txt").read_text()

@@ -3,7 +3,7 @@
 Each lesson's gain lives on its own workload (its "home"): the suite runs the throughput workload
 for every engine, then each home workload for the two cycles of its step only, at a size chosen to
 show the gain and to fit the budget: 7 minutes on a 2-core CPU, install and cycle 1 included (cycles
-1-11 with the tensor_parallel part took 162 s from an empty model cache on a 2-core AMD EPYC:
+1-11 with the speculative and tensor_parallel parts took 182 s from an empty model cache on a 2-core AMD EPYC:
 docs/results/cpu-course-suite-cycles1-11/), about 3 minutes on an H100/H200 (`python -m
 common.benchmark.estimate --suite` prints the estimate per part).
 Paging and int8 need no run of their own: their home metric is memory, which the throughput part
@@ -67,6 +67,14 @@ CUDA_TP_SIZE = 2
 TP_REQUESTS = 2
 TP_OUTPUT = (8, 8)
 
+# -- Speculative decoding (cycle 10 against cycle 9) --------------------------------------------------
+# Its home is a request alone on the engine whose answer copies its prompt: the copy workload at
+# max_num_seqs=1, fp32 (chapter 12's runs, docs/results/cpu-copy-batch1/: 8 requests, cycle 9 17.7 s
+# and cycle 10 14 s with their loads). Half of them keep the part near 20 s. Cycle 9 takes no
+# speculative_config and runs without it; both take max_num_seqs and quantization.
+SPEC_CONFIG = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}'
+SPEC_REQUESTS = 4
+
 HF = ("hf_generate", "hf_generate_batch")
 # The suite's throughput part: 8 engines, so its generation is kept short (6 requests of 16-32
 # tokens; their varied lengths are what paging's KV memory gain lives on), and HF is represented by
@@ -119,6 +127,10 @@ def suite(device_kind: str, quick: bool = False, num_gpus: int | None = None) ->
         Part("long_context", "long_context", (5, 6), num_requests=None if quick else long_requests,
              prompt_len=None if quick else long_prompt),
     ]
+    parts.append(Part("speculative", "copy", (9, 10), num_requests=None if quick else SPEC_REQUESTS,
+                      options=(f"speculative_config={SPEC_CONFIG}", "max_num_seqs=1", "quantization=None"),
+                      note="one request at a time, fp32; cycle 9 takes no speculative_config: it is the row "
+                           "without speculation"))
     tp = tensor_parallel_size(device_kind, num_gpus)
     if tp is not None:
         parts.append(Part("tensor_parallel", "throughput", (10, 11), num_requests=None if quick else TP_REQUESTS,

@@ -39,6 +39,7 @@ class Step:
 
 
 DECODE_STEP = "decode_step_s"
+TPOT = "tpot_mean_s"             # derived from each request's latency, TTFT and tokens
 
 STEPS = (
     Step(2, "KV cache", ("kv_cache", "throughput"), "latency_mean_s", "mean latency", True, -0.60),
@@ -60,6 +61,11 @@ STEPS = (
               "matmul casts the weights back to float, so tokens/s can drop while weight memory does"),
     Step(8, "CUDA graphs", ("throughput",), DECODE_STEP, "decode step time", True, None,
          cost="CUDA graphs are GPU only: on a CPU the decode runs eagerly, as in cycle 7"),
+    # Speculative decoding's gain is the time per output token of a request alone on the engine,
+    # on text that copies its prompt (the speculative part: copy workload, max_num_seqs=1).
+    Step(10, "speculative decoding", ("speculative",), TPOT, "TPOT, copy at batch 1", True, None, optional=True,
+         cost="speculation pays where the text repeats itself: open chat proposes little, and a verify "
+              "step of 1 + k rows costs more than a decode on a CPU"),
     # Cycle 11 at tensor_parallel_size=N against cycle 10 (its tp=1): the result's weight_bytes is
     # rank 0's (every rank holds the same share), so the row reads the memory one rank needs.
     Step(11, "tensor parallelism", ("tensor_parallel",), "weight_bytes", "weight memory per rank", True, None,
@@ -71,7 +77,13 @@ STEPS = (
 
 def metric_value(result: dict, metric: str) -> float | None:
     """A result's value of the metric; the decode step time is the median of the engine's steps
-    after the first (the first is the prefill)."""
+    after the first (the first is the prefill); TPOT the mean over requests of (latency - TTFT) /
+    (tokens - 1), for requests of two tokens or more."""
+    if metric == TPOT:
+        tpots = [(latency - ttft) / (len(ids) - 1) for latency, ttft, ids in
+                 zip(result.get("latency_s") or [], result.get("ttft_s") or [], result.get("token_ids") or [])
+                 if len(ids) > 1]
+        return statistics.fmean(tpots) if tpots else None
     if metric != DECODE_STEP:
         return result.get(metric)
     steps = (result.get("stats") or {}).get("step_times") or []
