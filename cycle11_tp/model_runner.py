@@ -52,7 +52,6 @@ class StepInputs:
     input_ids: list[int]
     positions: list[int]
     slot_mapping: list[int]
-    cu_seqlens_q: list[int]        # [0, n_0, n_0 + n_1, ...]
     context_lens: list[int]
     block_tables: list[list[int]]
     num_tokens: list[int]
@@ -179,7 +178,7 @@ class ModelRunner:
         out = self.rejection_sampler(logits, sampled, drafts) if any(drafts) else self.sampler(logits, sampled)
         # sampled[j]'s positions, as a range: prompt_logprobs slices it as it would the hidden states,
         # and each slice's logits come from every rank (_logits).
-        prompt_rows = lambda j: range(step.cu_seqlens_q[rows[j]], row_ends[rows[j]])
+        prompt_rows = lambda j: range(row_ends[rows[j]] - num_tokens[rows[j]], row_ends[rows[j]])
         out.prompt_logprobs = prompt_logprobs_for(sampled, lambda r: self._logits(hidden, r), prompt_rows)
         return out
 
@@ -215,7 +214,8 @@ class ModelRunner:
     def _layout(self, step: StepInputs, positions: torch.Tensor, slot_mapping: torch.Tensor) -> AttentionMetadata:
         """Per-sequence views of the flat batch: lengths and block tables for every backend (from
         Python lists: no device round trip), and the dense layout only for a backend that needs it."""
-        context_lens, num_tokens, seqlens = step.context_lens, step.num_tokens, step.cu_seqlens_q
+        context_lens, num_tokens = step.context_lens, step.num_tokens
+        seqlens = [0, *accumulate(num_tokens)]       # sequence b's queries: seqlens[b] .. seqlens[b + 1] - 1
         int32 = lambda x: self._to_device(x, torch.int32)
         width = max(len(t) for t in step.block_tables)
         tables = int32([t + [0] * (width - len(t)) for t in step.block_tables])
@@ -255,16 +255,15 @@ def step_inputs(seqs: list[Sequence], num_tokens: list[int], block_size: int) ->
     chunks): a whole or partial prompt (a preempted sequence: its prompt and what it had
     generated), a decode's newest token, and its drafts. Attention reads the computed tokens
     through the block table like any other key."""
-    input_ids, positions, slots, seqlens = [], [], [], [0]
+    input_ids, positions, slots = [], [], []
     for seq, n in zip(seqs, num_tokens):
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
         input_ids += (seq.token_ids + seq.spec_token_ids if seq.spec_token_ids else seq.token_ids)[start:end]
         positions += range(start, end)
         # slot = where token p's K/V lives in the flat pool: its block * block_size + offset
         slots += [seq.block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
-        seqlens.append(seqlens[-1] + n)
     context_lens = [s.num_computed_tokens + n for s, n in zip(seqs, num_tokens)]   # keys, this step's included
-    return StepInputs(input_ids, positions, slots, seqlens, context_lens, [s.block_table for s in seqs], num_tokens)
+    return StepInputs(input_ids, positions, slots, context_lens, [s.block_table for s in seqs], num_tokens)
 
 
 def say_fallbacks(*notes: str | None) -> None:

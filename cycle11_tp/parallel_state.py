@@ -162,9 +162,7 @@ def check_launch(tensor_parallel_size: int) -> None:
 
 def check_divisible(hf_config, tensor_parallel_size: int) -> None:
     """Refuse, before any weight loads, a model whose heads do not split evenly over the ranks."""
-    n = tensor_parallel_size
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {n!r}")
+    n = tensor_parallel_size     # an integer >= 1: Config checked it
     heads, kv_heads = hf_config.num_attention_heads, hf_config.num_key_value_heads
     problems = [f"{name} ({value})" for name, value in (("num_attention_heads", heads),
                 ("num_key_value_heads", kv_heads), ("intermediate_size", hf_config.intermediate_size))

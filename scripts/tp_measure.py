@@ -94,9 +94,9 @@ def messages() -> dict:
     11's run() sends them (StepInputs and the logits rows)."""
     from cycle11_tp.model_runner import StepInputs
 
-    decode = StepInputs(list(range(64)), [512] * 64, list(range(64)), list(range(65)), [513] * 64,
+    decode = StepInputs(list(range(64)), [512] * 64, list(range(64)), [513] * 64,
                         [list(range(33)) for _ in range(64)], [1] * 64)
-    prefill = StepInputs(list(range(4096)), list(range(4096)), list(range(4096)), [0, 4096], [4096],
+    prefill = StepInputs(list(range(4096)), list(range(4096)), list(range(4096)), [4096],
                          [list(range(256))], [4096])
     return {"decode_64": ("step", decode, list(range(64))), "prefill_4096": ("step", prefill, [4095])}
 

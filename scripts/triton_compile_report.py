@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-CYCLES = ("cycle6_flash", "cycle7_int8", "cycle8_graphs", "cycle9_chunked", "cycle10_speculative")
+CYCLES = ("cycle6_flash", "cycle7_int8", "cycle8_graphs", "cycle9_chunked", "cycle10_speculative", "cycle11_tp")
 # Shared memory a block may use (the opt-in maximum): A100 163 KiB, H100/H200 227 KiB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -46,6 +46,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now, on the loopback address (for a server a test starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def cycle(name: str):
     return importlib.import_module(name)
 

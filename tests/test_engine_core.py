@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ import time
 import httpx
 import pytest
 
-from conftest import CYCLES, cycle
+from conftest import CYCLES, cycle, free_port
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -38,18 +37,12 @@ TIMEOUT_S = 60        # spawning a core imports torch and loads the model: slow 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(char_checkpoint):
     engine = EngineCoreClient(NAME, char_checkpoint, {"device": "cpu"}, num_threads=1)
     engine.tokenizer.chat_template = TEMPLATE     # the front end renders templates, not the core
     dead = []
-    port = _free_port()
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(build_app(engine, MODEL), host="127.0.0.1", port=port, log_level="warning"))
     engine.on_dead = dead.append   # here the test watches the death; `serve` exits instead
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -243,7 +236,7 @@ def test_killing_the_core_fails_waiting_streams_at_once_and_health_is_503(server
 
 
 def test_serve_exits_non_zero_within_seconds_when_its_core_dies(char_checkpoint, tmp_path):
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "serve.log", "w+")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", f"{NAME}.serve", char_checkpoint, "--port", str(port),

@@ -9,14 +9,13 @@ hanging the suite. A new last cycle joins by being CYCLES[-1].
 import asyncio
 import contextlib
 import json
-import socket
 import threading
 import time
 
 import httpx
 import pytest
 
-from conftest import CYCLES, cycle
+from conftest import CYCLES, cycle, free_port
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -33,16 +32,10 @@ TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% end
             "{% if add_generation_prompt %}[assistant] {% endif %}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serve(app):
     """Run `app` with uvicorn in a thread on a free localhost port; yields its base URL."""
-    port = _free_port()
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -224,7 +217,7 @@ def test_http_benchmark_records_the_server_it_measured(server):
     assert found["base_url"] == server["base"] + "/v1"
     assert [m["id"] for m in found["models"]] == [MODEL]
     assert found["models"][0]["root"] == server["llm"].source.name
-    gone = server_identity(f"http://127.0.0.1:{_free_port()}/v1")   # nothing listens there
+    gone = server_identity(f"http://127.0.0.1:{free_port()}/v1")   # nothing listens there
     assert gone["models"] is None and gone["error"]
 
 

@@ -15,7 +15,7 @@ import traceback
 import pytest
 import torch
 
-from conftest import SMOLLM2, cycle, save_tiny_checkpoint
+from conftest import SMOLLM2, cycle, free_port, save_tiny_checkpoint
 
 TP = "cycle11_tp"
 JOIN_TIMEOUT_S = 240     # a bound on every wait for a rank process, not a speed assertion
@@ -266,7 +266,7 @@ def test_two_torchrun_node_groups_give_one_processs_tokens():
     torchrun = shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun is not on PATH")
-    port = _free_port()
+    port = free_port()
     args = ["-m", f"{TP}.run", "hello", "--model", SMOLLM2, "--device", "cpu", "--temperature", "0",
             "--max-tokens", "12", "--ignore-eos", "--option", "quantization=None"]
     single = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=JOIN_TIMEOUT_S)
@@ -293,14 +293,6 @@ def _generated(stdout: str) -> str:
     start = next(i for i, line in enumerate(lines) if line.startswith("--- "))
     end = next(i for i in range(start, len(lines)) if lines[i].startswith("["))
     return "\n".join(lines[start + 1:end])
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.cuda

@@ -29,7 +29,7 @@ import httpx
 import pytest
 
 import cycle11_tp
-from conftest import save_tiny_checkpoint
+from conftest import free_port, save_tiny_checkpoint
 from cycle11_tp import executor
 from cycle11_tp.executor import WorkerDied
 
@@ -291,13 +291,6 @@ def test_a_worker_that_never_connects_hits_the_start_up_time_limit(tp_checkpoint
 
 # --- a server -----------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _healthy(base: str) -> bool:
     try:
         return httpx.get(base + "/health", timeout=5).status_code == 200
@@ -309,7 +302,7 @@ def _healthy(base: str) -> bool:
 def tp_server(checkpoint: str, tmp_path: Path):
     """`python -m cycle11_tp.serve` at tensor_parallel_size=3, healthy; yields what a test needs.
     Whatever the test did, nothing it started survives it."""
-    port, log = _free_port(), tmp_path / "serve.log"
+    port, log = free_port(), tmp_path / "serve.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", f"{NAME}.serve", checkpoint, "--port", str(port),
                                  "--served-model-name", "tiny", "--device", "cpu", "--tensor-parallel-size", "3"],

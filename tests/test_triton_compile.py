@@ -37,6 +37,8 @@ def test_every_kernel_compiles_for_sm80_and_sm90(compiled):
         kernels = ("_decode_kernel", "_prefill_kernel") if config.kind == "attention" else ("_int8_matmul_kernel",)
         assert {(config.label, k, sm) for k in kernels for sm in (80, 90)} <= seen, config.label
     assert {c.label.split()[0] for c in configs} == set(report.CYCLES)
+    # every cycle that carries a Triton kernel is in the report
+    assert set(report.CYCLES) == {p.parent.name for p in ROOT.glob("cycle*/triton_*.py")}
 
 
 def test_no_spills_and_shared_memory_within_limits(compiled):
